@@ -1,0 +1,163 @@
+"""Configuration: frozen dataclasses for every section, and load_config(), the only YAML reader.
+
+Unknown keys and wrong types are errors that name the key path (e.g. `pools[0].engine.dtyp`).
+Components receive only their own section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class TinyModelConfig:
+    """The embedded default model, made locally from a seed (nothing is downloaded)."""
+
+    seed: int = 0
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+    train_steps: int = 0  # > 0: train this many steps on the bundled text at first start (cached)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str = "meshgate-tiny"
+    path: str | None = None  # a Hugging Face folder; None: the tiny model below, made locally
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    cache_dir: str = "~/.cache/meshgate"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    runner: str = "torch"  # torch | cuda | tensorrt
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    block_size: int = 16
+    num_blocks: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+    max_waiting: int = 512  # queue bound: more waiting requests are refused with 503
+    enable_prefix_caching: bool = True
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def validate(self, path: str) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{path}.dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}: must be positive")
+        if self.num_blocks * self.block_size < self.max_model_len:
+            raise ConfigError(
+                f"{path}: num_blocks * block_size ({self.num_blocks * self.block_size}) must hold "
+                f"one max_model_len ({self.max_model_len}) sequence"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    id: str
+    host: str = "127.0.0.1"
+    port: int = 8101
+    site: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    max_body_bytes: int = 4 * 1024 * 1024
+    request_timeout_s: float = 600.0  # a request still running after this is aborted
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    pools: tuple[PoolConfig, ...] = ()
+
+    def pool(self, pool_id: str | None) -> PoolConfig:
+        if not self.pools:
+            raise ConfigError("pools: the config defines no pool")
+        if pool_id is None:
+            return self.pools[0]
+        for p in self.pools:
+            if p.id == pool_id:
+                return p
+        raise ConfigError(f"pools: no pool with id {pool_id!r} (have {[p.id for p in self.pools]})")
+
+
+def load_config(path: str | Path) -> Config:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    return config_from_dict(data)
+
+
+def config_from_dict(data: Any) -> Config:
+    cfg = _build(Config, data, "")
+    for i, p in enumerate(cfg.pools):
+        p.engine.validate(f"pools[{i}].engine")
+    ids = [p.id for p in cfg.pools]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"pools: duplicate ids in {ids}")
+    return cfg
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"{sub}: unknown key (known: {', '.join(fields)})")
+        kwargs[key] = _convert(hints[key], value, sub)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{path or 'config'}: missing required key {missing[0]!r}")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)  # type: ignore[arg-type]
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        _, inner = typing.get_args(tp)
+        return {str(k): _convert(inner, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value

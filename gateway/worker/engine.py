@@ -1,0 +1,186 @@
+"""The engine: Engine.step() = schedule -> build batch -> run model -> sample -> update.
+
+Engine is synchronous and single-threaded; AsyncEngine runs it on its own thread and talks to
+the event loop through queues.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gateway.config import EngineConfig, ModelConfig
+from gateway.core.types import LoadReport
+from gateway.worker.batch import build_batch
+from gateway.worker.kv_cache import BlockManager
+from gateway.worker.request import Request, RequestStatus
+from gateway.worker.runner import Runner, make_runner
+from gateway.worker.sampler import Sampler
+from gateway.worker.scheduler import Scheduler, SchedulerConfig
+from gateway.worker.tokenizer import Detokenizer, Tokenizer
+
+log = logging.getLogger("meshgate.worker")
+
+MAX_HOT_PREFIXES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]  # new tokens
+    text: str  # new text that is safe to show
+    logprobs: list[tuple[float, list[tuple[int, float]]]]  # for the new tokens, if asked
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    error: str | None = None
+
+
+def model_folder(cfg: ModelConfig) -> Path:
+    if cfg.path:
+        return Path(cfg.path).expanduser()
+    from gateway.worker.tiny import tiny_model_folder
+
+    return tiny_model_folder(cfg.tiny, cfg.cache_dir)
+
+
+class Engine:
+    def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, runner: Runner | None = None):
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        folder = model_folder(model_cfg)
+        self.model_name = model_cfg.name
+        self.cfg = cfg
+        self.runner = runner or make_runner(folder, cfg)
+        mc = getattr(self.runner, "config", None)
+        self.tokenizer = Tokenizer(folder, eos_token_id=getattr(mc, "eos_token_id", None))
+        self.kv = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len), self.kv
+        )
+        self.sampler = Sampler()
+        self.detoks: dict[str, Detokenizer] = {}
+        self.stats = _StepStats()
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.eos_token_id is None:
+            req.eos_token_id = self.tokenizer.eos_token_id
+        self.detoks[req.request_id] = Detokenizer(self.tokenizer, req.params.stop)
+        self.scheduler.add(req)
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self._forget(req)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _forget(self, req: Request) -> None:
+        self.detoks.pop(req.request_id, None)
+        self.sampler.forget(req.request_id)
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        batch = build_batch(sched, self.cfg.block_size, self.runner.device)
+        logits = self.runner.execute(batch)
+        tokens = self.sampler.sample(logits, batch.sampling)
+        sampled = {r.request_id: t for r, t in zip(batch.sampling, tokens)}
+        advanced = self.scheduler.update(sched, sampled)
+        outputs = [self._output(req) for req in advanced]
+        num_decode = batch.num_decodes
+        self.stats.record(t0, time.perf_counter(), batch.num_tokens - num_decode, num_decode, len(advanced))
+        return outputs
+
+    def _output(self, req: Request) -> RequestOutput:
+        detok = self.detoks[req.request_id]
+        now = time.monotonic()
+        if req.first_token_s is None:
+            req.first_token_s = now
+        token = req.output_token_ids[-1]
+        is_stop_token = req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason == token
+        text = "" if is_stop_token else detok.add([token])
+        if detok.stopped_by is not None and not req.finished:
+            req.stop_reason = detok.stopped_by
+            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        if req.finished:
+            req.finish_s = now
+            if detok.stopped_by is None:
+                text += detok.flush()
+            self._forget(req)
+        return RequestOutput(
+            request_id=req.request_id,
+            token_ids=[token],
+            text=text,
+            logprobs=req.output_logprobs[-1:] if req.params.logprobs is not None else [],
+            finished=req.finished,
+            finish_reason=req.finish_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids),
+            num_cached_tokens=req.num_cached_tokens,
+        )
+
+    # -- load -------------------------------------------------------------------------------
+    def load_report(self) -> LoadReport:
+        s = self.scheduler
+        queued = s.num_queued_prompt_tokens()
+        prefill_tps = self.stats.prefill_tps
+        return LoadReport(
+            waiting=len(s.waiting),
+            running=len(s.running),
+            queued_prompt_tokens=queued,
+            kv_blocks_used=self.kv.num_used_blocks,
+            kv_blocks_total=self.kv.num_blocks,
+            prefill_tps=prefill_tps,
+            decode_tps=self.stats.decode_tps(),
+            queue_wait_s=queued / prefill_tps if prefill_tps > 0 else 0.0,
+            hot_prefix_hashes=tuple(self.kv.hot_prefix_hashes(MAX_HOT_PREFIXES)),
+        )
+
+
+class _StepStats:
+    """Throughput figures for the load report: prefill capacity (EWMA over steps that prefill)
+    and output tokens/s over a sliding window."""
+
+    WINDOW_S = 5.0
+
+    def __init__(self) -> None:
+        self.prefill_tps = 0.0
+        self.recent: deque[tuple[float, int]] = deque()  # (end time, tokens sampled)
+        self.num_steps = 0
+        self.step_time_s = 0.0
+
+    def record(self, t0: float, t1: float, num_prefill: int, num_decode: int, num_sampled: int) -> None:
+        dt = max(t1 - t0, 1e-6)
+        self.num_steps += 1
+        self.step_time_s += dt
+        if num_prefill > 0:
+            tps = (num_prefill + num_decode) / dt
+            self.prefill_tps = tps if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * tps
+        self.recent.append((t1, num_sampled))
+        while self.recent and self.recent[0][0] < t1 - self.WINDOW_S:
+            self.recent.popleft()
+
+    def decode_tps(self) -> float:
+        if not self.recent:
+            return 0.0
+        now = time.perf_counter()
+        while self.recent and self.recent[0][0] < now - self.WINDOW_S:
+            self.recent.popleft()
+        return sum(n for _, n in self.recent) / self.WINDOW_S

@@ -1,0 +1,61 @@
+"""Model runners share one interface: execute(batch) -> logits (S, vocab) fp32.
+
+`torch` runs the Llama model with the torch reference ops, on CPU or CUDA. The GPU runners
+(`cuda`, `tensorrt`) live in their own modules and are imported only when configured.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from gateway.config import EngineConfig
+from gateway.worker.batch import Batch
+from gateway.worker.model import LlamaConfig, LlamaForCausalLM, load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RUNNERS = {"torch": "gateway.worker.runner:TorchRunner"}
+
+
+class Runner(Protocol):
+    device: torch.device
+
+    def execute(self, batch: Batch) -> torch.Tensor: ...
+
+
+class TorchRunner:
+    def __init__(self, folder: str | Path, cfg: EngineConfig):
+        self.device = torch.device(cfg.device)
+        self.dtype = DTYPES[cfg.dtype]
+        mc = LlamaConfig.from_folder(folder)
+        self.config = mc
+        with torch.device("meta"):
+            model = LlamaForCausalLM(mc)
+        model = model.to_empty(device="cpu")
+        model.cos_sin.copy_(_cos_sin(mc))
+        load_weights(model, folder)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.model.cos_sin = self.model.cos_sin.float()  # rotary tables stay fp32
+        shape = (2, cfg.num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
+        # (2, num_blocks, block_size, KVH, D) per layer
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
+
+    def execute(self, batch: Batch) -> torch.Tensor:
+        return self.model(batch, self.kv_caches)
+
+
+def _cos_sin(mc: LlamaConfig) -> torch.Tensor:
+    from kernels.reference import rope_cos_sin
+
+    return rope_cos_sin(mc.max_position_embeddings, mc.head_dim, mc.rope_theta)
+
+
+def make_runner(folder: str | Path, cfg: EngineConfig) -> Runner:
+    """The runner named in config, imported lazily so torch-only machines never load GPU code."""
+    target = RUNNERS.get(cfg.runner)
+    if target is None:
+        raise ValueError(f"engine.runner: unknown runner {cfg.runner!r} (known: {', '.join(RUNNERS)})")
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)(folder, cfg)

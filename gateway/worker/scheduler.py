@@ -1,0 +1,152 @@
+"""Iteration-level scheduler: one token budget per step, running requests first.
+
+Each step: every running request gets its next tokens (one for decode, a chunk for an unfinished
+prefill) in priority order; when KV blocks run out the lowest-priority, latest running request is
+preempted (its blocks freed, recomputed later). Then waiting requests are admitted, in priority
+order, while their first chunk fits in the remaining budget, sequence slots and KV blocks.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from gateway.worker.kv_cache import BlockManager
+from gateway.worker.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 1024
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens scheduled per request this step
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: BlockManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: list[Request] = []  # sorted by Request.sort_key
+        self.running: list[Request] = []  # sorted by Request.sort_key
+        self.requests: dict[str, Request] = {}
+
+    # -- queue operations -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        assert request.request_id not in self.requests, request.request_id
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stop, length or abort) and free its blocks at once."""
+        assert status.finished
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif not request.finished:
+            self.waiting.remove(request)
+        self.kv.free_request(request)
+        request.status = status
+        self.requests.pop(request.request_id, None)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free_request(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
+
+    # -- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert n > 0
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running[-1]  # lowest priority, latest arrival; not yet scheduled
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.requests.append(req)
+                out.num_tokens.append(n)
+                budget -= n
+                i += 1
+        # After a preemption the cache is full: admitting more now would only thrash.
+        while (
+            not out.preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            req = self.waiting[0]
+            computed = self.kv.get_computed_blocks(req)
+            num_cached = len(computed) * self.kv.block_size
+            n = min(req.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(req, n, computed):
+                break
+            self.waiting.pop(0)
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_tokens = num_cached
+            req.num_computed_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=lambda r: r.sort_key)
+            out.requests.append(req)
+            out.num_tokens.append(n)
+            budget -= n
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Account for the step's computed tokens and append sampled tokens; finish requests that
+        hit EOS, a stop token or max_tokens. Returns the requests that got a new token."""
+        advanced: list[Request] = []
+        for req, n in zip(out.requests, out.num_tokens):
+            if req.finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += n
+            self.kv.cache_full_blocks(req)
+            token = sampled.get(req.request_id)
+            if token is None:  # a prefill chunk that did not reach the end of the prompt
+                continue
+            req.output_token_ids.append(token)
+            advanced.append(req)
+            p = req.params
+            if (not p.ignore_eos and token == req.eos_token_id) or token in p.stop_token_ids:
+                req.stop_reason = token
+                self.finish(req, RequestStatus.FINISHED_STOPPED)
+            elif (
+                len(req.output_token_ids) >= p.max_tokens
+                or req.num_tokens >= self.config.max_model_len
+            ):
+                self.finish(req, RequestStatus.FINISHED_LENGTH)
+        return advanced
+
+    # -- load figures -----------------------------------------------------------------------
+    def num_queued_prompt_tokens(self) -> int:
+        """Tokens still to prefill: all of each waiting request, the rest of running prefills."""
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        queued += sum(
+            r.num_tokens - r.num_computed_tokens - 1
+            for r in self.running
+            if r.num_computed_tokens < r.num_tokens - 1
+        )
+        return queued
