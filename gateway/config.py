@@ -79,6 +79,7 @@ class PoolConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout_s: float = 600.0  # a request still running after this is aborted
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish
 
 
 @dataclass(frozen=True, slots=True)

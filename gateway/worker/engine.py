@@ -69,6 +69,7 @@ class Engine:
         self.sampler = Sampler()
         self.detoks: dict[str, Detokenizer] = {}
         self.stats = _StepStats()
+        self.num_aborted = 0
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -83,6 +84,7 @@ class Engine:
             return False
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         self._forget(req)
+        self.num_aborted += 1
         return True
 
     def has_work(self) -> bool:

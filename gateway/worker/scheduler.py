@@ -42,6 +42,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by Request.sort_key
         self.running: list[Request] = []  # sorted by Request.sort_key
         self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
 
     # -- queue operations -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -69,6 +70,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
+        self.num_preemptions += 1
         bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
 
     # -- one step ---------------------------------------------------------------------------

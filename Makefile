@@ -1,0 +1,34 @@
+# meshgate: `make run` starts the embedded default, `make test` runs the whole suite.
+# Each makes its own virtual environment (.venv) and installs what it needs first.
+#
+# TORCH is the torch requirement. The default lets pip pick a build (a CUDA build on Linux).
+# On a machine without a GPU, `make test TORCH=torch==2.13.0` takes the much smaller CPU build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'A-Za-z0-9.\n' '_')
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q '$(TORCH)'
+	$(BIN)/python -m pip install -q -e '.[worker,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/meshgate worker --config configs/local.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.engine
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,139 @@
+"""Runs the Engine on its own thread; the event loop talks to it through queues.
+
+Commands (add, abort) go in through a thread-safe queue; each step's outputs come back to the
+loop in one call_soon_threadsafe and are fanned out to per-request asyncio queues. A request whose
+consumer goes away (client disconnect, timeout) is aborted, which frees its KV blocks before the
+next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from gateway.core.types import LoadReport
+from gateway.worker.engine import Engine, RequestOutput
+from gateway.worker.request import Request
+
+log = logging.getLogger("meshgate.worker")
+
+REPORT_PERIOD_S = 0.05  # how often the engine thread refreshes the load snapshot
+IDLE_POLL_S = 0.1
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cmds: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.report: LoadReport = engine.load_report()  # replaced whole, read without a lock
+        self.num_preemptions = 0
+        self.num_aborted = 0
+        self.num_steps = 0
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopping.set()
+        self._cmds.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    async def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs; closing the iterator early aborts it."""
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineDeadError("the engine is not running")
+        q: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self._streams[req.request_id] = q
+        self._cmds.put(("add", req))
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                if isinstance(out, Exception):
+                    finished = True
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(req.request_id, None)
+            if not finished:
+                self._cmds.put(("abort", req.request_id))
+
+    # -- engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        last_report = 0.0
+        while not self._stopping.is_set():
+            self._drain_commands(block=not self.engine.has_work())
+            if self.engine.has_work():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # a bug: fail the requests in flight, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(e)
+                    continue
+                self.num_steps += 1
+                if outputs:
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+            now = time.monotonic()
+            # Refresh on a period while busy, and at once when the engine falls idle.
+            if now - last_report >= REPORT_PERIOD_S or not self.engine.has_work():
+                self.report = self.engine.load_report()
+                self.num_preemptions = self.engine.scheduler.num_preemptions
+                self.num_aborted = self.engine.num_aborted
+                last_report = now
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd, arg = self._cmds.get(timeout=IDLE_POLL_S) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if cmd == "add":
+                self.engine.add_request(arg)  # type: ignore[arg-type]
+            elif cmd == "abort":
+                self.engine.abort_request(arg)  # type: ignore[arg-type]
+            try:
+                cmd, arg = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fail_all(self, err: Exception) -> None:
+        ids = list(self.engine.scheduler.requests)
+        for rid in ids:
+            self.engine.abort_request(rid)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch_error, ids, err)
+
+    # -- event loop side --------------------------------------------------------------------
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _dispatch_error(self, ids: list[str], err: Exception) -> None:
+        for rid in ids:
+            q = self._streams.get(rid)
+            if q is not None:
+                q.put_nowait(EngineDeadError(f"engine step failed: {type(err).__name__}"))

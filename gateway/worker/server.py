@@ -1,0 +1,285 @@
+"""The pool worker's HTTP server: OpenAI API, /load, /health, /ready, /metrics (aiohttp, orjson).
+
+The engine is loaded after the port is bound (so a busy port fails fast), on a thread; until it
+is ready, generation endpoints answer 503 and /ready is 503.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from gateway.config import PoolConfig
+from gateway.core.errors import (APIError, BadRequest, InternalError, NotFound, Overloaded,
+                                 PayloadTooLarge)
+from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
+from gateway.core.types import LOAD_HEADER, LoadReport
+from gateway.worker.async_engine import AsyncEngine, EngineDeadError
+from gateway.worker.engine import Engine, RequestOutput
+from gateway.worker.metrics import EngineCounters, WorkerMetrics
+from gateway.worker.request import Request, SamplingParams
+from gateway.worker.responses import ResponseBuilder, usage
+
+log = logging.getLogger("meshgate.worker")
+
+PRIORITY_HEADER = "x-meshgate-priority"
+PRIORITIES = {"contracted": 0, "on-demand": 1}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_HTTP_ERRORS = {404: NotFound, 413: PayloadTooLarge}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(e: APIError) -> web.Response:
+    headers = {}
+    retry = getattr(e, "retry_after_s", None)
+    if retry is not None:
+        headers["Retry-After"] = str(max(1, round(retry)))
+    return json_response(e.body(), e.status, headers)
+
+
+class WorkerServer:
+    def __init__(self, cfg: PoolConfig):
+        self.cfg = cfg
+        self.model_name = cfg.model.name
+        self.engine: AsyncEngine | None = None
+        self.created = int(time.time())
+        self.metrics = WorkerMetrics(self._state)
+
+    def _state(self) -> EngineCounters:
+        e = self.engine
+        if e is None:
+            return EngineCounters(LoadReport())
+        return EngineCounters(e.report, e.num_preemptions, e.num_aborted, e.num_steps)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.ready)
+        app.router.add_get("/load", self.load)
+        app.router.add_get("/metrics", self.prometheus)
+        app.on_response_prepare.append(self._add_headers)
+        app.on_shutdown.append(self._stop_engine)
+        return app
+
+    async def start_engine(self, engine: Engine | None = None) -> None:
+        """Load the model (off the event loop) and start the engine thread."""
+        if engine is None:
+            engine = await asyncio.to_thread(Engine, self.cfg.model, self.cfg.engine)
+        aengine = AsyncEngine(engine)
+        aengine.start(asyncio.get_running_loop())
+        self.engine = aengine
+
+    async def _stop_engine(self, app: web.Application) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+
+    # -- middleware -------------------------------------------------------------------------
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            resp = await handler(request)
+        except APIError as e:
+            resp = error_response(e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            cls = _HTTP_ERRORS.get(e.status, BadRequest)
+            err = cls(f"{e.reason}: {request.method} {request.path}")
+            err.status = e.status
+            resp = error_response(err)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            resp = error_response(InternalError("internal error; the request was not completed"))
+        self.metrics.requests.labels(request.path, str(resp.status)).inc()
+        return resp
+
+    async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.engine is not None:
+            response.headers[LOAD_HEADER] = self.engine.report.to_header()
+        rid = request.get("request_id")
+        if rid:
+            response.headers["x-request-id"] = rid
+
+    # -- plain endpoints --------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self.engine is None:
+            return json_response({"status": "loading"}, 503)
+        return json_response({"status": "ready", "model": self.model_name})
+
+    async def load(self, request: web.Request) -> web.Response:
+        t0 = time.perf_counter()
+        report = self.engine.report if self.engine else LoadReport()
+        body = report.to_dict()
+        body["ready"] = self.engine is not None
+        body["handling_s"] = time.perf_counter() - t0
+        return json_response(body)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "meshgate",
+                "max_model_len": self.cfg.engine.max_model_len}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] != self.model_name:
+            raise NotFound(f"The model '{request.match_info['model']}' does not exist", param="model",
+                           code="model_not_found")
+        return json_response(self._model_card())
+
+    # -- generation -------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_completion(await _read_json(request)))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_chat(await _read_json(request)))
+
+    async def _generate(self, request: web.Request, g: GenerationRequest) -> web.StreamResponse:
+        arrival = time.monotonic()
+        if g.model != self.model_name:
+            raise NotFound(f"The model '{g.model}' does not exist", param="model", code="model_not_found")
+        engine = self.engine
+        if engine is None:
+            raise Overloaded("the model is still loading", retry_after_s=5)
+        ec = self.cfg.engine
+        if engine.num_in_flight >= ec.max_num_seqs + ec.max_waiting:
+            raise Overloaded("the pool's queue is full; retry later", retry_after_s=1)
+        tok = engine.engine.tokenizer
+        if g.kind == "chat":
+            prompt_ids = tok.apply_chat_template(list(g.messages or ()))
+        elif g.prompt_token_ids is not None:
+            prompt_ids = list(g.prompt_token_ids)
+            if max(prompt_ids) >= engine.engine.runner.config.vocab_size:  # type: ignore[attr-defined]
+                raise BadRequest("'prompt' holds a token id outside the vocabulary", param="prompt")
+        else:
+            prompt_ids = tok.encode(g.prompt or "")
+        max_tokens = _check_length(len(prompt_ids), g.max_tokens, ec.max_model_len,
+                                   "messages" if g.kind == "chat" else "prompt")
+        rid = uuid.uuid4().hex
+        client_rid = request.headers.get("x-request-id", "")
+        request["request_id"] = client_rid if _REQUEST_ID.match(client_rid) else rid
+        req = Request(
+            request_id=rid,
+            prompt_token_ids=prompt_ids,
+            params=SamplingParams(
+                max_tokens=max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed,
+                stop=g.stop, stop_token_ids=g.stop_token_ids, ignore_eos=g.ignore_eos, logprobs=g.logprobs,
+            ),
+            priority=PRIORITIES.get(request.headers.get(PRIORITY_HEADER, ""), 0),
+        )
+        builder = ResponseBuilder(g.kind, rid, self.model_name, tok)
+        outputs = engine.generate(req)
+        tracker = _Timing(self.metrics, arrival)
+        if g.stream:
+            return await self._stream(request, g, outputs, builder, tracker)
+        text, ids, lps = [], [], []
+        last: RequestOutput | None = None
+        try:
+            async with contextlib.aclosing(outputs), asyncio.timeout(self.cfg.request_timeout_s):
+                async for out in outputs:
+                    tracker.token(out)
+                    text.append(out.text)
+                    ids.extend(out.token_ids)
+                    lps.extend(out.logprobs)
+                    last = out
+        except TimeoutError:
+            raise Overloaded(f"the request did not finish within {self.cfg.request_timeout_s:g} s") from None
+        except EngineDeadError as e:
+            raise InternalError(str(e)) from None
+        assert last is not None
+        use = usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
+        return json_response(builder.full("".join(text), last.finish_reason, ids,
+                                          lps if g.logprobs is not None else None, use))
+
+    async def _stream(self, request: web.Request, g: GenerationRequest, outputs: Any, builder: ResponseBuilder,
+                      tracker: _Timing) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        last: RequestOutput | None = None
+        try:
+            async with contextlib.aclosing(outputs), asyncio.timeout(self.cfg.request_timeout_s):
+                async for out in outputs:
+                    tracker.token(out)
+                    if out.text or out.finished or last is None:
+                        chunk = builder.chunk(out.text, out.finish_reason, out.token_ids,
+                                              out.logprobs if g.logprobs is not None else None,
+                                              g.include_usage, first=last is None)
+                        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                    last = out
+            if g.include_usage and last is not None:
+                use = usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
+                await resp.write(b"data: " + orjson.dumps(builder.usage_chunk(use)) + b"\n\n")
+        except (TimeoutError, EngineDeadError) as e:
+            msg = f"the request did not finish within {self.cfg.request_timeout_s:g} s" if isinstance(
+                e, TimeoutError) else str(e)
+            err = InternalError(msg) if isinstance(e, EngineDeadError) else Overloaded(msg)
+            await resp.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+class _Timing:
+    """Per-request latency metrics, fed with each engine output."""
+
+    def __init__(self, metrics: WorkerMetrics, arrival: float):
+        self.m = metrics
+        self.arrival = arrival
+        self.last: float | None = None
+
+    def token(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        if self.last is None:
+            self.m.ttft.observe(now - self.arrival)
+            self.m.cached_tokens.inc(out.num_cached_tokens)
+        else:
+            self.m.itl.observe(now - self.last)
+        self.last = now
+        self.m.generation_tokens.inc(len(out.token_ids))
+        if out.finished:
+            self.m.e2e.observe(now - self.arrival)
+            self.m.prompt_tokens.inc(out.num_prompt_tokens)
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("We could not parse the JSON body of your request. Send valid JSON.") from None
+
+
+def _check_length(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
+    if num_prompt >= max_model_len or (max_tokens is not None and num_prompt + max_tokens > max_model_len):
+        asked = f"{num_prompt + (max_tokens or 0)} tokens ({num_prompt} in the prompt, {max_tokens or 0} in the completion)"
+        raise BadRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested {asked}. "
+            "Please reduce the length of the prompt or the completion.",
+            param=param, code="context_length_exceeded",
+        )
+    return max_tokens if max_tokens is not None else max_model_len - num_prompt
