@@ -19,8 +19,8 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.config import PoolConfig
-from gateway.core.errors import (APIError, BadRequest, InternalError, NotFound, Overloaded,
-                                 PayloadTooLarge)
+from gateway.core.errors import BadRequest, InternalError, NotFound, Overloaded
+from gateway.core.http import error_middleware, json_response, read_json
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.core.types import LOAD_HEADER, LoadReport
 from gateway.worker.async_engine import AsyncEngine, EngineDeadError
@@ -34,19 +34,6 @@ log = logging.getLogger("meshgate.worker")
 PRIORITY_HEADER = "x-meshgate-priority"
 PRIORITIES = {"contracted": 0, "on-demand": 1}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_HTTP_ERRORS = {404: NotFound, 413: PayloadTooLarge}
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
-
-
-def error_response(e: APIError) -> web.Response:
-    headers = {}
-    retry = getattr(e, "retry_after_s", None)
-    if retry is not None:
-        headers["Retry-After"] = str(max(1, round(retry)))
-    return json_response(e.body(), e.status, headers)
 
 
 class WorkerServer:
@@ -65,7 +52,7 @@ class WorkerServer:
 
     # -- lifecycle --------------------------------------------------------------------------
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors])
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[error_middleware(self._count)])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -90,27 +77,8 @@ class WorkerServer:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
 
-    # -- middleware -------------------------------------------------------------------------
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            resp = await handler(request)
-        except APIError as e:
-            resp = error_response(e)
-        except web.HTTPException as e:
-            if e.status < 400:
-                raise
-            cls = _HTTP_ERRORS.get(e.status, BadRequest)
-            err = cls(f"{e.reason}: {request.method} {request.path}")
-            err.status = e.status
-            resp = error_response(err)
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            resp = error_response(InternalError("internal error; the request was not completed"))
-        self.metrics.requests.labels(request.path, str(resp.status)).inc()
-        return resp
+    def _count(self, request: web.Request, status: int) -> None:
+        self.metrics.requests.labels(request.path, str(status)).inc()
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         if self.engine is not None:
@@ -154,10 +122,10 @@ class WorkerServer:
 
     # -- generation -------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_completion(await _read_json(request)))
+        return await self._generate(request, parse_completion(await read_json(request)))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_chat(await _read_json(request)))
+        return await self._generate(request, parse_chat(await read_json(request)))
 
     async def _generate(self, request: web.Request, g: GenerationRequest) -> web.StreamResponse:
         arrival = time.monotonic()
@@ -264,14 +232,6 @@ class _Timing:
         if out.finished:
             self.m.e2e.observe(now - self.arrival)
             self.m.prompt_tokens.inc(out.num_prompt_tokens)
-
-
-async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()  # raises 413 past client_max_size
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("We could not parse the JSON body of your request. Send valid JSON.") from None
 
 
 def _check_length(num_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
