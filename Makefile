@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/meshgate worker --config configs/local.yaml
+	$(BIN)/meshgate up --config configs/local.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,13 +1,17 @@
-"""meshgate command line: `meshgate worker ...` (DESIGN.md §8)."""
+"""meshgate command line (DESIGN.md §8): up | serve | worker."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Awaitable
 
-from gateway.config import ConfigError, load_config
+from aiohttp import web
+
+from gateway.config import Config, ConfigError, PoolConfig, load_config
 
 log = logging.getLogger("meshgate")
 
@@ -15,12 +19,16 @@ log = logging.getLogger("meshgate")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshgate", description="latency-aware inference router and pool worker")
     sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("worker", help="run one pool worker (OpenAI HTTP API over a batching engine)")
-    w.add_argument("--config", default="configs/local.yaml", help="YAML config (default: configs/local.yaml)")
-    w.add_argument("--pool", help="pool id in the config (default: the first pool)")
-    w.add_argument("--host", help="listen address (default: the pool's host)")
-    w.add_argument("--port", type=int, help="listen port (default: the pool's port)")
-    w.add_argument("--log-level", default="INFO")
+    up = sub.add_parser("up", help="the embedded default: the config's local pool workers and a gateway")
+    serve = sub.add_parser("serve", help="run one edge gateway")
+    worker = sub.add_parser("worker", help="run one pool worker (OpenAI HTTP API over a batching engine)")
+    for p in (up, serve, worker):
+        p.add_argument("--config", default="configs/local.yaml", help="YAML config (default: configs/local.yaml)")
+        p.add_argument("--port", type=int, help="HTTP port (default: from the config)")
+        p.add_argument("--log-level", default="INFO")
+    for p in (serve, worker):
+        p.add_argument("--host", help="listen address (default: from the config)")
+    worker.add_argument("--pool", help="pool id in the config (default: the first pool)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -28,29 +36,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             pool = cfg.pool(args.pool)
             return _run(_worker(pool, args.host or pool.host, args.port or pool.port))
+        gw = cfg.gateway
+        cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(gw, host=getattr(args, "host", None) or gw.host,
+                                                                   port=args.port or gw.port))
+        if args.command == "serve":
+            return _run(_serve(cfg))
+        return _run(_up(cfg, args.config, args.log_level))
     except ConfigError as e:
         print(f"meshgate: config error: {e}", file=sys.stderr)
         return 2
-    return 2
 
 
-def _run(coro) -> int:  # type: ignore[no-untyped-def]
+def _run(coro: Awaitable[int]) -> int:
     try:
         import uvloop
-
-        return uvloop.run(coro)
     except ImportError:
-        return asyncio.run(coro)
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro)  # type: ignore[arg-type]
 
 
-async def _worker(pool, host: str, port: int) -> int:  # type: ignore[no-untyped-def]
-    from aiohttp import web
-
-    from gateway.worker.server import WorkerServer
-
-    server = WorkerServer(pool)
-    runner = web.AppRunner(server.make_app(), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=pool.drain_timeout_s)
+async def _run_server(app: web.Application, host: str, port: int, drain_timeout_s: float, what: str,
+                      ready: Awaitable[None] | None = None) -> int:
+    """Bind, wait until ready, log the listening line, serve until SIGINT/SIGTERM, then drain."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -63,21 +71,101 @@ async def _worker(pool, host: str, port: int) -> int:  # type: ignore[no-untyped
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loading = asyncio.create_task(server.start_engine())
-    done, _ = await asyncio.wait([loading, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-    if loading in done and loading.exception() is None:
-        log.info("listening http=%s:%d grpc=off pool=%s model=%s", host, port, pool.id, pool.model.name)
+    rc = 0
+    if ready is not None:
+        loading = asyncio.ensure_future(ready)
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not loading.done():
+            loading.cancel()
+        elif loading.exception() is not None:
+            print(f"meshgate: cannot start: {loading.exception()}", file=sys.stderr)
+            rc = 1
+    if rc == 0 and not stop.is_set():
+        log.info("listening http=%s:%d grpc=off %s", host, port, what)
         await stop.wait()
-        log.info("stopping: draining in-flight requests (up to %g s)", pool.drain_timeout_s)
-        rc = 0
-    elif loading in done:
-        print(f"meshgate: cannot load the model: {loading.exception()}", file=sys.stderr)
-        rc = 1
-    else:
-        loading.cancel()
-        rc = 0
+        log.info("stopping: draining in-flight requests (up to %g s)", drain_timeout_s)
     await runner.cleanup()
     return rc
+
+
+async def _worker(pool: PoolConfig, host: str, port: int) -> int:
+    from gateway.worker.server import WorkerServer  # torch lives behind this import
+
+    server = WorkerServer(pool)
+    return await _run_server(server.make_app(), host, port, pool.drain_timeout_s,
+                             f"pool={pool.id} model={pool.model.name}", ready=server.start_engine())
+
+
+async def _serve(cfg: Config) -> int:
+    from gateway.api.app import GatewayServer
+
+    gw = cfg.gateway
+    server = GatewayServer(cfg)
+    return await _run_server(server.make_app(), gw.host, gw.port, gw.drain_timeout_s,
+                             f"site={gw.site} pools={len(cfg.pools)}")
+
+
+async def _up(cfg: Config, config_path: str, log_level: str) -> int:
+    """Start the config's meshgate pools as worker processes (the first alone, so it makes the
+    shared model cache before the others look for it), then the gateway in this process."""
+    local = [p for p in cfg.pools if p.kind == "meshgate"]
+    workers: list[_WorkerProcess] = []
+    try:
+        for group in (local[:1], local[1:]):
+            started = [await _WorkerProcess.start(p, config_path, log_level) for p in group]
+            workers += started
+            for w in started:
+                if not await w.ready():
+                    print(f"meshgate: pool {w.pool.id} did not start: {w.last_line}", file=sys.stderr)
+                    return 1
+        gw = cfg.gateway
+        print(f"meshgate is up: gateway http://{gw.host}:{gw.port}/v1  (pools: "
+              + ", ".join(f"{p.id}={p.base_url}" for p in cfg.pools) + ")", file=sys.stderr, flush=True)
+        return await _serve(cfg)
+    finally:
+        await asyncio.gather(*(w.stop() for w in workers))
+
+
+class _WorkerProcess:
+    def __init__(self, pool: PoolConfig, proc: asyncio.subprocess.Process):
+        self.pool = pool
+        self.proc = proc
+        self.last_line = ""
+        self._ready = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, pool: PoolConfig, config_path: str, log_level: str) -> _WorkerProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "worker", "--config", config_path, "--pool", pool.id,
+            "--log-level", log_level, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        return cls(pool, proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.last_line = line or self.last_line
+            print(f"[{self.pool.id}] {line}", file=sys.stderr, flush=True)
+            if "listening http=" in line:
+                self._ready.set()
+
+    async def ready(self) -> bool:
+        waiter = asyncio.ensure_future(self._ready.wait())
+        await asyncio.wait([waiter, self._reader], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        return self._ready.is_set()
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), self.pool.drain_timeout_s + 5)
+            except TimeoutError:
+                self.proc.kill()
+        await asyncio.gather(self._reader, return_exceptions=True)
 
 
 if __name__ == "__main__":

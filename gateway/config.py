@@ -75,15 +75,68 @@ class PoolConfig:
     host: str = "127.0.0.1"
     port: int = 8101
     site: str | None = None
+    kind: str = "meshgate"  # meshgate (our worker) | openai (any OpenAI-compatible server)
+    url: str | None = None  # how gateways reach it; default http://host:port
+    models: tuple[str, ...] = ()  # models it serves; default (model.name,)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout_s: float = 600.0  # a request still running after this is aborted
     drain_timeout_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish
 
+    @property
+    def base_url(self) -> str:
+        return (self.url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        return self.models or (self.model.name,)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    connect_timeout_s: float = 1.0
+    first_byte_timeout_s: float = 60.0  # until the pool's response headers arrive
+    idle_timeout_s: float = 60.0  # max gap between streamed chunks
+    max_connections: int = 256  # per pool, kept alive and reused
+    max_attempts: int = 3  # pools tried for one request before it fails
+    breaker_failures: int = 5  # consecutive failures that open a pool's circuit
+    breaker_cooldown_s: float = 5.0  # open -> half-open (one trial request)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeConfig:
+    period_s: float = 1.0
+    timeout_s: float = 1.0
+    down_after: int = 2  # consecutive misses that mark a pool down
+    up_after: int = 1  # consecutive answers that mark it up again
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens: int = 8192
+    max_prompt_chars: int = 1_000_000
+    deadline_s: float = 600.0  # default request deadline; x-meshgate-deadline-ms may shorten it
+    max_in_flight: int = 4096  # beyond this the gateway sheds with 503
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    site: str = "local"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    grpc_port: int | None = None
+    routing: str = "least-load"  # routing profile
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    drain_timeout_s: float = 30.0
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     pools: tuple[PoolConfig, ...] = ()
 
     def pool(self, pool_id: str | None) -> PoolConfig:
@@ -111,6 +164,11 @@ def config_from_dict(data: Any) -> Config:
     cfg = _build(Config, data, "")
     for i, p in enumerate(cfg.pools):
         p.engine.validate(f"pools[{i}].engine")
+    for i, p in enumerate(cfg.pools):
+        if p.kind not in ("meshgate", "openai"):
+            raise ConfigError(f"pools[{i}].kind: expected meshgate or openai, got {p.kind!r}")
+        if p.kind == "openai" and not (p.url and p.models):
+            raise ConfigError(f"pools[{i}]: a kind: openai pool needs url and models")
     ids = [p.id for p in cfg.pools]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"pools: duplicate ids in {ids}")

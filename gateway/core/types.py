@@ -44,3 +44,39 @@ class LoadReport:
             kv_blocks_total=int(total),
             queue_wait_s=float(parts["qw"]),
         )
+
+
+class Endpoint:
+    """The gateway's live view of one pool, refreshed by background tasks (probes, responses).
+
+    Routing plug-ins only read it; nothing on the request path copies it.
+    """
+
+    __slots__ = ("pool_id", "url", "site", "kind", "models", "healthy", "breaker_open", "in_flight",
+                 "load", "load_at", "rtt_ms")
+
+    def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str]):
+        self.pool_id = pool_id
+        self.url = url
+        self.site = site
+        self.kind = kind
+        self.models = models
+        self.healthy = True  # until probes say otherwise
+        self.breaker_open = False
+        self.in_flight = 0  # requests this gateway has sent and not seen finish
+        self.load: LoadReport | None = None  # latest report (probe or response header)
+        self.load_at = 0.0  # monotonic time of that report
+        self.rtt_ms: float | None = None  # probe round trip, EWMA
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.pool_id}, healthy={self.healthy}, in_flight={self.in_flight})"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What routing may know of a request."""
+
+    model: str
+    prompt_chars: int = 0
+    max_tokens: int | None = None
+    priority: int = 0

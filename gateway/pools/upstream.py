@@ -1,0 +1,133 @@
+"""Upstream pools: one kept-alive HTTP client, per-pool state, probes and circuit breakers."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import orjson
+
+from gateway.config import PoolConfig, ProbeConfig, UpstreamConfig
+from gateway.core.types import LOAD_HEADER, Endpoint, LoadReport
+from gateway.pools.breaker import BreakerState, CircuitBreaker
+
+log = logging.getLogger("meshgate.pools")
+
+RTT_ALPHA = 0.3
+
+
+class Pool:
+    """One upstream pool: its routing view (endpoint), breaker and probe state."""
+
+    def __init__(self, cfg: PoolConfig, up: UpstreamConfig):
+        self.cfg = cfg
+        self.endpoint = Endpoint(cfg.id, cfg.base_url, cfg.site, cfg.kind, frozenset(cfg.served_models))
+        self.breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown_s)
+        self.probe_misses = 0
+        self.probe_hits = 0
+
+    def refresh_breaker(self) -> None:
+        self.endpoint.breaker_open = self.breaker.state == BreakerState.OPEN
+
+    def record_success(self) -> None:
+        self.breaker.success()
+        self.endpoint.breaker_open = False
+
+    def record_failure(self) -> None:
+        self.breaker.failure()
+        self.refresh_breaker()
+
+    def update_load(self, report: LoadReport) -> None:
+        self.endpoint.load = report
+        self.endpoint.load_at = time.monotonic()
+
+    def load_from_header(self, headers: "aiohttp.typedefs.LooseHeaders") -> None:
+        value = headers.get(LOAD_HEADER)  # type: ignore[union-attr]
+        if value:
+            try:
+                self.update_load(LoadReport.from_header(value))
+            except (ValueError, KeyError):
+                pass
+
+
+class Upstreams:
+    def __init__(self, pools: tuple[PoolConfig, ...], up: UpstreamConfig, probe: ProbeConfig):
+        self.up = up
+        self.probe_cfg = probe
+        self.pools = {p.id: Pool(p, up) for p in pools}
+        self.endpoints = [p.endpoint for p in self.pools.values()]
+        self.session: aiohttp.ClientSession | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.up.max_connections, keepalive_timeout=60,
+                                         enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(
+            connector=connector, json_serialize=lambda o: orjson.dumps(o).decode(),
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.up.connect_timeout_s,
+                                          sock_read=self.up.idle_timeout_s),
+            auto_decompress=False,
+        )
+        await self.probe_all()
+        self._probe_task = asyncio.create_task(self._probe_loop())
+
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    def models(self) -> list[str]:
+        return sorted({m for p in self.pools.values() for m in p.endpoint.models})
+
+    def any_available(self) -> bool:
+        for p in self.pools.values():
+            p.refresh_breaker()
+        return any(e.healthy and not e.breaker_open for e in self.endpoints)
+
+    # -- probes -----------------------------------------------------------------------------
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_cfg.period_s)
+            await self.probe_all()
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe(p) for p in self.pools.values()))
+
+    async def probe(self, pool: Pool) -> None:
+        assert self.session is not None
+        path = "/load" if pool.cfg.kind == "meshgate" else "/health"
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            async with self.session.get(pool.endpoint.url + path,
+                                        timeout=aiohttp.ClientTimeout(total=self.probe_cfg.timeout_s)) as r:
+                body = await r.read()
+                rtt_ms = (time.perf_counter() - t0) * 1000
+                ok = r.status == 200
+                if ok and pool.cfg.kind == "meshgate":
+                    d = orjson.loads(body)
+                    ok = bool(d.get("ready", True))
+                    rtt_ms -= 1000 * float(d.get("handling_s", 0.0))
+                    d.pop("ready", None)
+                    d["hot_prefix_hashes"] = tuple(d.get("hot_prefix_hashes", ()))
+                    pool.update_load(LoadReport(**{k: v for k, v in d.items() if k in LoadReport.__slots__}))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TypeError):
+            ok = False
+        e = pool.endpoint
+        if ok:
+            e.rtt_ms = rtt_ms if e.rtt_ms is None else (1 - RTT_ALPHA) * e.rtt_ms + RTT_ALPHA * rtt_ms
+            pool.probe_hits += 1
+            pool.probe_misses = 0
+            if not e.healthy and pool.probe_hits >= self.probe_cfg.up_after:
+                e.healthy = True
+                log.info("pool %s is up", e.pool_id)
+        else:
+            pool.probe_misses += 1
+            pool.probe_hits = 0
+            if e.healthy and pool.probe_misses >= self.probe_cfg.down_after:
+                e.healthy = False
+                log.warning("pool %s is down (%d probes missed)", e.pool_id, pool.probe_misses)
+        pool.refresh_breaker()

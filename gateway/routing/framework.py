@@ -1,0 +1,84 @@
+"""Filter / score / pick, as in the Kubernetes inference extension's scheduler (DESIGN.md §3).
+
+A Profile runs its filters (drop endpoints), its weighted scorers (each endpoint -> [0, 1], 1 best)
+and its picker (orders the survivors; the first is tried first, the rest are failover order).
+Plug-ins are synchronous and pure: they read Endpoint snapshots and do no I/O.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.core.types import Endpoint, RouteRequest
+
+
+class Filter(Protocol):
+    name: str
+
+    def filter(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[Endpoint]: ...
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[float]: ...
+
+
+class Picker(Protocol):
+    name: str
+
+    def pick(self, req: RouteRequest, endpoints: list[Endpoint], scores: list[float]) -> list[Endpoint]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    ranked: list[Endpoint]  # try in this order
+    scores: dict[str, float]  # pool id -> total score, for explaining the choice
+    profile: str
+
+    def explain(self) -> str:
+        if not self.ranked:
+            return f"profile={self.profile} no-candidate"
+        best = self.ranked[0]
+        s = f"profile={self.profile} pool={best.pool_id} score={self.scores.get(best.pool_id, 0):.3f}"
+        if len(self.ranked) > 1:
+            r = self.ranked[1]
+            s += f" runner-up={r.pool_id} score={self.scores.get(r.pool_id, 0):.3f}"
+        return s
+
+
+class Profile:
+    def __init__(self, name: str, filters: Sequence[Filter], scorers: Sequence[tuple[Scorer, float]], picker: Picker):
+        self.name = name
+        self.filters = list(filters)
+        self.scorers = list(scorers)
+        self.picker = picker
+
+    def route(self, req: RouteRequest, endpoints: Sequence[Endpoint]) -> Decision:
+        cands = list(endpoints)
+        for f in self.filters:
+            cands = f.filter(req, cands)
+            if not cands:
+                break
+        totals = [0.0] * len(cands)
+        for scorer, weight in self.scorers:
+            for i, s in enumerate(scorer.score(req, cands)):
+                totals[i] += weight * s
+        ranked = self.picker.pick(req, cands, totals) if cands else []
+        return Decision(ranked, {e.pool_id: t for e, t in zip(cands, totals)}, self.name)
+
+
+class MaxScorePicker:
+    """Highest score first, ties broken at random; the rest follow by score (failover order)."""
+
+    name = "max-score"
+
+    def __init__(self, rng: random.Random | None = None):
+        self.rng = rng or random.Random()
+
+    def pick(self, req: RouteRequest, endpoints: list[Endpoint], scores: list[float]) -> list[Endpoint]:
+        keys = [(-s, self.rng.random()) for s in scores]
+        order = sorted(range(len(endpoints)), key=keys.__getitem__)
+        return [endpoints[i] for i in order]
