@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway.api.forward import Call, Forwarder
+from gateway.api.forward import POOL, REQUEST_ID, ROUTE, Call, Forwarder
 from gateway.api.metrics import GatewayMetrics
 from gateway.config import Config
 from gateway.core.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge
@@ -60,13 +60,13 @@ class GatewayServer:
         await self.upstreams.close()
 
     def _count(self, request: web.Request, status: int) -> None:
-        self.metrics.requests.labels(request.path, str(status), request.get("pool", "")).inc()
+        self.metrics.requests.labels(request.path, str(status), request.get(POOL, "")).inc()
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
-        if "request_id" in request:
-            response.headers["x-request-id"] = request["request_id"]
-        if "route" in request:
-            response.headers[ROUTE_HEADER] = request["route"]
+        if REQUEST_ID in request:
+            response.headers["x-request-id"] = request[REQUEST_ID]
+        if ROUTE in request:
+            response.headers[ROUTE_HEADER] = request[ROUTE]
 
     # -- plain endpoints --------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -116,7 +116,7 @@ class GatewayServer:
             raise Overloaded("the gateway is at its in-flight limit; retry later", retry_after_s=1)
         client_rid = request.headers.get("x-request-id", "")
         rid = client_rid if _REQUEST_ID.match(client_rid) else uuid.uuid4().hex
-        request["request_id"] = rid
+        request[REQUEST_ID] = rid
         headers = {"Content-Type": "application/json", "x-request-id": rid}
         if PRIORITY_HEADER in request.headers:
             headers[PRIORITY_HEADER] = request.headers[PRIORITY_HEADER]

@@ -27,6 +27,12 @@ log = logging.getLogger("meshgate.gateway")
 _RELAYED_HEADERS = ("Content-Type",)
 
 
+# What the gateway learns of a request as it goes, for headers, logs and metrics.
+REQUEST_ID = web.RequestKey("request_id", str)
+ROUTE = web.RequestKey("route", str)
+POOL = web.RequestKey("pool", str)
+
+
 class BadGateway(APIError):
     status = 502
     type = "upstream_error"
@@ -67,7 +73,7 @@ class Forwarder:
         self.m.routing.observe(time.perf_counter() - t0)
         if not decision.ranked:
             raise Overloaded(f"no healthy pool serves the model '{call.route.model}' right now", retry_after_s=2)
-        request["route"] = decision.explain()
+        request[ROUTE] = decision.explain()
         attempts = 0
         for ep in decision.ranked:
             if attempts >= self.max_attempts:
@@ -76,9 +82,9 @@ class Forwarder:
             if not pool.breaker.allow():
                 continue
             if attempts:
-                self.m.failovers.labels(request.get("pool", "")).inc()
+                self.m.failovers.labels(request.get(POOL, "")).inc()
             attempts += 1
-            request["pool"] = ep.pool_id
+            request[POOL] = ep.pool_id
             try:
                 return await self._attempt(request, call, pool)
             except _Retry as e:

@@ -33,6 +33,7 @@ log = logging.getLogger("meshgate.worker")
 
 PRIORITY_HEADER = "x-meshgate-priority"
 PRIORITIES = {"contracted": 0, "on-demand": 1}
+REQUEST_ID = web.RequestKey("request_id", str)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -83,7 +84,7 @@ class WorkerServer:
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         if self.engine is not None:
             response.headers[LOAD_HEADER] = self.engine.report.to_header()
-        rid = request.get("request_id")
+        rid = request.get(REQUEST_ID)
         if rid:
             response.headers["x-request-id"] = rid
 
@@ -150,7 +151,7 @@ class WorkerServer:
                                    "messages" if g.kind == "chat" else "prompt")
         rid = uuid.uuid4().hex
         client_rid = request.headers.get("x-request-id", "")
-        request["request_id"] = client_rid if _REQUEST_ID.match(client_rid) else rid
+        request[REQUEST_ID] = client_rid if _REQUEST_ID.match(client_rid) else rid
         req = Request(
             request_id=rid,
             prompt_token_ids=prompt_ids,

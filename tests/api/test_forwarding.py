@@ -1,0 +1,165 @@
+"""Gateway forwarding against stub pools that fail, stall or drop mid-stream on command."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.api.app import GatewayServer
+from gateway.config import config_from_dict
+from tests.servers import free_port
+from tests.stub_pool import StubPool
+
+MODEL = "stub-model"
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.stubs: dict[str, StubPool] = {}
+        self.runner: web.AppRunner | None = None
+        self.server: GatewayServer | None = None
+        self.url = ""
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self, names: list[str], routing: str = "round-robin", **gateway: object) -> None:
+        pools = []
+        for n in names:
+            stub = StubPool(n)
+            url = await stub.start()
+            self.stubs[n] = stub
+            pools.append({"id": n, "url": url, "models": [MODEL]})
+        port = free_port()
+        gw = {"port": port, "routing": routing,
+              "probe": {"period_s": 0.1, "timeout_s": 0.2, "down_after": 2, "up_after": 1},
+              "upstream": {"first_byte_timeout_s": 0.5, "breaker_failures": 3, "breaker_cooldown_s": 0.5}}
+        for k, v in gateway.items():
+            gw[k] = {**gw[k], **v} if isinstance(v, dict) and k in gw else v  # type: ignore[dict-item]
+        self.server = GatewayServer(config_from_dict({"gateway": gw, "pools": pools}))
+        self.runner = web.AppRunner(self.server.make_app(), handler_cancellation=True)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        self.session = aiohttp.ClientSession()
+
+    async def stop(self) -> None:
+        if self.session:
+            await self.session.close()
+        if self.runner:
+            await self.runner.cleanup()
+        for s in self.stubs.values():
+            await s.stop()
+
+    async def post(self, body: dict, path: str = "/v1/chat/completions", **kw) -> tuple[int, dict | list]:
+        assert self.session is not None
+        async with self.session.post(self.url + path, json=body, **kw) as r:
+            raw = await r.read()
+            if r.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return r.status, [e for e in raw.decode().split("\n\n") if e]
+            return r.status, json.loads(raw)
+
+
+@pytest.fixture
+async def h():
+    harness = Harness()
+    yield harness
+    await harness.stop()
+
+
+def chat(stream: bool = False) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": stream}
+
+
+async def test_relays_whole_and_streamed_answers(h):
+    await h.start(["a"])
+    status, body = await h.post(chat())
+    assert status == 200 and body["served_by"] == "a" and body["usage"]["completion_tokens"] == 5
+    status, events = await h.post(chat(stream=True))
+    assert status == 200
+    assert events[-1] == "data: [DONE]" and len(events) == 6
+
+
+async def test_failover_before_first_token_and_breaker_opens(h):
+    await h.start(["a", "b"])
+    h.stubs["a"].mode = "error"
+    results = [await h.post(chat()) for _ in range(6)]
+    assert all(s == 200 and b["served_by"] == "b" for s, b in results)
+    pool_a = h.server.upstreams.pools["a"]
+    assert pool_a.endpoint.breaker_open or not pool_a.endpoint.healthy
+    tried_a = h.stubs["a"].requests
+    await asyncio.gather(*(h.post(chat()) for _ in range(5)))
+    assert h.stubs["a"].requests == tried_a  # open circuit: no more traffic to a
+    # a recovers: after the cool-down (half-open trial) and a probe, traffic returns to it.
+    h.stubs["a"].mode = "ok"
+    await asyncio.sleep(0.8)
+    served = [ (await h.post(chat()))[1]["served_by"] for _ in range(6)]
+    assert "a" in served
+
+
+async def test_stalled_pool_times_out_and_fails_over(h):
+    await h.start(["a", "b"], upstream={"first_byte_timeout_s": 0.3})
+    h.stubs["a"].mode = "stall"
+    statuses = await asyncio.gather(*(h.post(chat(stream=True)) for _ in range(4)))
+    assert all(s == 200 and ev[-1] == "data: [DONE]" for s, ev in statuses)
+    assert h.stubs["b"].requests == 4
+
+
+async def test_mid_stream_failure_ends_with_an_error_event(h):
+    await h.start(["a"])
+    h.stubs["a"].mode = "drop"
+    status, events = await asyncio.wait_for(h.post(chat(stream=True)), 5)
+    assert status == 200
+    assert events[-1] == "data: [DONE]"
+    err = json.loads(events[-2][len("data: "):])
+    assert err["error"]["type"] == "upstream_error"
+    assert "127.0.0.1" not in err["error"]["message"]
+
+
+async def test_client_disconnect_cancels_the_upstream_request(h):
+    await h.start(["a"])
+    stub = h.stubs["a"]
+    stub.num_tokens, stub.delay_s = 1000, 0.01
+    async with h.session.post(h.url + "/v1/chat/completions", json=chat(stream=True)) as r:
+        await r.content.readline()
+    # the client hung up: the gateway closes the upstream connection and the pool's handler ends
+    for _ in range(100):
+        if stub.cancelled:
+            break
+        await asyncio.sleep(0.02)
+    assert stub.cancelled == 1
+    assert h.server.upstreams.pools["a"].endpoint.in_flight == 0
+
+
+async def test_no_healthy_pool_gives_503_with_retry_after(h):
+    await h.start(["a"])
+    h.stubs["a"].mode = "error"  # probes report not ready
+    await asyncio.sleep(0.4)
+    async with h.session.get(h.url + "/ready") as r:
+        assert r.status == 503
+    async with h.session.post(h.url + "/v1/chat/completions", json=chat()) as r:
+        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+        assert (await r.json())["error"]["type"] == "service_unavailable"
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404),
+    ({"model": MODEL, "messages": "x"}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, 400),
+])
+async def test_bad_requests_never_reach_a_pool(h, body, status):
+    await h.start(["a"])
+    s, b = await h.post(body)
+    assert s == status and set(b["error"]) == {"message", "type", "param", "code"}
+    assert h.stubs["a"].requests == 0
+
+
+async def test_deadline_header_bounds_the_wait(h):
+    await h.start(["a"], upstream={"first_byte_timeout_s": 5.0})
+    h.stubs["a"].mode = "stall"
+    t0 = asyncio.get_running_loop().time()
+    s, b = await h.post(chat(), headers={"x-meshgate-deadline-ms": "300"})
+    assert asyncio.get_running_loop().time() - t0 < 2.0
+    assert s in (502, 503) and "error" in b

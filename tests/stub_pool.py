@@ -1,0 +1,103 @@
+"""A stub OpenAI-compatible pool for gateway tests: answers instantly, or fails on command.
+
+mode: "ok" | "error" (HTTP 500) | "stall" (never answers) | "drop" (streams some tokens then cuts
+the connection) | "slow" (each token after delay_s).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+from aiohttp import web
+
+from gateway.core.types import LOAD_HEADER, LoadReport
+
+
+class StubPool:
+    def __init__(self, name: str, num_tokens: int = 5):
+        self.name = name
+        self.mode = "ok"
+        self.num_tokens = num_tokens
+        self.delay_s = 0.0
+        self.requests = 0
+        self.cancelled = 0
+        self.load = LoadReport()
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.generate)
+        app.router.add_post("/v1/completions", self.generate)
+        app.router.add_get("/load", self.load_report)
+        app.router.add_get("/health", self.health)
+        return app
+
+    async def start(self, port: int = 0) -> str:
+        self.runner = web.AppRunner(self.app(), handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def load_report(self, request: web.Request) -> web.Response:
+        if self.mode == "stall":
+            await asyncio.sleep(3600)
+        body = {**self.load.to_dict(), "ready": self.mode != "error", "handling_s": 0.0}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        body = await request.json()
+        if self.mode == "error":
+            return web.json_response({"error": {"message": "boom", "type": "x", "param": None, "code": None}},
+                                     status=500)
+        if self.mode == "stall":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        headers = {LOAD_HEADER: self.load.to_header()}
+        chat = request.path.endswith("chat/completions")
+        if not body.get("stream"):
+            text = "".join(f"t{i} " for i in range(self.num_tokens))
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                       "logprobs": None, "finish_reason": "length"} if chat
+                      else {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"})
+            return web.Response(body=orjson.dumps({
+                "id": "x", "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": body["model"], "choices": [choice],
+                "usage": {"prompt_tokens": 1, "completion_tokens": self.num_tokens, "total_tokens": 1 + self.num_tokens},
+                "served_by": self.name}), content_type="application/json", headers=headers)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
+        await resp.prepare(request)
+        try:
+            for i in range(self.num_tokens):
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                delta = {"content": f"t{i} "} if chat else None
+                choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None} if chat
+                          else {"index": 0, "text": f"t{i} ", "logprobs": None, "finish_reason": None})
+                chunk = {"id": "x", "object": "chat.completion.chunk" if chat else "text_completion",
+                         "created": 0, "model": body["model"], "choices": [choice], "served_by": self.name}
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                if self.mode == "drop" and i == 1:
+                    assert request.transport is not None
+                    request.transport.abort()  # the pool dies mid-stream
+                    return resp
+            await resp.write(b"data: [DONE]\n\n")
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return resp
