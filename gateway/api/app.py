@@ -5,15 +5,18 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
+
+import orjson
 
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway.api.forward import POOL, REQUEST_ID, ROUTE, Call, Forwarder
+from gateway.api.forward import Call, Forwarder, StreamBroken, Upstream
 from gateway.api.metrics import GatewayMetrics
 from gateway.config import Config
-from gateway.core.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge
+from gateway.core.errors import BadRequest, InternalError, NotFound, Overloaded, PayloadTooLarge
 from gateway.core.http import error_middleware, json_response, read_json
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.core.types import RouteRequest
@@ -25,6 +28,10 @@ log = logging.getLogger("meshgate.gateway")
 DEADLINE_HEADER = "x-meshgate-deadline-ms"
 PRIORITY_HEADER = "x-meshgate-priority"
 ROUTE_HEADER = "x-meshgate-route"
+# What the gateway learns of a request as it goes, for headers, logs and metrics.
+REQUEST_ID = web.RequestKey("request_id", str)
+ROUTE = web.RequestKey("route", str)
+POOL = web.RequestKey("pool", str)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -102,7 +109,23 @@ class GatewayServer:
     async def _generate(self, request: web.Request, path: str, parse) -> web.StreamResponse:  # type: ignore[no-untyped-def]
         arrival = time.monotonic()
         body = await request.read()
-        g: GenerationRequest = parse(await read_json(request))
+        call = self.prepare(path, body, parse(await read_json(request)), request.headers, arrival)
+        request[REQUEST_ID] = call.request_id
+        self.in_flight += 1
+        try:
+            up = await self.forwarder.open(call)
+            try:
+                request[POOL] = up.pool_id
+                request[ROUTE] = up.route
+                return await _relay(request, up)
+            finally:
+                up.close()
+        finally:
+            self.in_flight -= 1
+
+    def prepare(self, path: str, body: bytes, g: GenerationRequest, headers: Mapping[str, str],
+                arrival: float) -> Call:
+        """Check a parsed request against this gateway's limits and build its Call (both fronts)."""
         limits = self.cfg.limits
         if g.max_tokens is not None and g.max_tokens > limits.max_tokens:
             raise BadRequest(f"'max_tokens' is at most {limits.max_tokens} here", param="max_tokens")
@@ -114,25 +137,19 @@ class GatewayServer:
             raise NotFound(f"The model '{g.model}' does not exist", param="model", code="model_not_found")
         if self.in_flight >= limits.max_in_flight:
             raise Overloaded("the gateway is at its in-flight limit; retry later", retry_after_s=1)
-        client_rid = request.headers.get("x-request-id", "")
+        client_rid = headers.get("x-request-id", "")
         rid = client_rid if _REQUEST_ID.match(client_rid) else uuid.uuid4().hex
-        request[REQUEST_ID] = rid
-        headers = {"Content-Type": "application/json", "x-request-id": rid}
-        if PRIORITY_HEADER in request.headers:
-            headers[PRIORITY_HEADER] = request.headers[PRIORITY_HEADER]
-        call = Call(path=path, body=body, stream=g.stream,
+        up_headers = {"Content-Type": "application/json", "x-request-id": rid}
+        if PRIORITY_HEADER in headers:
+            up_headers[PRIORITY_HEADER] = headers[PRIORITY_HEADER]
+        return Call(path=path, body=body, stream=g.stream,
                     route=RouteRequest(model=g.model, prompt_chars=prompt_chars, max_tokens=g.max_tokens),
-                    headers=headers, request_id=rid, arrival=arrival,
-                    deadline=arrival + self._deadline_s(request))
-        self.in_flight += 1
-        try:
-            return await self.forwarder.forward(request, call)
-        finally:
-            self.in_flight -= 1
+                    headers=up_headers, request_id=rid, arrival=arrival,
+                    deadline=arrival + self._deadline_s(headers))
 
-    def _deadline_s(self, request: web.Request) -> float:
+    def _deadline_s(self, headers: Mapping[str, str]) -> float:
         deadline = self.cfg.limits.deadline_s
-        value = request.headers.get(DEADLINE_HEADER)
+        value = headers.get(DEADLINE_HEADER)
         if value is not None:
             try:
                 ms = float(value)
@@ -142,3 +159,20 @@ class GatewayServer:
                 raise BadRequest(f"'{DEADLINE_HEADER}' must be positive")
             deadline = min(deadline, ms / 1000)
         return deadline
+
+
+async def _relay(request: web.Request, up: Upstream) -> web.StreamResponse:
+    """Hand the pool's answer to the client as it comes: whole, or as an SSE stream."""
+    if not up.call.stream or up.status >= 400:
+        return web.Response(body=up.first, status=up.status, content_type="application/json")
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await out.prepare(request)
+    try:
+        async for chunk in up.chunks():
+            await out.write(chunk)
+    except StreamBroken as e:
+        err = InternalError(str(e))
+        err.type = "upstream_error"
+        await out.write(b"data: " + orjson.dumps(err.body()) + b"\n\ndata: [DONE]\n\n")
+    await out.write_eof()
+    return out

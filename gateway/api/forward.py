@@ -1,41 +1,38 @@
-"""Forwarding one client request to pools: routing, failover before the first token, SSE relay.
+"""Forwarding one request to pools: routing, failover before the first token, streaming.
 
-The pool's bytes are relayed as they come (no re-encoding). Until the first body bytes arrive a
-failure or timeout is retried on the next pool in the routing decision's order (bounded attempts,
-within the request deadline); once bytes reached the client, a failure ends the stream with an
-OpenAI error event and `[DONE]`, never a hang.
+Transport-neutral: `Forwarder.open(call)` picks a pool and returns an `Upstream` whose first body
+bytes have arrived (the first token when streaming, the whole body otherwise); until then a
+failure or timeout is retried on the next pool of the routing decision (bounded attempts, within
+the request deadline). The HTTP front relays the pool's bytes as they come; the gRPC front
+re-frames them. A failure after the first token raises StreamBroken so the front can end the
+stream with an error, never a hang.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
-import orjson
-from aiohttp import web
 
 from gateway.api.metrics import GatewayMetrics
-from gateway.core.errors import APIError, InternalError, Overloaded
+from gateway.core.errors import APIError, Overloaded
 from gateway.core.types import RouteRequest
 from gateway.pools.upstream import Pool, Upstreams
 from gateway.routing.framework import Profile
 
 log = logging.getLogger("meshgate.gateway")
 
-_RELAYED_HEADERS = ("Content-Type",)
-
-
-# What the gateway learns of a request as it goes, for headers, logs and metrics.
-REQUEST_ID = web.RequestKey("request_id", str)
-ROUTE = web.RequestKey("route", str)
-POOL = web.RequestKey("pool", str)
-
 
 class BadGateway(APIError):
     status = 502
     type = "upstream_error"
+
+
+class StreamBroken(Exception):
+    """The pool failed, or the deadline passed, after the first token reached the client."""
 
 
 @dataclass(slots=True)
@@ -56,6 +53,61 @@ class _Retry(Exception):
     """This attempt failed before anything reached the client: try the next pool."""
 
 
+class Upstream:
+    """An answering pool: status, first bytes, then the rest of the stream. close() it."""
+
+    def __init__(self, fwd: Forwarder, call: Call, pool: Pool, resp: aiohttp.ClientResponse, first: bytes,
+                 route: str, failovers: int):
+        self.fwd = fwd
+        self.call = call
+        self.pool = pool
+        self.resp = resp
+        self.status = resp.status
+        self.first = first
+        self.route = route  # the routing decision, explained
+        self.failovers = failovers
+        self.outcome = "ok" if resp.status < 400 else "client_error"
+        self._closed = False
+
+    @property
+    def pool_id(self) -> str:
+        return self.pool.endpoint.pool_id
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, first bytes included. Raises StreamBroken mid-stream."""
+        yield self.first
+        if not self.call.stream:
+            return
+        itl = self.fwd.m.itl.labels(self.pool_id)
+        last = time.monotonic()
+        try:
+            async with asyncio.timeout_at(_loop_time(self.call.deadline)):
+                while chunk := await self.resp.content.readany():
+                    now = time.monotonic()
+                    itl.observe(now - last)
+                    last = now
+                    yield chunk
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+            self.outcome = "broken_stream"
+            self.pool.record_failure()
+            raise StreamBroken("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
+                               else "the pool failed mid-stream; the response is incomplete") from None
+
+    def close(self) -> None:
+        """Book the attempt. Closing an unfinished response drops the connection, which tells the
+        pool to abort the request and free its KV blocks (client gone)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.resp.close()
+        self.pool.endpoint.in_flight -= 1
+        if self.outcome != "broken_stream":
+            self.pool.record_success()
+        m = self.fwd.m
+        m.attempts.labels(self.pool_id, self.outcome).inc()
+        m.e2e.labels(self.pool_id).observe(time.monotonic() - self.call.arrival)
+
+
 class Forwarder:
     def __init__(self, upstreams: Upstreams, profile: Profile, metrics: GatewayMetrics, max_attempts: int,
                  first_byte_timeout_s: float):
@@ -65,7 +117,7 @@ class Forwarder:
         self.max_attempts = max_attempts
         self.first_byte_timeout_s = first_byte_timeout_s
 
-    async def forward(self, request: web.Request, call: Call) -> web.StreamResponse:
+    async def open(self, call: Call) -> Upstream:
         t0 = time.perf_counter()
         for pool in self.up.pools.values():
             pool.refresh_breaker()
@@ -73,7 +125,6 @@ class Forwarder:
         self.m.routing.observe(time.perf_counter() - t0)
         if not decision.ranked:
             raise Overloaded(f"no healthy pool serves the model '{call.route.model}' right now", retry_after_s=2)
-        request[ROUTE] = decision.explain()
         attempts = 0
         for ep in decision.ranked:
             if attempts >= self.max_attempts:
@@ -81,26 +132,24 @@ class Forwarder:
             pool = self.up.pools[ep.pool_id]
             if not pool.breaker.allow():
                 continue
-            if attempts:
-                self.m.failovers.labels(request.get(POOL, "")).inc()
             attempts += 1
-            request[POOL] = ep.pool_id
             try:
-                return await self._attempt(request, call, pool)
+                resp, first = await self._attempt(call, pool)
             except _Retry as e:
-                log.warning("request %s: pool %s failed before the first token (%s); %s", call.request_id,
-                            ep.pool_id, e, "retrying" if attempts < self.max_attempts else "giving up")
+                self.m.failovers.labels(ep.pool_id).inc()
+                log.warning("request %s: pool %s failed before the first token (%s)", call.request_id, ep.pool_id, e)
+                continue
+            self.m.ttft.labels(ep.pool_id).observe(time.monotonic() - call.arrival)
+            return Upstream(self, call, pool, resp, first, decision.explain(), attempts - 1)
         raise BadGateway(f"no pool could serve the request ({attempts} tried)")
 
-    async def _open(self, call: Call, pool: Pool) -> tuple[aiohttp.ClientResponse, bytes]:
-        """Send the request; return the response and its first body bytes (the first token when
-        streaming, the whole body otherwise). Raises _Retry, with the failure recorded, if the pool
-        fails before that."""
+    async def _attempt(self, call: Call, pool: Pool) -> tuple[aiohttp.ClientResponse, bytes]:
         assert self.up.session is not None
         ep = pool.endpoint
         remaining = call.deadline - time.monotonic()
         if remaining <= 0:
             raise Overloaded("the request deadline passed before a pool could answer")
+        ep.in_flight += 1  # credited at once, so a burst spreads over pools
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
@@ -115,74 +164,16 @@ class Forwarder:
                     return resp, first
             except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
                 raise _Retry(type(e).__name__) from None
-        except _Retry:
-            pool.record_failure()
-            self.m.attempts.labels(ep.pool_id, "error").inc()
+        except BaseException as e:
+            ep.in_flight -= 1
             if resp is not None:
                 resp.close()
+            if isinstance(e, _Retry):
+                pool.record_failure()
+                self.m.attempts.labels(ep.pool_id, "error").inc()
             raise
-
-    async def _attempt(self, request: web.Request, call: Call, pool: Pool) -> web.StreamResponse:
-        ep = pool.endpoint
-        ep.in_flight += 1
-        try:
-            resp, first = await self._open(call, pool)
-            try:
-                self.m.ttft.labels(ep.pool_id).observe(time.monotonic() - call.arrival)
-                if resp.status >= 400:  # the pool refused the request itself: relay, no retry
-                    pool.record_success()
-                    self.m.attempts.labels(ep.pool_id, "client_error").inc()
-                    return web.Response(body=first, status=resp.status, content_type="application/json")
-                if not call.stream:
-                    pool.record_success()
-                    self.m.attempts.labels(ep.pool_id, "ok").inc()
-                    self.m.e2e.labels(ep.pool_id).observe(time.monotonic() - call.arrival)
-                    return web.Response(body=first, status=200, content_type="application/json")
-                return await self._relay(request, call, pool, resp, first)
-            finally:
-                # Normally a no-op (fully read). When the client went away mid-stream, closing the
-                # connection tells the pool to abort the request and free its KV blocks.
-                resp.close()
-        finally:
-            ep.in_flight -= 1
-
-    async def _relay(self, request: web.Request, call: Call, pool: Pool, resp: aiohttp.ClientResponse,
-                     first: bytes) -> web.StreamResponse:
-        ep = pool.endpoint
-        out = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await out.prepare(request)
-        await out.write(first)
-        last = time.monotonic()
-        outcome = "ok"
-        try:
-            async with asyncio.timeout_at(_loop_time(call.deadline)):
-                while True:
-                    chunk = await resp.content.readany()
-                    if not chunk:
-                        break
-                    now = time.monotonic()
-                    self.m.itl.labels(ep.pool_id).observe(now - last)
-                    last = now
-                    await out.write(chunk)
-        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
-            if isinstance(e, ConnectionResetError) and request.transport is None:
-                raise  # the client went away: nothing to tell it
-            outcome = "broken_stream"
-            pool.record_failure()
-            msg = ("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
-                   else "the pool failed mid-stream; the response is incomplete")
-            err = InternalError(msg).body()
-            err["error"]["type"] = "upstream_error"
-            await out.write(b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n")
-        else:
-            pool.record_success()
-        self.m.attempts.labels(ep.pool_id, outcome).inc()
-        self.m.e2e.labels(ep.pool_id).observe(time.monotonic() - call.arrival)
-        await out.write_eof()
-        return out
 
 
 def _loop_time(deadline_monotonic: float) -> float:
     """asyncio.timeout_at wants the loop's clock; convert from time.monotonic()."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (deadline_monotonic - time.monotonic())
+    return asyncio.get_running_loop().time() + (deadline_monotonic - time.monotonic())
