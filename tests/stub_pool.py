@@ -101,3 +101,27 @@ class StubPool:
             self.cancelled += 1
             raise
         return resp
+
+
+def main() -> None:
+    """Run a stub pool as its own process: python -m tests.stub_pool --port P [--tokens N] [--delay-s D]."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--tokens", type=int, default=5)
+    p.add_argument("--delay-s", type=float, default=0.0)
+    args = p.parse_args()
+
+    async def run() -> None:
+        stub = StubPool("stub", args.tokens)
+        stub.delay_s = args.delay_s
+        await stub.start(args.port)
+        print(f"listening http=127.0.0.1:{stub.port}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
