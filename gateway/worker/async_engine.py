@@ -110,7 +110,11 @@ class AsyncEngine:
             return
         while True:
             if cmd == "add":
-                self.engine.add_request(arg)  # type: ignore[arg-type]
+                try:
+                    self.engine.add_request(arg)  # type: ignore[arg-type]
+                except ValueError as e:  # the server checks lengths first; this is the backstop
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(self._dispatch_error, [arg.request_id], e)  # type: ignore[attr-defined]
             elif cmd == "abort":
                 self.engine.abort_request(arg)  # type: ignore[arg-type]
             try:
@@ -123,7 +127,8 @@ class AsyncEngine:
         for rid in ids:
             self.engine.abort_request(rid)
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dispatch_error, ids, err)
+            dead = EngineDeadError(f"engine step failed: {type(err).__name__}")
+            self._loop.call_soon_threadsafe(self._dispatch_error, ids, dead)
 
     # -- event loop side --------------------------------------------------------------------
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
@@ -136,4 +141,4 @@ class AsyncEngine:
         for rid in ids:
             q = self._streams.get(rid)
             if q is not None:
-                q.put_nowait(EngineDeadError(f"engine step failed: {type(err).__name__}"))
+                q.put_nowait(err)

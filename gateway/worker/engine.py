@@ -54,6 +54,7 @@ def model_folder(cfg: ModelConfig) -> Path:
 
 class Engine:
     def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, runner: Runner | None = None):
+        cfg.validate("engine")
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
         folder = model_folder(model_cfg)
@@ -73,6 +74,10 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
+        """Queue a request. Raises ValueError for a prompt that cannot fit the context: since the
+        KV cache holds one max_model_len sequence (EngineConfig.validate), every request can run."""
+        if not 0 < req.num_prompt_tokens < self.cfg.max_model_len:
+            raise ValueError(f"prompt of {req.num_prompt_tokens} tokens; the context is {self.cfg.max_model_len}")
         if req.eos_token_id is None:
             req.eos_token_id = self.tokenizer.eos_token_id
         self.detoks[req.request_id] = Detokenizer(self.tokenizer, req.params.stop)
@@ -118,9 +123,12 @@ class Engine:
         token = req.output_token_ids[-1]
         is_stop_token = req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason == token
         text = "" if is_stop_token else detok.add([token])
-        if detok.stopped_by is not None and not req.finished:
+        if detok.stopped_by is not None and req.status != RequestStatus.FINISHED_STOPPED:
             req.stop_reason = detok.stopped_by
-            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            if req.finished:  # max_tokens hit by the very token that completed the stop string
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         if req.finished:
             req.finish_s = now
             if detok.stopped_by is None:

@@ -110,12 +110,15 @@ class BlockManager:
             return
         self._update_hashes(request, request.num_computed_tokens)
         full = request.num_computed_tokens // self.block_size
-        for i in range(full):
+        for i in range(request.num_registered_blocks, full):
             b = request.block_ids[i]
             if self.block_hash[b] is None:
                 h = request.block_hashes[i]
-                self.block_hash[b] = h
-                self.hash_to_block.setdefault(h, b)
+                # Two requests may compute the same block in one step: only one copy is cached;
+                # the other stays unhashed so it is evicted first when freed.
+                if self.hash_to_block.setdefault(h, b) == b:
+                    self.block_hash[b] = h
+        request.num_registered_blocks = max(full, request.num_registered_blocks)
 
     def free_request(self, request: Request) -> None:
         # Free tail blocks first so they are evicted before the prefix blocks others may share.
@@ -127,6 +130,7 @@ class BlockManager:
                 if self.block_hash[b] is None:  # nothing to reuse: evict it first
                     self.free.move_to_end(b, last=False)
         request.block_ids.clear()
+        request.num_registered_blocks = 0
 
     def hot_prefix_hashes(self, max_count: int) -> list[int]:
         """Hashes of cached blocks, most recently used first (for the load report)."""

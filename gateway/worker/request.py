@@ -54,6 +54,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full token blocks
+    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     arrival_s: float = field(default_factory=time.monotonic)

@@ -34,10 +34,9 @@ class TorchRunner:
         with torch.device("meta"):
             model = LlamaForCausalLM(mc)
         model = model.to_empty(device="cpu")
-        model.cos_sin.copy_(_cos_sin(mc))
         load_weights(model, folder)
         self.model = model.to(self.device, self.dtype).eval()
-        self.model.cos_sin = self.model.cos_sin.float()  # rotary tables stay fp32
+        self.model.cos_sin = _cos_sin(mc).to(self.device)  # rotary tables stay fp32
         shape = (2, cfg.num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
         # (2, num_blocks, block_size, KVH, D) per layer
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]

@@ -77,13 +77,22 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        # Decodes first, then unfinished prefills, each in priority order: a decode never waits
+        # behind a prefill chunk, whatever the classes.
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for req in decodes + prefills:
+            if budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:  # preempted earlier in this step
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            assert n > 0
             while not self.kv.allocate_slots(req, n):
-                victim = self.running[-1]  # lowest priority, latest arrival; not yet scheduled
+                victim = self.running[-1]  # lowest priority, latest arrival
+                if victim in out.requests:  # scheduled earlier in this step: give its tokens back
+                    i = out.requests.index(victim)
+                    out.requests.pop(i)
+                    budget += out.num_tokens.pop(i)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -92,7 +101,6 @@ class Scheduler:
                 out.requests.append(req)
                 out.num_tokens.append(n)
                 budget -= n
-                i += 1
         # After a preemption the cache is full: admitting more now would only thrash.
         while (
             not out.preempted

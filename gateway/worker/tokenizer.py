@@ -102,7 +102,13 @@ class Detokenizer:
         return self._take(len(self.text))
 
     def flush(self) -> str:
-        """At the end of a request: whatever was held back for a stop string that never came."""
+        """At the end of a request: whatever was held back (for a stop string that never came, or
+        an incomplete UTF-8 sequence, which then decodes to U+FFFD as in a whole decode)."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix):
+            self.text += full[len(prefix) :]
+            self.prefix_offset = self.read_offset = len(self.ids)
         return self._take(len(self.text))
 
     def _held_back(self) -> int:
