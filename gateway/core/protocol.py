@@ -15,14 +15,19 @@ MAX_STOP = 16
 MAX_STOP_LEN = 256
 MAX_LOGPROBS = 20
 
-# Accepted and ignored: they describe the caller or storage, not the generation.
-_NO_EFFECT = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-              "parallel_tool_calls", "modalities", "verbosity", "reasoning_effort"}
+# Accepted and ignored: they describe the caller, storage or caching, not the generation. Still
+# type-checked (null is always fine), so a malformed request is refused as OpenAI would.
+_NO_EFFECT: dict[str, type] = {
+    "user": str, "metadata": dict, "store": bool, "service_tier": str, "safety_identifier": str,
+    "prompt_cache_key": str, "prompt_cache_retention": str, "prompt_cache_options": dict,
+    "parallel_tool_calls": bool, "modalities": list, "verbosity": str, "reasoning_effort": str,
+}
 # Refused unless at their default (the value in the dict).
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "n": 1, "best_of": 1,
     "echo": False, "suffix": None, "tools": None, "tool_choice": "none", "functions": None,
     "function_call": "none", "audio": None, "prediction": None, "web_search_options": None,
+    "moderation": None,
 }
 _SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
              "stream_options", "ignore_eos", "stop_token_ids"}
@@ -55,27 +60,29 @@ class GenerationRequest:
 
 def parse_completion(body: Any) -> GenerationRequest:
     body = _check_object(body, COMPLETION_FIELDS)
-    prompt = body.get("prompt")
+    if "prompt" not in body:
+        raise BadRequest("'prompt' is a required property", param="prompt")
+    prompt = body["prompt"]
+    if prompt is None:
+        prompt = ""  # the spec's default, <|endoftext|>: generate from the start of a document
+    if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _is_token_ids(prompt[0])):
+        prompt = prompt[0]  # a batch of one: ["text"] or [[ids]], one level only
     text: str | None = None
     ids: tuple[int, ...] | None = None
     if isinstance(prompt, str):
         text = prompt
-    elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        return parse_completion({**body, "prompt": prompt[0]})
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    elif _is_token_ids(prompt):
         if any(t < 0 for t in prompt):
             raise BadRequest("'prompt' token ids must be non-negative", param="prompt")
         ids = tuple(prompt)
-    elif prompt is None:
-        raise BadRequest("'prompt' is a required property", param="prompt")
-    elif isinstance(prompt, list) and len(prompt) > 1:
+    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
         raise BadRequest("only one prompt per request is supported", param="prompt")
     else:
         raise BadRequest("'prompt' must be a string or a list of token ids", param="prompt")
     lp = body.get("logprobs")
     if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
         raise BadRequest(f"'logprobs' must be an integer between 0 and {MAX_LOGPROBS}", param="logprobs")
-    return _common(body, "completion", text, ids, None, body.get("max_tokens", 16), lp)
+    return _common(body, "completion", text, ids, None, body.get("max_tokens", 16), lp, "max_tokens")
 
 
 def parse_chat(body: Any) -> GenerationRequest:
@@ -94,18 +101,23 @@ def parse_chat(body: Any) -> GenerationRequest:
             raise BadRequest(f"'top_logprobs' must be an integer between 0 and {MAX_LOGPROBS}", param="top_logprobs")
     elif body.get("top_logprobs") is not None:
         raise BadRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return _common(body, "chat", None, None, messages, max_tokens, lp)
+    # max_tokens is the deprecated name; a null max_completion_tokens leaves it in force.
+    mt_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return _common(body, "chat", None, None, messages, body.get(mt_key), lp, mt_key)
 
 
 def _check_object(body: Any, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     for key, value in body.items():
-        if key in allowed or key in _NO_EFFECT:
+        if key in allowed:
+            continue
+        if key in _NO_EFFECT:
+            if value is not None and not isinstance(value, _NO_EFFECT[key]):
+                raise BadRequest(f"'{key}' must be of type {_NO_EFFECT[key].__name__}", param=key)
             continue
         if key in _UNSUPPORTED_DEFAULTS:
-            if value is None or value == _UNSUPPORTED_DEFAULTS[key] or (key == "tools" and value == []):
+            if value is None or _is_default(value, _UNSUPPORTED_DEFAULTS[key]) or (key == "tools" and value == []):
                 continue
             raise BadRequest(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
         raise BadRequest(f"Unrecognized request argument supplied: {key}", param=key)
@@ -138,9 +150,10 @@ def _message(m: Any, i: int) -> dict[str, str]:
 
 
 def _common(body: dict[str, Any], kind: str, prompt: str | None, ids: tuple[int, ...] | None,
-            messages: tuple[dict[str, str], ...] | None, max_tokens: Any, logprobs: int | None) -> GenerationRequest:
+            messages: tuple[dict[str, str], ...] | None, max_tokens: Any, logprobs: int | None,
+            max_tokens_key: str) -> GenerationRequest:
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-        raise BadRequest("'max_tokens' must be a positive integer", param="max_tokens")
+        raise BadRequest(f"'{max_tokens_key}' must be a positive integer", param=max_tokens_key)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p <= 0.0:
@@ -166,7 +179,8 @@ def _common(body: dict[str, Any], kind: str, prompt: str | None, ids: tuple[int,
     if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
         raise BadRequest("'stop_token_ids' must be an array of token ids", param="stop_token_ids")
     so = body.get("stream_options")
-    if so is not None and (not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool)):
+    if so is not None and (not isinstance(so, dict) or not all(
+            isinstance(so.get(k, False), bool) for k in ("include_usage", "include_obfuscation"))):
         raise BadRequest("'stream_options' must be an object like {'include_usage': true}", param="stream_options")
     stream = _opt(body, "stream", bool, False)
     if so is not None and not stream:
@@ -182,6 +196,15 @@ def _common(body: dict[str, Any], kind: str, prompt: str | None, ids: tuple[int,
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_token_ids(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(_is_int(t) for t in v)
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """value == default without Python's True == 1 and 0 == False: `n: true` is not `n: 1`."""
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
 def _opt(body: dict[str, Any], key: str, tp: type, default: Any) -> Any:

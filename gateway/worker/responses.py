@@ -29,8 +29,9 @@ class ResponseBuilder:
         self.tok = tokenizer
 
     def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+        # No system_fingerprint: the spec types it as a string (never null), and there is no backend
+        # fingerprint to give; leaving it out is what the spec allows.
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     # -- whole responses --------------------------------------------------------------------
     def full(self, text: str, finish_reason: str | None, token_ids: list[int], logprobs: LogProbs | None,
@@ -67,7 +68,9 @@ class ResponseBuilder:
                       "finish_reason": finish_reason}
             body = self._head("text_completion")
         body["choices"] = [choice]
-        if include_usage:
+        if include_usage and self.kind == "chat":
+            # The chat chunk schema has `usage: null` until the usage chunk; the completion schema's
+            # usage is not nullable, so completion chunks carry none until then.
             body["usage"] = None
         return body
 

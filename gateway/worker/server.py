@@ -190,15 +190,20 @@ class WorkerServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         last: RequestOutput | None = None
+        ids: list[int] = []  # tokens not sent yet (their text is held back, e.g. a partial UTF-8 char)
+        lps: list[Any] = []
         try:
             async with contextlib.aclosing(outputs), asyncio.timeout(self.cfg.request_timeout_s):
                 async for out in outputs:
                     tracker.token(out)
+                    ids.extend(out.token_ids)
+                    lps.extend(out.logprobs)
                     if out.text or out.finished or last is None:
-                        chunk = builder.chunk(out.text, out.finish_reason, out.token_ids,
-                                              out.logprobs if g.logprobs is not None else None,
+                        chunk = builder.chunk(out.text, out.finish_reason, ids,
+                                              lps if g.logprobs is not None else None,
                                               g.include_usage, first=last is None)
                         await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                        ids, lps = [], []
                     last = out
             if g.include_usage and last is not None:
                 use = usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)

@@ -102,6 +102,21 @@ def test_sse_wire_format(url):
     assert all(p["object"] == "text_completion" for p in payloads)
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ships"}], "logprobs": True}),
+    ("/v1/completions", {"prompt": "The keeper", "logprobs": 0}),
+])
+def test_stream_logprobs_cover_every_token(url, path, body):
+    """A token whose text is held back (a partial UTF-8 character) sends no chunk of its own; its
+    logprobs ride on the next chunk instead of being dropped."""
+    body = {"model": MODEL, "max_tokens": 32, "temperature": 0, "ignore_eos": True, "stream": True, **body}
+    with httpx.stream("POST", url + path, json=body, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    lps = [e["choices"][0]["logprobs"] for e in events]
+    n = sum(len(lp["content"]) if "content" in lp else len(lp["tokens"]) for lp in lps)
+    assert n == 32
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
