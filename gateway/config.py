@@ -6,6 +6,7 @@ Components receive only their own section.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,6 +120,76 @@ class LimitsConfig:
     max_prompt_chars: int = 1_000_000
     deadline_s: float = 600.0  # default request deadline; x-meshgate-deadline-ms may shorten it
     max_in_flight: int = 4096  # beyond this the gateway sheds with 503
+    # Past this share of max_in_flight, on-demand requests are shed (503) so contracted ones still get in.
+    shed_on_demand_at: float = 0.8
+
+    def validate(self, path: str) -> None:
+        if not 0 < self.shed_on_demand_at <= 1:
+            raise ConfigError(f"{path}.shed_on_demand_at: must be in (0, 1], got {self.shed_on_demand_at}")
+
+
+PRIORITY_CLASSES = ("contracted", "on-demand")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyConfig:
+    """One API key, stored as the hex SHA-256 of the key (`meshgate hash-key`), never in clear."""
+
+    id: str  # the name metrics and the usage log show
+    sha256: str
+    priority: str = "on-demand"  # contracted | on-demand (sent to pools in x-meshgate-priority)
+    models: tuple[str, ...] = ()  # models the key may use; empty: all
+    requests_per_min: int = 0  # 0: unlimited
+    tokens_per_min: int = 0  # prompt + completion (estimated at admission, settled at the end); 0: unlimited
+    max_concurrent: int = 0  # 0: unlimited
+
+    def validate(self, path: str) -> None:
+        if not self.id:
+            raise ConfigError(f"{path}.id: must not be empty")
+        if not _SHA256_HEX.fullmatch(self.sha256):
+            raise ConfigError(f"{path}.sha256: expected 64 hex digits (the SHA-256 of the key; see `meshgate hash-key`)")
+        if self.priority not in PRIORITY_CLASSES:
+            raise ConfigError(f"{path}.priority: expected contracted or on-demand, got {self.priority!r}")
+        for name in ("requests_per_min", "tokens_per_min", "max_concurrent"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{path}.{name}: must be 0 (unlimited) or positive")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    enabled: bool = False  # off only for the embedded default (loopback); every shared gateway turns it on
+    keys: tuple[ApiKeyConfig, ...] = ()  # after loading, also holds the entries of keys_file
+    keys_file: str | None = None  # YAML/JSON list of key entries (or {keys: [...]}), relative to the config file
+
+    def validate(self, path: str) -> None:
+        if self.enabled and not self.keys:
+            raise ConfigError(f"{path}: enabled, but no keys (set keys or keys_file)")
+        for i, k in enumerate(self.keys):
+            k.validate(f"{path}.keys[{i}]")
+        for what in ("id", "sha256"):
+            seen = [getattr(k, what).lower() for k in self.keys]
+            dup = sorted({v for v in seen if seen.count(v) > 1})
+            if dup:
+                raise ConfigError(f"{path}.keys: duplicate {what} {dup[0] if what == 'id' else dup[0][:12] + '...'}")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageLogConfig:
+    """The durable usage log: one JSON line per request, appended, fsync'd in batches, rotated by size."""
+
+    path: str | None = None  # None: no log (the Prometheus counters still count)
+    flush_every_s: float = 1.0  # a crash loses at most this much
+    max_bytes: int = 64 * 1024 * 1024  # rotate to path.1, path.2, ... past this size
+    keep: int = 10  # rotated files kept
+
+    def validate(self, path: str) -> None:
+        if self.flush_every_s <= 0:
+            raise ConfigError(f"{path}.flush_every_s: must be positive")
+        if self.max_bytes <= 0:
+            raise ConfigError(f"{path}.max_bytes: must be positive")
+        if self.keep < 0:
+            raise ConfigError(f"{path}.keep: must be 0 or positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +202,8 @@ class GatewayConfig:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    usage_log: UsageLogConfig = field(default_factory=UsageLogConfig)
     drain_timeout_s: float = 30.0
 
 
@@ -157,11 +230,16 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    return config_from_dict(data)
+    return config_from_dict(data, Path(path).parent)
 
 
-def config_from_dict(data: Any) -> Config:
+def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
+    """base_dir: where relative file paths in the config (gateway.auth.keys_file) start; default the cwd."""
     cfg = _build(Config, data, "")
+    cfg = _with_key_file(cfg, base_dir or Path.cwd())
+    cfg.gateway.limits.validate("gateway.limits")
+    cfg.gateway.auth.validate("gateway.auth")
+    cfg.gateway.usage_log.validate("gateway.usage_log")
     for i, p in enumerate(cfg.pools):
         p.engine.validate(f"pools[{i}].engine")
     for i, p in enumerate(cfg.pools):
@@ -173,6 +251,29 @@ def config_from_dict(data: Any) -> Config:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"pools: duplicate ids in {ids}")
     return cfg
+
+
+def _with_key_file(cfg: Config, base_dir: Path) -> Config:
+    """Read gateway.auth.keys_file here (this module is the only file reader) and merge its entries."""
+    auth = cfg.gateway.auth
+    if auth.keys_file is None:
+        return cfg
+    file = base_dir / Path(auth.keys_file).expanduser()
+    try:
+        data = yaml.safe_load(file.read_text())  # JSON is YAML too
+    except OSError as e:
+        raise ConfigError(f"gateway.auth.keys_file: cannot read {file}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"gateway.auth.keys_file: {file}: invalid YAML/JSON: {e}") from None
+    if isinstance(data, dict) and set(data) == {"keys"}:
+        data = data["keys"]
+    if not isinstance(data, list):
+        raise ConfigError(f"gateway.auth.keys_file: {file}: expected a list of key entries (or {{keys: [...]}})")
+    extra = tuple(_build(ApiKeyConfig, entry, f"gateway.auth.keys_file[{i}]") for i, entry in enumerate(data))
+    for i, k in enumerate(extra):
+        k.validate(f"gateway.auth.keys_file[{i}]")  # here, so errors name the file's index, not the merged one
+    auth = dataclasses.replace(auth, keys=auth.keys + extra)
+    return dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, auth=auth))
 
 
 def _build(cls: type, data: Any, path: str) -> Any:

@@ -2,6 +2,8 @@
 
 mode: "ok" | "error" (HTTP 500) | "stall" (never answers) | "drop" (streams some tokens then cuts
 the connection) | "slow" (each token after delay_s).
+Like OpenAI, a stream with `stream_options.include_usage` carries `"usage": null` in every chunk
+and ends with a usage-only chunk. Received headers and bodies are kept for assertions.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class StubPool:
         self.delay_s = 0.0
         self.requests = 0
         self.cancelled = 0
+        self.received: list[tuple[dict[str, str], dict]] = []  # (headers, body) of each generation request
         self.load = LoadReport()
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -59,6 +62,7 @@ class StubPool:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         body = await request.json()
+        self.received.append((dict(request.headers), body))
         if self.mode == "error":
             return web.json_response({"error": {"message": "boom", "type": "x", "param": None, "code": None}},
                                      status=500)
@@ -80,6 +84,7 @@ class StubPool:
                 "model": body["model"], "choices": [choice],
                 "usage": {"prompt_tokens": 1, "completion_tokens": self.num_tokens, "total_tokens": 1 + self.num_tokens},
                 "served_by": self.name}), content_type="application/json", headers=headers)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
         await resp.prepare(request)
         try:
@@ -91,11 +96,18 @@ class StubPool:
                           else {"index": 0, "text": f"t{i} ", "logprobs": None, "finish_reason": None})
                 chunk = {"id": "x", "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": 0, "model": body["model"], "choices": [choice], "served_by": self.name}
+                if include_usage:
+                    chunk["usage"] = None
                 await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
                 if self.mode == "drop" and i == 1:
                     assert request.transport is not None
                     request.transport.abort()  # the pool dies mid-stream
                     return resp
+            if include_usage:
+                use = {"prompt_tokens": 1, "completion_tokens": self.num_tokens, "total_tokens": 1 + self.num_tokens}
+                await resp.write(b"data: " + orjson.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0,
+                                                           "model": body["model"], "choices": [], "usage": use})
+                                 + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
         except asyncio.CancelledError:
             self.cancelled += 1

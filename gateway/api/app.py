@@ -1,6 +1,11 @@
-"""The edge gateway's HTTP front: OpenAI routes, limits, health, metrics (aiohttp on uvloop)."""
+"""The edge gateway's HTTP front: OpenAI routes, limits, health, metrics (aiohttp on uvloop).
+
+GatewayServer.prepare is shared with the gRPC front: it authenticates, checks limits, admits the
+request against its key's rate limits and attaches the metering hook that Call.finish runs.
+"""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
@@ -13,7 +18,9 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gateway.api.auth import PRIORITIES, PRIORITY_HEADER, Admission, Principal
 from gateway.api.forward import Call, Forwarder, StreamBroken, Upstream
+from gateway.api.metering import Metering, estimate_prompt_tokens
 from gateway.api.metrics import GatewayMetrics
 from gateway.config import Config
 from gateway.core.errors import BadRequest, InternalError, NotFound, Overloaded, PayloadTooLarge
@@ -26,7 +33,6 @@ from gateway.routing.plugins import build_profile
 log = logging.getLogger("meshgate.gateway")
 
 DEADLINE_HEADER = "x-meshgate-deadline-ms"
-PRIORITY_HEADER = "x-meshgate-priority"
 ROUTE_HEADER = "x-meshgate-route"
 # What the gateway learns of a request as it goes, for headers, logs and metrics.
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -43,7 +49,11 @@ class GatewayServer:
         self.metrics = GatewayMetrics(self.upstreams, lambda: self.in_flight)
         self.forwarder = Forwarder(self.upstreams, build_profile(self.cfg.routing), self.metrics,
                                    self.cfg.upstream.max_attempts, self.cfg.upstream.first_byte_timeout_s)
+        self.admission = Admission(self.cfg.auth, self.cfg.limits, self.metrics)
+        self.metering = Metering(self.cfg.usage_log, self.metrics)
         self.created = int(time.time())
+        if not self.cfg.auth.enabled and not _is_loopback(self.cfg.host):
+            log.warning("gateway.auth is off while listening on %s: anyone who reaches it may use it", self.cfg.host)
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.limits.max_body_bytes,
@@ -61,10 +71,12 @@ class GatewayServer:
         return app
 
     async def _start(self, app: web.Application) -> None:
+        await self.metering.start()  # first: a usage log it cannot open stops the start before probes run
         await self.upstreams.start()
 
     async def _stop(self, app: web.Application) -> None:
         await self.upstreams.close()
+        await self.metering.close()  # last: requests ended by the shutdown are logged too
 
     def _count(self, request: web.Request, status: int) -> None:
         self.metrics.requests.labels(request.path, str(status), request.get(POOL, "")).inc()
@@ -91,11 +103,14 @@ class GatewayServer:
         return {"id": model, "object": "model", "created": self.created, "owned_by": "meshgate"}
 
     async def models(self, request: web.Request) -> web.Response:
-        return json_response({"object": "list", "data": [self._card(m) for m in self.upstreams.models()]})
+        who = self.admission.authenticate(request.headers)
+        return json_response({"object": "list", "data": [
+            self._card(m) for m in self.upstreams.models() if who is None or who.may_use(m)]})
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name not in self.upstreams.models():
+        if name not in self.upstreams.models() or not self.admission.may_use(
+                self.admission.authenticate(request.headers), name):
             raise NotFound(f"The model '{name}' does not exist", param="model", code="model_not_found")
         return json_response(self._card(name))
 
@@ -108,8 +123,10 @@ class GatewayServer:
 
     async def _generate(self, request: web.Request, path: str, parse) -> web.StreamResponse:  # type: ignore[no-untyped-def]
         arrival = time.monotonic()
+        # Before parsing: a caller without a key learns nothing, not even whether its body is valid.
+        principal = self.admission.authenticate(request.headers)
         body = await request.read()
-        call = self.prepare(path, body, parse(await read_json(request)), request.headers, arrival)
+        call = self.prepare(path, body, parse(await read_json(request)), request.headers, arrival, principal)
         request[REQUEST_ID] = call.request_id
         self.in_flight += 1
         try:
@@ -124,8 +141,13 @@ class GatewayServer:
             self.in_flight -= 1
 
     def prepare(self, path: str, body: bytes, g: GenerationRequest, headers: Mapping[str, str],
-                arrival: float) -> Call:
-        """Check a parsed request against this gateway's limits and build its Call (both fronts)."""
+                arrival: float, principal: Principal | None = None) -> Call:
+        """Check a parsed request against this gateway's limits and its caller's key, admit it, and
+        build its Call (both fronts). principal: when the front authenticated already; else the
+        Authorization header in `headers` is checked here. The Call must end in Call.finish (which
+        Forwarder.open and Upstream.close do)."""
+        if principal is None:
+            principal = self.admission.authenticate(headers)
         limits = self.cfg.limits
         if g.max_tokens is not None and g.max_tokens > limits.max_tokens:
             raise BadRequest(f"'max_tokens' is at most {limits.max_tokens} here", param="max_tokens")
@@ -133,19 +155,27 @@ class GatewayServer:
         if prompt_chars > limits.max_prompt_chars:
             raise PayloadTooLarge(f"the prompt is longer than {limits.max_prompt_chars} characters",
                                   param="messages" if g.messages else "prompt")
-        if g.model not in self.upstreams.models():
+        # A model the key may not use looks like one that does not exist (as OpenAI answers).
+        if g.model not in self.upstreams.models() or not self.admission.may_use(principal, g.model):
             raise NotFound(f"The model '{g.model}' does not exist", param="model", code="model_not_found")
         if self.in_flight >= limits.max_in_flight:
             raise Overloaded("the gateway is at its in-flight limit; retry later", retry_after_s=1)
+        deadline = arrival + self._deadline_s(headers)
         client_rid = headers.get("x-request-id", "")
         rid = client_rid if _REQUEST_ID.match(client_rid) else uuid.uuid4().hex
+        # Last of the checks: admission takes from the key's buckets, which only Call.finish gives back.
+        # Without max_tokens a request may run to the model's context; the gateway's cap stands in for it.
+        prompt_est = estimate_prompt_tokens(g, prompt_chars)
+        ticket = self.admission.admit(principal, headers, self.in_flight,
+                                      prompt_est + (g.max_tokens or limits.max_tokens))
         up_headers = {"Content-Type": "application/json", "x-request-id": rid}
-        if PRIORITY_HEADER in headers:
-            up_headers[PRIORITY_HEADER] = headers[PRIORITY_HEADER]
-        return Call(path=path, body=body, stream=g.stream,
-                    route=RouteRequest(model=g.model, prompt_chars=prompt_chars, max_tokens=g.max_tokens),
-                    headers=up_headers, request_id=rid, arrival=arrival,
-                    deadline=arrival + self._deadline_s(headers))
+        if ticket.priority is not None:
+            up_headers[PRIORITY_HEADER] = ticket.priority  # the key's class, whatever the client sent
+        up_body, meter = self.metering.track(ticket, g, body, rid, prompt_est)
+        route = RouteRequest(model=g.model, prompt_chars=prompt_chars, max_tokens=g.max_tokens,
+                             priority=PRIORITIES.get(ticket.priority or "", 0))
+        return Call(path=path, body=up_body, stream=g.stream, route=route, headers=up_headers, request_id=rid,
+                    arrival=arrival, deadline=deadline, principal=principal, priority=ticket.priority, meter=meter)
 
     def _deadline_s(self, headers: Mapping[str, str]) -> float:
         deadline = self.cfg.limits.deadline_s
@@ -159,6 +189,13 @@ class GatewayServer:
                 raise BadRequest(f"'{DEADLINE_HEADER}' must be positive")
             deadline = min(deadline, ms / 1000)
         return deadline
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def _relay(request: web.Request, up: Upstream) -> web.StreamResponse:

@@ -6,6 +6,9 @@ failure or timeout is retried on the next pool of the routing decision (bounded 
 the request deadline). The HTTP front relays the pool's bytes as they come; the gRPC front
 re-frames them. A failure after the first token raises StreamBroken so the front can end the
 stream with an error, never a hang.
+
+Every request that prepare() admitted ends in exactly one `Call.finish` (from Upstream.close, or
+from open() when no pool answered): that is where per-key limits are settled and usage metered.
 """
 from __future__ import annotations
 
@@ -13,10 +16,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 
+from gateway.api.auth import Principal
 from gateway.api.metrics import GatewayMetrics
 from gateway.core.errors import APIError, Overloaded
 from gateway.core.types import RouteRequest
@@ -35,6 +40,16 @@ class StreamBroken(Exception):
     """The pool failed, or the deadline passed, after the first token reached the client."""
 
 
+class Meter(Protocol):
+    """Watches a request's stream and hears, once, how it ended (gateway.api.metering.RequestMeter)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...  # pool bytes in, bytes for the client out
+
+    def tail(self) -> bytes: ...  # at the stream's end: what feed() still held
+
+    def finish(self, call: Call, up: Upstream | None) -> None: ...
+
+
 @dataclass(slots=True)
 class Call:
     """One client request on its way through the gateway."""
@@ -47,6 +62,20 @@ class Call:
     request_id: str
     arrival: float
     deadline: float  # monotonic
+    principal: Principal | None = None  # the API key's holder; None when auth is off
+    priority: str | None = None  # the class the pool is told (x-meshgate-priority)
+    meter: Meter | None = field(default=None, repr=False)
+
+    def finish(self, up: Upstream | None) -> None:
+        """The request is over: settle its key's limits and meter it. Idempotent; a front that
+        prepared a Call but never opened it must call finish(None)."""
+        meter, self.meter = self.meter, None
+        if meter is None:
+            return
+        try:
+            meter.finish(self, up)
+        except Exception:  # metering must never turn a served request into a failure
+            log.exception("request %s: metering failed", self.request_id)
 
 
 class _Retry(Exception):
@@ -75,7 +104,10 @@ class Upstream:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, first bytes included. Raises StreamBroken mid-stream."""
-        yield self.first
+        meter = self.call.meter if self.call.stream and self.status < 400 else None
+        first = meter.feed(self.first) if meter is not None else self.first
+        if first:
+            yield first
         if not self.call.stream:
             return
         itl = self.fwd.m.itl.labels(self.pool_id)
@@ -86,7 +118,11 @@ class Upstream:
                     now = time.monotonic()
                     itl.observe(now - last)
                     last = now
+                    if meter is not None and not (chunk := meter.feed(chunk)):
+                        continue  # no whole event yet, or only one the client did not ask for
                     yield chunk
+            if meter is not None and (rest := meter.tail()):
+                yield rest
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
             self.outcome = "broken_stream"
             self.pool.record_failure()
@@ -106,6 +142,7 @@ class Upstream:
         m = self.fwd.m
         m.attempts.labels(self.pool_id, self.outcome).inc()
         m.e2e.labels(self.pool_id).observe(time.monotonic() - self.call.arrival)
+        self.call.finish(self)
 
 
 class Forwarder:
@@ -118,6 +155,13 @@ class Forwarder:
         self.first_byte_timeout_s = first_byte_timeout_s
 
     async def open(self, call: Call) -> Upstream:
+        try:
+            return await self._open(call)
+        except BaseException:
+            call.finish(None)  # no pool answered: no Upstream.close will come
+            raise
+
+    async def _open(self, call: Call) -> Upstream:
         t0 = time.perf_counter()
         for pool in self.up.pools.values():
             pool.refresh_breaker()

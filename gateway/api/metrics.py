@@ -30,6 +30,16 @@ class GatewayMetrics:
                              ["pool"], buckets=_LATENCY, registry=r)
         self.routing = Histogram("meshgate_routing_decision_seconds", "Time to pick a pool.",
                                  buckets=_ROUTING, registry=r)
+        # Metering (per API key; key="" when auth is off). Key ids come from config, so the label set is bounded.
+        self.usage_prompt = Counter("meshgate_usage_prompt_tokens", "Prompt tokens used, by key, model and pool.",
+                                    ["key", "model", "pool"], registry=r)
+        self.usage_completion = Counter("meshgate_usage_completion_tokens",
+                                        "Completion tokens used, by key, model and pool.",
+                                        ["key", "model", "pool"], registry=r)
+        self.usage_requests = Counter("meshgate_usage_requests", "Requests metered, by key, model, pool and status "
+                                      "(complete, cut_short, error).", ["key", "model", "pool", "status"], registry=r)
+        self.rejected = Counter("meshgate_admission_rejected", "Requests refused before routing, by key and reason.",
+                                ["key", "reason"], registry=r)
         r.register(_PoolCollector(upstreams, in_flight))
 
 

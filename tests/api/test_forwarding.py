@@ -4,61 +4,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiohttp
 import pytest
-from aiohttp import web
 
-from gateway.api.app import GatewayServer
-from gateway.config import config_from_dict
-from tests.servers import free_port
-from tests.stub_pool import StubPool
-
-MODEL = "stub-model"
-
-
-class Harness:
-    def __init__(self) -> None:
-        self.stubs: dict[str, StubPool] = {}
-        self.runner: web.AppRunner | None = None
-        self.server: GatewayServer | None = None
-        self.url = ""
-        self.session: aiohttp.ClientSession | None = None
-
-    async def start(self, names: list[str], routing: str = "round-robin", **gateway: object) -> None:
-        pools = []
-        for n in names:
-            stub = StubPool(n)
-            url = await stub.start()
-            self.stubs[n] = stub
-            pools.append({"id": n, "url": url, "models": [MODEL]})
-        port = free_port()
-        gw = {"port": port, "routing": routing,
-              "probe": {"period_s": 0.1, "timeout_s": 0.2, "down_after": 2, "up_after": 1},
-              "upstream": {"first_byte_timeout_s": 0.5, "breaker_failures": 3, "breaker_cooldown_s": 0.5}}
-        for k, v in gateway.items():
-            gw[k] = {**gw[k], **v} if isinstance(v, dict) and k in gw else v  # type: ignore[dict-item]
-        self.server = GatewayServer(config_from_dict({"gateway": gw, "pools": pools}))
-        self.runner = web.AppRunner(self.server.make_app(), handler_cancellation=True)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{port}"
-        self.session = aiohttp.ClientSession()
-
-    async def stop(self) -> None:
-        if self.session:
-            await self.session.close()
-        if self.runner:
-            await self.runner.cleanup()
-        for s in self.stubs.values():
-            await s.stop()
-
-    async def post(self, body: dict, path: str = "/v1/chat/completions", **kw) -> tuple[int, dict | list]:
-        assert self.session is not None
-        async with self.session.post(self.url + path, json=body, **kw) as r:
-            raw = await r.read()
-            if r.headers.get("Content-Type", "").startswith("text/event-stream"):
-                return r.status, [e for e in raw.decode().split("\n\n") if e]
-            return r.status, json.loads(raw)
+from tests.api.harness import MODEL, Harness, chat
 
 
 @pytest.fixture
@@ -66,10 +14,6 @@ async def h():
     harness = Harness()
     yield harness
     await harness.stop()
-
-
-def chat(stream: bool = False) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": stream}
 
 
 async def test_relays_whole_and_streamed_answers(h):

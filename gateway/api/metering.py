@@ -1,0 +1,218 @@
+"""Usage metering: each request's prompt and completion tokens, counted once, when it ends.
+
+For streams the gateway asks the pool for `stream_options.include_usage` (and removes the usage
+chunk again when the client did not ask for it), so a complete stream is metered with the pool's
+own count. A stream cut short (by the client or the pool) never gets that chunk: it is metered with
+what passed so far: one completion token per content chunk (pools send a chunk per decode step) and
+the prompt estimate (chars/4). Non-stream answers carry `usage`.
+
+The end of a request (Call.finish, from Upstream.close or a failed Forwarder.open) settles the
+key's tokens/min bucket with the real count, counts Prometheus counters and appends one line to the
+usage log.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.api.auth import Ticket
+from gateway.api.metrics import GatewayMetrics
+from gateway.api.usage_log import UsageLog
+from gateway.config import UsageLogConfig
+from gateway.core.protocol import GenerationRequest
+
+if TYPE_CHECKING:
+    from gateway.api.forward import Call, Upstream
+
+log = logging.getLogger("meshgate.usage")
+
+# SSE events end with a blank line; pools may use any of the three line endings.
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_NULL_USAGE = re.compile(rb',"usage":null|"usage":null,')
+
+
+def estimate_prompt_tokens(g: GenerationRequest, prompt_chars: int) -> int:
+    """About 4 characters a token for text; token-id prompts are exact."""
+    return math.ceil(prompt_chars / 4) + len(g.prompt_token_ids or ())
+
+
+class Metering:
+    def __init__(self, cfg: UsageLogConfig, metrics: GatewayMetrics):
+        self.log = UsageLog(cfg)
+        self.m = metrics
+
+    async def start(self) -> None:
+        await self.log.start()
+
+    async def close(self) -> None:
+        await self.log.close()
+
+    def track(self, ticket: Ticket, g: GenerationRequest, body: bytes, request_id: str,
+              prompt_estimate: int) -> tuple[bytes, RequestMeter]:
+        """The body to send upstream, and the meter to put on the request's Call."""
+        strip = False
+        if g.stream and not g.include_usage:
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError:  # a front that sends another encoding: count chunks instead
+                obj = None
+            if isinstance(obj, dict):
+                obj["stream_options"] = {**(obj.get("stream_options") or {}), "include_usage": True}
+                body, strip = orjson.dumps(obj), True
+        return body, RequestMeter(self, ticket, g.model, request_id, prompt_estimate, strip)
+
+    def record(self, meter: RequestMeter, pool: str, status: str, prompt: int, completion: int) -> None:
+        key = meter.ticket.key_id or ""
+        if prompt:
+            self.m.usage_prompt.labels(key, meter.model, pool).inc(prompt)
+        if completion:
+            self.m.usage_completion.labels(key, meter.model, pool).inc(completion)
+        self.m.usage_requests.labels(key, meter.model, pool, status).inc()
+        self.log.append({"ts": round(time.time(), 3), "request_id": meter.request_id, "key": meter.ticket.key_id,
+                         "model": meter.model, "pool": pool or None, "prompt_tokens": prompt,
+                         "completion_tokens": completion, "status": status})
+
+
+class RequestMeter:
+    """Watches one request's stream (feed) and meters it once it ends (finish): the Call's meter."""
+
+    __slots__ = ("metering", "ticket", "model", "request_id", "prompt_estimate", "strip", "_buf", "done",
+                 "errored", "chunks", "usage")
+
+    def __init__(self, metering: Metering, ticket: Ticket, model: str, request_id: str, prompt_estimate: int,
+                 strip: bool):
+        self.metering = metering
+        self.ticket = ticket
+        self.model = model
+        self.request_id = request_id
+        self.prompt_estimate = prompt_estimate
+        self.strip = strip  # the client did not ask for usage: remove what we asked the pool for
+        self._buf = b""  # an event not yet complete
+        self.done = False  # the pool's [DONE] went by
+        self.errored = False  # the pool put an error event in the stream
+        self.chunks = 0  # content chunks seen
+        self.usage: tuple[int, int] | None = None  # (prompt, completion) from the pool's usage chunk
+
+    # -- streams ------------------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> bytes:
+        """Take bytes from the pool; return whole events to pass on (possibly fewer than came)."""
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" in buf:  # CR line ends (rare): the general parser
+            parts = _EVENT_END.split(buf)
+            self._buf = parts.pop()
+            return self._events(parts)
+        end = buf.rfind(b"\n\n") + 2
+        if end < 2:
+            self._buf = buf  # no whole event yet
+            return b""
+        self._buf = buf[end:]
+        whole = buf[:end] if self._buf else buf
+        if self.strip:
+            # Compact JSON cannot hold this byte sequence inside a string (its quotes would be escaped),
+            # so removing it from the whole read at once is safe; a leading-position field is left
+            # for the per-event path below.
+            whole = whole.replace(b',"usage":null', b"")
+        # A read may hold many events (one per decode step); only the rare ones (usage, error, the
+        # end) need a look of their own, from the first of them on.
+        rare = _first_rare(whole)
+        if rare < 0:
+            self.chunks += whole.count(b"\n\ndata:") + whole.startswith(b"data:")
+            return whole
+        start = whole.rfind(b"\n\n", 0, rare)
+        cut = start + 2 if start >= 0 else 0  # where the event holding it begins
+        head = whole[:cut]
+        self.chunks += head.count(b"\n\ndata:") + head.startswith(b"data:")
+        return head + self._events(whole[cut:].split(b"\n\n")[:-1])
+
+    def _events(self, parts: list[bytes]) -> bytes:
+        out = [kept + b"\n\n" for ev in parts if (kept := self._event(ev)) is not None]
+        return b"".join(out)
+
+    def tail(self) -> bytes:
+        """At the stream's end: bytes of an event never terminated, passed on as they are."""
+        rest, self._buf = self._buf, b""
+        return rest
+
+    def _event(self, ev: bytes) -> bytes | None:
+        """Note what one event says; return it (possibly rewritten), or None to drop it."""
+        if not ev.startswith(b"data:"):
+            return ev  # comments, keep-alives
+        if self.strip and b'"usage":null' in ev:
+            ev = _NULL_USAGE.sub(b"", ev, count=1)  # the field OpenAI adds to every chunk asked for usage
+        if b'"usage"' in ev or b'"error"' in ev:
+            return self._parse(ev, ev[5:].strip())
+        if ev[5:].strip() == b"[DONE]":
+            self.done = True
+            return ev
+        self.chunks += 1
+        return ev
+
+    def _parse(self, ev: bytes, payload: bytes) -> bytes | None:
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return ev
+        if not isinstance(obj, dict):
+            return ev
+        if "error" in obj:
+            self.errored = True
+            return ev
+        use = obj.get("usage")
+        if isinstance(use, dict):
+            self.usage = _counts(use)
+        if not self.strip:
+            if obj.get("choices"):
+                self.chunks += 1
+            return ev
+        if not obj.get("choices"):
+            return None  # the usage-only chunk the client did not ask for
+        self.chunks += 1
+        obj.pop("usage", None)
+        return b"data: " + orjson.dumps(obj)
+
+    # -- the end ------------------------------------------------------------------------------
+    def finish(self, call: Call, up: Upstream | None) -> None:
+        """Called once (Call.finish): settle the key's limits, count, log."""
+        status, prompt, completion = self._outcome(call, up)
+        self.ticket.settle(prompt + completion)
+        self.metering.record(self, up.pool_id if up is not None else "", status, prompt, completion)
+
+    def _outcome(self, call: Call, up: Upstream | None) -> tuple[str, int, int]:
+        if up is None or up.status >= 400:
+            return "error", 0, 0  # the pool did no work we bill for
+        if not call.stream:
+            use = _usage_of(up.first)
+            if use is None:
+                log.warning("request %s: pool %s answered without usage; metering an estimate",
+                            self.request_id, up.pool_id)
+                return "complete", self.prompt_estimate, 0
+            return "complete", *use
+        status = "complete" if self.done and not self.errored else "cut_short"
+        if self.usage is not None:
+            return status, *self.usage
+        return status, self.prompt_estimate, self.chunks
+
+
+def _first_rare(whole: bytes) -> int:
+    """Where the first usage object, error or [DONE] is in whole (-1: none)."""
+    found = [i for i in (whole.find(b'"usage"'), whole.find(b'"error"'), whole.find(b"[DONE]")) if i >= 0]
+    return min(found) if found else -1
+
+
+def _counts(use: dict[str, Any]) -> tuple[int, int]:
+    p, c = use.get("prompt_tokens"), use.get("completion_tokens")
+    return (p if isinstance(p, int) else 0), (c if isinstance(c, int) else 0)
+
+
+def _usage_of(body: bytes) -> tuple[int, int] | None:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    use = obj.get("usage") if isinstance(obj, dict) else None
+    return _counts(use) if isinstance(use, dict) else None
