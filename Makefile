@@ -9,7 +9,7 @@ TORCH ?= torch
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'A-Za-z0-9.\n' '_')
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.engine
+
+# The gRPC stubs are committed; regenerate them after editing the .proto (grpcio-tools is in the dev
+# extra). protoc writes `import meshgate_pb2`, which only works from that folder: make it relative.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I gateway/rpc --python_out=gateway/rpc --pyi_out=gateway/rpc \
+		--grpc_python_out=gateway/rpc gateway/rpc/meshgate.proto
+	sed -i 's/^import meshgate_pb2 as/from . import meshgate_pb2 as/' gateway/rpc/meshgate_pb2_grpc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -4,14 +4,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import getpass
 import logging
 import signal
 import sys
 from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from gateway.config import Config, ConfigError, PoolConfig, load_config
+
+if TYPE_CHECKING:
+    from gateway.rpc.server import RpcFront
 
 log = logging.getLogger("meshgate")
 
@@ -28,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--log-level", default="INFO")
     for p in (serve, worker):
         p.add_argument("--host", help="listen address (default: from the config)")
+    for p in (up, serve):
+        p.add_argument("--grpc-port", type=int, help="gRPC port (default: from the config; none: gRPC off)")
     worker.add_argument("--pool", help="pool id in the config (default: the first pool)")
+    sub.add_parser("hash-key", help="print the sha256 of an API key read from stdin (for gateway.auth keys)")
     args = parser.parse_args(argv)
+    if args.command == "hash-key":
+        return _hash_key()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         cfg = load_config(args.config)
@@ -38,13 +48,32 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_worker(pool, args.host or pool.host, args.port or pool.port))
         gw = cfg.gateway
         cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(gw, host=getattr(args, "host", None) or gw.host,
-                                                                   port=args.port or gw.port))
+                                                                   port=args.port or gw.port,
+                                                                   grpc_port=_given(args.grpc_port, gw.grpc_port)))
         if args.command == "serve":
             return _run(_serve(cfg))
         return _run(_up(cfg, args.config, args.log_level))
     except ConfigError as e:
         print(f"meshgate: config error: {e}", file=sys.stderr)
         return 2
+
+
+def _given(value: int | None, default: int | None) -> int | None:
+    return default if value is None else value
+
+
+def _hash_key() -> int:
+    """Keys are configured by digest only; this turns a key into the digest to put in config."""
+    from gateway.api.auth import hash_key
+
+    # From a terminal, read without echo; from a pipe, the whole input (one trailing newline is not part of it).
+    key = getpass.getpass("API key: ") if sys.stdin.isatty() else sys.stdin.read()
+    key = key.strip()
+    if not key:
+        print("meshgate: hash-key: no key on stdin", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
 
 
 def _run(coro: Awaitable[int]) -> int:
@@ -56,8 +85,9 @@ def _run(coro: Awaitable[int]) -> int:
 
 
 async def _run_server(app: web.Application, host: str, port: int, drain_timeout_s: float, what: str,
-                      ready: Awaitable[None] | None = None) -> int:
-    """Bind, wait until ready, log the listening line, serve until SIGINT/SIGTERM, then drain."""
+                      ready: Awaitable[None] | None = None, grpc: RpcFront | None = None) -> int:
+    """Bind, wait until ready, log the listening line, serve until SIGINT/SIGTERM, then drain.
+    The gRPC front, when given, binds after HTTP (its calls need the upstreams HTTP's startup opens)."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -67,6 +97,14 @@ async def _run_server(app: web.Application, host: str, port: int, drain_timeout_
         print(f"meshgate: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
         await runner.cleanup()
         return 1
+    grpc_addr = "off"
+    if grpc is not None:
+        try:
+            grpc_addr = await grpc.start()
+        except OSError as e:
+            print(f"meshgate: cannot listen on {grpc.address} (gRPC): {e.strerror or e}", file=sys.stderr)
+            await runner.cleanup()
+            return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -83,7 +121,7 @@ async def _run_server(app: web.Application, host: str, port: int, drain_timeout_
             print(f"meshgate: cannot start: {loading.exception()}", file=sys.stderr)
             rc = 1
     if rc == 0 and not stop.is_set():
-        log.info("listening http=%s:%d grpc=off %s", host, port, what)
+        log.info("listening http=%s:%d grpc=%s %s", host, port, grpc_addr, what)
         await stop.wait()
         log.info("stopping: draining in-flight requests (up to %g s)", drain_timeout_s)
     await runner.cleanup()
@@ -100,11 +138,18 @@ async def _worker(pool: PoolConfig, host: str, port: int) -> int:
 
 async def _serve(cfg: Config) -> int:
     from gateway.api.app import GatewayServer
+    from gateway.rpc.server import RpcFront
 
     gw = cfg.gateway
     server = GatewayServer(cfg)
-    return await _run_server(server.make_app(), gw.host, gw.port, gw.drain_timeout_s,
-                             f"site={gw.site} pools={len(cfg.pools)}")
+    app = server.make_app()
+    front: RpcFront | None = None
+    if gw.grpc_port is not None:
+        front = rpc = RpcFront(server, gw.host, gw.grpc_port)
+        # On shutdown, after HTTP stops listening and before the upstreams close: gRPC calls drain too.
+        app.on_shutdown.append(lambda _: rpc.stop(gw.drain_timeout_s))
+    return await _run_server(app, gw.host, gw.port, gw.drain_timeout_s,
+                             f"site={gw.site} pools={len(cfg.pools)}", grpc=front)
 
 
 async def _up(cfg: Config, config_path: str, log_level: str) -> int:
@@ -121,7 +166,8 @@ async def _up(cfg: Config, config_path: str, log_level: str) -> int:
                     print(f"meshgate: pool {w.pool.id} did not start: {w.last_line}", file=sys.stderr)
                     return 1
         gw = cfg.gateway
-        print(f"meshgate is up: gateway http://{gw.host}:{gw.port}/v1  (pools: "
+        grpc = "" if gw.grpc_port is None else f" grpc {gw.host}:{gw.grpc_port}"
+        print(f"meshgate is up: gateway http://{gw.host}:{gw.port}/v1{grpc}  (pools: "
               + ", ".join(f"{p.id}={p.base_url}" for p in cfg.pools) + ")", file=sys.stderr, flush=True)
         return await _serve(cfg)
     finally:

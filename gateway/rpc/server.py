@@ -1,0 +1,319 @@
+"""The edge gateway's gRPC front (grpcio aio): meshgate.v1.Generation, grpc.health.v1, reflection.
+
+It is a second way into the same gateway, not a second gateway: each call becomes the OpenAI
+request it stands for, is validated by gateway.core.protocol and checked by the gateway's
+`prepare` (API key, limits, model, request id, deadline, metering), then routed and failed over by
+its `forwarder`, exactly as an HTTP request is. Metadata stands for HTTP headers. Only the framing differs: the pool's SSE events are re-framed as
+messages and errors end the call with a status code.
+
+DESIGN.md §2 keeps `rpc` from importing `api`, where the HTTP front and the forwarder live, so
+this module names what it uses of them as Protocols; `meshgate serve` hands it the GatewayServer.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import grpc
+import orjson
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter
+
+from gateway.config import GatewayConfig
+from gateway.core.errors import APIError, InternalError
+from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
+from gateway.pools.upstream import Upstreams
+from gateway.rpc import convert
+from gateway.rpc import meshgate_pb2 as pb
+from gateway.rpc import meshgate_pb2_grpc as pb_grpc
+
+log = logging.getLogger("meshgate.rpc")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # meshgate.v1.Generation
+T = TypeVar("T")
+
+
+# -- what this front uses of the gateway (gateway.api.app.GatewayServer) -----------------------
+class Call(Protocol):
+    request_id: str
+    deadline: float  # monotonic
+
+
+class Upstream(Protocol):
+    route: str
+    status: int
+    first: bytes
+    outcome: str  # "broken_stream" once chunks() has raised StreamBroken
+
+    @property
+    def pool_id(self) -> str: ...
+    def chunks(self) -> AsyncIterator[bytes]: ...
+    def close(self) -> None: ...
+
+
+class Forwarder(Protocol):
+    async def open(self, call: Any) -> Upstream: ...
+
+
+class Metrics(Protocol):
+    requests: Counter
+
+
+class Principal(Protocol):
+    def may_use(self, model: str) -> bool: ...
+
+
+class Admission(Protocol):
+    def authenticate(self, headers: Mapping[str, str]) -> Principal | None: ...  # raises Unauthorized
+
+
+class Gateway(Protocol):
+    in_flight: int  # requests in progress on either front (its limit is checked in prepare)
+
+    @property
+    def cfg(self) -> GatewayConfig: ...
+    @property
+    def upstreams(self) -> Upstreams: ...
+    @property
+    def forwarder(self) -> Forwarder: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def admission(self) -> Admission: ...
+
+    def prepare(self, path: str, body: bytes, g: GenerationRequest, headers: Mapping[str, str],
+                arrival: float, principal: Any = None) -> Call: ...
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What one call came to, for the requests metric (HTTP statuses, so both fronts share labels)."""
+
+    call: Call | None = None
+    pool: str = ""
+    status: int = 200
+
+
+# -- the service ------------------------------------------------------------------------------
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, gateway: Gateway):
+        self.gw = gateway
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        async def relay(up: Upstream, call: Call) -> pb.GenerateResponse:
+            body = convert.load_json(up.first)
+            if up.status >= 400:
+                raise convert.pool_error(body, up.status)
+            msg = convert.whole_response(body)
+            msg.request_id, msg.pool_id = call.request_id, up.pool_id
+            return msg
+
+        return await self._handle("Generate", request, context, False, relay)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        # A coroutine that writes, not an async generator: when the client cancels, the
+        # cancellation lands in this task at once and the finally blocks close the upstream.
+        async def relay(up: Upstream, call: Call) -> None:
+            if up.status >= 400:  # a JSON error, not a stream; up.first may be only its start
+                raw = b"".join([chunk async for chunk in _pool_chunks(up)])
+                raise convert.pool_error(convert.load_json(raw), up.status)
+            reader = convert.EventReader()
+            async with contextlib.aclosing(_pool_chunks(up)) as chunks:
+                async for chunk in chunks:
+                    for payload in reader.feed(chunk):
+                        event = convert.load_json(payload)
+                        if "error" in event:
+                            raise convert.pool_error(event, None)
+                        msg = convert.stream_response(event)
+                        if msg is not None:
+                            msg.request_id, msg.pool_id = call.request_id, up.pool_id
+                            await context.write(msg)
+            if not reader.done:
+                raise convert.UpstreamError("the pool ended the stream early; the response is incomplete")
+
+        await self._handle("GenerateStream", request, context, True, relay)
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        try:
+            who = self.gw.admission.authenticate(_headers(context))
+        except APIError as e:
+            await _abort(context, e, False)
+        # as GET /v1/models: a key limited to some models sees only those
+        return pb.ListModelsResponse(models=[pb.Model(id=m, created=self.gw.created, owned_by="meshgate")
+                                             for m in self.gw.upstreams.models() if who is None or who.may_use(m)])
+
+    async def _handle(self, method: str, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                      stream: bool, relay: Callable[[Upstream, Call], Awaitable[T]]) -> T:
+        tally = _Tally()
+        try:
+            return await self._forward(request, context, stream, relay, tally)
+        except asyncio.CancelledError:
+            # the client went away (nginx's 499), or gRPC ended the call at its deadline
+            tally.status = 504 if _past(tally.call) else 499
+            raise
+        except Exception as e:
+            if not isinstance(e, APIError):
+                log.exception("unhandled error in %s", method)
+                e = InternalError("internal error; the request was not completed")
+            tally.status = e.status
+            await _abort(context, e, _past(tally.call))
+        finally:
+            self.gw.metrics.requests.labels(f"/{SERVICE}/{method}", str(tally.status), tally.pool).inc()
+
+    async def _forward(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool,
+                       relay: Callable[[Upstream, Call], Awaitable[T]], tally: _Tally) -> T:
+        """The HTTP front's _generate, with gRPC's metadata and deadline."""
+        arrival = time.monotonic()
+        headers = _headers(context)
+        # Before anything else, as over HTTP: a caller without a key learns nothing of its request.
+        principal = self.gw.admission.authenticate(headers)
+        path, body = convert.request_body(request, stream)
+        parse = parse_chat if path == convert.CHAT_PATH else parse_completion
+        call = tally.call = self.gw.prepare(path, orjson.dumps(body), parse(body), headers, arrival, principal)
+        remaining = context.time_remaining()
+        if remaining is not None:  # the client's deadline bounds the request like x-meshgate-deadline-ms
+            call.deadline = min(call.deadline, arrival + remaining)
+        self.gw.in_flight += 1
+        try:
+            up = await self.gw.forwarder.open(call)
+            try:
+                tally.pool = up.pool_id
+                await context.send_initial_metadata((("x-request-id", call.request_id),
+                                                     ("x-meshgate-route", up.route)))
+                return await relay(up, call)
+            finally:
+                up.close()  # an unfinished answer: drops the pool connection, so the pool aborts it
+        finally:
+            self.gw.in_flight -= 1
+
+
+def _headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """Request metadata as the HTTP front's headers: lowercase names (gRPC's already are), text values."""
+    return {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+def _past(call: Call | None) -> bool:
+    """Whether the request's deadline has passed: then whatever failed, the client hears so."""
+    return call is not None and time.monotonic() >= call.deadline
+
+
+async def _pool_chunks(up: Upstream) -> AsyncGenerator[bytes, None]:
+    """up.chunks(), with a stream the pool broke (the forwarder's StreamBroken) as an UpstreamError."""
+    chunks = up.chunks()
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as e:
+        if up.outcome != "broken_stream":
+            raise
+        raise convert.UpstreamError(str(e)) from None
+    finally:
+        if isinstance(chunks, AsyncGenerator):  # close it in this task, not later from the GC
+            await chunks.aclose()
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: APIError, deadline_passed: bool) -> NoReturn:
+    code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed else convert.grpc_code(e.status)
+    trailers = [("x-meshgate-error-type", e.type), ("x-meshgate-error-param", e.param),
+                ("x-meshgate-error-code", e.code)]
+    retry_after_s = getattr(e, "retry_after_s", None)
+    if retry_after_s is not None:
+        trailers.append(("retry-after", str(max(1, round(retry_after_s)))))
+    # metadata values must be printable ASCII; the message (details) may be anything
+    md = tuple((k, v) for k, v in trailers if v and v.isascii() and v.isprintable())
+    await context.abort(code, e.message, md)
+    raise AssertionError("context.abort returned")  # it raises; this tells the type checker
+
+
+# -- the server -------------------------------------------------------------------------------
+class RpcFront:
+    """The gRPC server beside the HTTP one: the same GatewayServer (whose HTTP app starts and
+    closes the upstreams), the generation service, health and reflection."""
+
+    def __init__(self, gateway: Gateway, host: str, port: int):
+        self.gw = gateway
+        self.host = host
+        self.port = port
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._serving: bool | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def start(self) -> str:
+        """Bind and serve; returns HOST:PORT (the bound port when 0 was asked). OSError when the
+        port cannot be had."""
+        server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),  # gRPC's default would let a second server share the port silently
+            ("grpc.max_receive_message_length", self.gw.cfg.limits.max_body_bytes),
+        ])
+        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.gw), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        if self.port:
+            _check_free(self.host, self.port)
+        try:
+            port = server.add_insecure_port(self.address)
+        except RuntimeError as e:  # grpcio's own message ends with advice on its log verbosity
+            raise OSError(str(e).split(";")[0]) from None
+        if port == 0:
+            raise OSError(f"cannot bind {self.address}")
+        self.port = port
+        await self._update_health()
+        await server.start()
+        self._server = server
+        self._watch = asyncio.create_task(self._watch_health())
+        return self.address
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls, let calls in progress finish for up to grace_s, then cancel them."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()  # watchers see NOT_SERVING while it drains
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        await self._server.stop(grace_s)
+        self._server = None
+
+    async def _update_health(self) -> None:
+        ok = self.gw.upstreams.any_available()
+        if ok == self._serving:
+            return
+        self._serving = ok
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def _watch_health(self) -> None:
+        """Follow the gateway's view of its pools (probes, breakers), as /ready does."""
+        while True:
+            # breakers open between probes too; the check is cheap
+            await asyncio.sleep(min(self.gw.cfg.probe.period_s, 1.0))
+            await self._update_health()
+
+
+def _check_free(host: str, port: int) -> None:
+    """Raise OSError("Address already in use") for a taken port, as the HTTP side words it. gRPC
+    would fail too, but only after logging a multi-line C-core error of its own."""
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror) from None
