@@ -193,6 +193,16 @@ class UsageLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry tracing; off by default (then OpenTelemetry is not imported at all)."""
+
+    enabled: bool = False
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"  # OTLP over HTTP
+    service_name: str = "meshgate-gateway"
+    sample_ratio: float = 1.0  # of root spans; a client's sampled flag is followed
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     site: str = "local"
     host: str = "127.0.0.1"
@@ -205,6 +215,8 @@ class GatewayConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     usage_log: UsageLogConfig = field(default_factory=UsageLogConfig)
     drain_timeout_s: float = 30.0
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    access_log: bool = True  # one JSON line per request on the meshgate.access logger
 
 
 @dataclass(frozen=True, slots=True)

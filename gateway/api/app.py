@@ -22,6 +22,7 @@ from gateway.api.auth import PRIORITIES, PRIORITY_HEADER, Admission, Principal
 from gateway.api.forward import Call, Forwarder, StreamBroken, Upstream
 from gateway.api.metering import Metering, estimate_prompt_tokens
 from gateway.api.metrics import GatewayMetrics
+from gateway.api.tracing import Tracing
 from gateway.config import Config
 from gateway.core.errors import BadRequest, InternalError, NotFound, Overloaded, PayloadTooLarge
 from gateway.core.http import error_middleware, json_response, read_json
@@ -51,6 +52,9 @@ class GatewayServer:
                                    self.cfg.upstream.max_attempts, self.cfg.upstream.first_byte_timeout_s)
         self.admission = Admission(self.cfg.auth, self.cfg.limits, self.metrics)
         self.metering = Metering(self.cfg.usage_log, self.metrics)
+        self.tracing = Tracing(self.cfg.tracing)
+        if not self.cfg.access_log:
+            logging.getLogger("meshgate.access").setLevel(logging.WARNING)
         self.created = int(time.time())
         if not self.cfg.auth.enabled and not _is_loopback(self.cfg.host):
             log.warning("gateway.auth is off while listening on %s: anyone who reaches it may use it", self.cfg.host)
@@ -77,6 +81,7 @@ class GatewayServer:
     async def _stop(self, app: web.Application) -> None:
         await self.upstreams.close()
         await self.metering.close()  # last: requests ended by the shutdown are logged too
+        self.tracing.shutdown()
 
     def _count(self, request: web.Request, status: int) -> None:
         self.metrics.requests.labels(request.path, str(status), request.get(POOL, "")).inc()
@@ -174,8 +179,10 @@ class GatewayServer:
         up_body, meter = self.metering.track(ticket, g, body, rid, prompt_est)
         route = RouteRequest(model=g.model, prompt_chars=prompt_chars, max_tokens=g.max_tokens,
                              priority=PRIORITIES.get(ticket.priority or "", 0))
+        span = self.tracing.start(f"POST {path}", headers, up_headers)
         return Call(path=path, body=up_body, stream=g.stream, route=route, headers=up_headers, request_id=rid,
-                    arrival=arrival, deadline=deadline, principal=principal, priority=ticket.priority, meter=meter)
+                    arrival=arrival, deadline=deadline, principal=principal, priority=ticket.priority, meter=meter,
+                    span=span)
 
     def _deadline_s(self, headers: Mapping[str, str]) -> float:
         deadline = self.cfg.limits.deadline_s

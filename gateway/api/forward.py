@@ -17,12 +17,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
 from gateway.api.auth import Principal
 from gateway.api.metrics import GatewayMetrics
+from gateway.api.tracing import end_request
 from gateway.core.errors import APIError, Overloaded
 from gateway.core.types import RouteRequest
 from gateway.pools.upstream import Pool, Upstreams
@@ -66,16 +67,22 @@ class Call:
     priority: str | None = None  # the class the pool is told (x-meshgate-priority)
     meter: Meter | None = field(default=None, repr=False)
 
-    def finish(self, up: Upstream | None) -> None:
-        """The request is over: settle its key's limits and meter it. Idempotent; a front that
-        prepared a Call but never opened it must call finish(None)."""
-        meter, self.meter = self.meter, None
-        if meter is None:
+    span: Any = field(default=None, repr=False)  # the request's trace span, when tracing is on
+    finished: bool = False
+
+    def finish(self, up: Upstream | None, status: int | None = None) -> None:
+        """The request is over: settle its key's limits, meter it, end its span, log it. Runs once;
+        a front that prepared a Call but never opened it must call finish(None, status)."""
+        if self.finished:
             return
+        self.finished = True
+        meter, self.meter = self.meter, None
         try:
-            meter.finish(self, up)
-        except Exception:  # metering must never turn a served request into a failure
-            log.exception("request %s: metering failed", self.request_id)
+            if meter is not None:
+                meter.finish(self, up)
+            end_request(self, up, status if status is not None else (up.status if up is not None else 500))
+        except Exception:  # bookkeeping must never turn a served request into a failure
+            log.exception("request %s: metering or tracing failed", self.request_id)
 
 
 class _Retry(Exception):
@@ -95,6 +102,7 @@ class Upstream:
         self.first = first
         self.route = route  # the routing decision, explained
         self.failovers = failovers
+        self.ttft_s = time.monotonic() - call.arrival  # first body bytes: the first token when streaming
         self.outcome = "ok" if resp.status < 400 else "client_error"
         self._closed = False
 
@@ -157,8 +165,9 @@ class Forwarder:
     async def open(self, call: Call) -> Upstream:
         try:
             return await self._open(call)
-        except BaseException:
-            call.finish(None)  # no pool answered: no Upstream.close will come
+        except BaseException as e:
+            # No pool answered, so no Upstream.close will come. 499: the client went away.
+            call.finish(None, getattr(e, "status", 499 if isinstance(e, asyncio.CancelledError) else 500))
             raise
 
     async def _open(self, call: Call) -> Upstream:
@@ -183,8 +192,9 @@ class Forwarder:
                 self.m.failovers.labels(ep.pool_id).inc()
                 log.warning("request %s: pool %s failed before the first token (%s)", call.request_id, ep.pool_id, e)
                 continue
-            self.m.ttft.labels(ep.pool_id).observe(time.monotonic() - call.arrival)
-            return Upstream(self, call, pool, resp, first, decision.explain(), attempts - 1)
+            up = Upstream(self, call, pool, resp, first, decision.explain(), attempts - 1)
+            self.m.ttft.labels(ep.pool_id).observe(up.ttft_s)
+            return up
         raise BadGateway(f"no pool could serve the request ({attempts} tried)")
 
     async def _attempt(self, call: Call, pool: Pool) -> tuple[aiohttp.ClientResponse, bytes]:
@@ -202,10 +212,15 @@ class Forwarder:
                     pool.load_from_header(resp.headers)
                     if resp.status >= 500 or resp.status == 429:
                         raise _Retry(f"status {resp.status}")
-                    first = await resp.content.readany() if call.stream else await resp.read()
-                    if call.stream and not first:
-                        raise _Retry("closed before the first token")
-                    return resp, first
+                    if call.stream and resp.status < 400:
+                        first = await resp.content.readany()
+                        if not first:
+                            raise _Retry("closed before the first token")
+                        return resp, first
+                # A whole answer (or an error body) may take the rest of the deadline to arrive;
+                # nothing has reached the client yet, so a failure here is still retried.
+                async with asyncio.timeout_at(_loop_time(call.deadline)):
+                    return resp, await resp.read()
             except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
                 raise _Retry(type(e).__name__) from None
         except BaseException as e:

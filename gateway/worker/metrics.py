@@ -52,7 +52,7 @@ class _EngineCollector:
             ("meshgate_worker_running_requests", "Requests in the running batch.", rep.running),
             ("meshgate_worker_queued_prompt_tokens", "Prompt tokens still to prefill.", rep.queued_prompt_tokens),
             ("meshgate_worker_kv_blocks_used", "KV-cache blocks in use.", rep.kv_blocks_used),
-            ("meshgate_worker_kv_blocks_total", "KV-cache blocks in all.", rep.kv_blocks_total),
+            ("meshgate_worker_kv_blocks_capacity", "KV-cache blocks in all.", rep.kv_blocks_total),
             ("meshgate_worker_kv_usage_ratio", "Share of KV-cache blocks in use.",
              rep.kv_blocks_used / rep.kv_blocks_total if rep.kv_blocks_total else 0.0),
             ("meshgate_worker_queue_wait_seconds", "Estimated wait before a new request starts.", rep.queue_wait_s),
