@@ -63,10 +63,12 @@ def gather_kv(
     kv_cache: torch.Tensor, block_table: torch.Tensor, max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of B sequences read through their block tables: each (B, max_len, KVH, D)."""
+    b = block_table.shape[0]
     num_blocks_needed = -(-max_len // kv_cache.shape[2])
-    bt = block_table[:, :num_blocks_needed]
-    k = kv_cache[0][bt].flatten(1, 2)[:, :max_len]
-    v = kv_cache[1][bt].flatten(1, 2)[:, :max_len]
+    ids = block_table[:, :num_blocks_needed].reshape(-1).long()
+    # index_select copies whole blocks in one pass (faster than advanced indexing on CPU)
+    k = kv_cache[0].index_select(0, ids).view(b, -1, *kv_cache.shape[3:])[:, :max_len]
+    v = kv_cache[1].index_select(0, ids).view(b, -1, *kv_cache.shape[3:])[:, :max_len]
     return k, v
 
 

@@ -33,6 +33,7 @@ class Batch:
 
 
 def build_batch(out: SchedulerOutput, block_size: int, device: torch.device | str = "cpu") -> Batch:
+    assert out.requests, "an empty step has no batch"
     pairs = sorted(zip(out.requests, out.num_tokens), key=lambda p: p[1] != 1)
     num_decodes = sum(1 for _, n in pairs if n == 1)
     b = len(pairs)
@@ -50,10 +51,10 @@ def build_batch(out: SchedulerOutput, block_size: int, device: torch.device | st
     for i, (req, n) in enumerate(pairs):
         start = req.num_computed_tokens
         end = start + n
-        blocks = np.asarray(req.block_ids, dtype=np.int64)
+        blocks = req.block_ids
         block_table[i, : len(blocks)] = blocks
         num_prompt = req.num_prompt_tokens
-        if n == 1:
+        if n == 1:  # decode: plain Python scalars, the common case at large batch
             input_ids[pos] = (
                 req.prompt_token_ids[start] if start < num_prompt else req.output_token_ids[start - num_prompt]
             )
@@ -66,7 +67,7 @@ def build_batch(out: SchedulerOutput, block_size: int, device: torch.device | st
                 input_ids[pos : pos + n] = req.all_token_ids[start:end]
             p = np.arange(start, end, dtype=np.int64)
             positions[pos : pos + n] = p
-            slot_mapping[pos : pos + n] = blocks[p // block_size] * block_size + p % block_size
+            slot_mapping[pos : pos + n] = np.asarray(blocks, dtype=np.int64)[p // block_size] * block_size + p % block_size
         pos += n
         qsl[i + 1] = pos
         seq_lens[i] = end

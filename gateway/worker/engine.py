@@ -6,6 +6,7 @@ the event loop through queues.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -55,8 +56,8 @@ def model_folder(cfg: ModelConfig) -> Path:
 class Engine:
     def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, runner: Runner | None = None):
         cfg.validate("engine")
-        if cfg.num_threads > 0:
-            torch.set_num_threads(cfg.num_threads)
+        if cfg.device == "cpu":
+            torch.set_num_threads(cfg.num_threads or max((os.cpu_count() or 2) - 1, 1))
         folder = model_folder(model_cfg)
         self.model_name = model_cfg.name
         self.cfg = cfg

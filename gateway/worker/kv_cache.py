@@ -77,6 +77,10 @@ class BlockManager:
     ) -> bool:
         """Give the request blocks for num_new_tokens more tokens (after its computed ones and the
         computed_blocks it takes from the cache). False, with nothing changed, when they don't fit."""
+        if not computed_blocks and (
+            request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size
+        ):
+            return True  # fits the blocks it holds (most decode steps)
         computed_blocks = computed_blocks or []
         num_tokens = (
             request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
@@ -106,10 +110,10 @@ class BlockManager:
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the request's blocks that are now full of computed tokens."""
-        if not self.enable_prefix_caching:
-            return
-        self._update_hashes(request, request.num_computed_tokens)
         full = request.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or full <= request.num_registered_blocks:
+            return  # no block filled up since the last call (most decode steps)
+        self._update_hashes(request, request.num_computed_tokens)
         for i in range(request.num_registered_blocks, full):
             b = request.block_ids[i]
             if self.block_hash[b] is None:
