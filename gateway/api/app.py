@@ -6,6 +6,7 @@ request against its key's rate limits and attaches the metering hook that Call.f
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import re
 import time
@@ -56,6 +57,8 @@ class GatewayServer:
         if not self.cfg.access_log:
             logging.getLogger("meshgate.access").setLevel(logging.WARNING)
         self.created = int(time.time())
+        # Request ids: a random per-process prefix and a counter (uuid4 costs a getrandom call).
+        self._ids = (f"{uuid.uuid4().hex[:16]}{i:016x}" for i in itertools.count())
         if not self.cfg.auth.enabled and not _is_loopback(self.cfg.host):
             log.warning("gateway.auth is off while listening on %s: anyone who reaches it may use it", self.cfg.host)
 
@@ -167,7 +170,7 @@ class GatewayServer:
             raise Overloaded("the gateway is at its in-flight limit; retry later", retry_after_s=1)
         deadline = arrival + self._deadline_s(headers)
         client_rid = headers.get("x-request-id", "")
-        rid = client_rid if _REQUEST_ID.match(client_rid) else uuid.uuid4().hex
+        rid = client_rid if _REQUEST_ID.match(client_rid) else next(self._ids)
         # Last of the checks: admission takes from the key's buckets, which only Call.finish gives back.
         # Without max_tokens a request may run to the model's context; the gateway's cap stands in for it.
         prompt_est = estimate_prompt_tokens(g, prompt_chars)

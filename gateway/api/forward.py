@@ -118,7 +118,7 @@ class Upstream:
             yield first
         if not self.call.stream:
             return
-        itl = self.fwd.m.itl.labels(self.pool_id)
+        itl = self.fwd.m.pool(self.pool_id).itl
         last = time.monotonic()
         try:
             async with asyncio.timeout_at(_loop_time(self.call.deadline)):
@@ -148,8 +148,9 @@ class Upstream:
         if self.outcome != "broken_stream":
             self.pool.record_success()
         m = self.fwd.m
-        m.attempts.labels(self.pool_id, self.outcome).inc()
-        m.e2e.labels(self.pool_id).observe(time.monotonic() - self.call.arrival)
+        series = m.pool(self.pool_id)
+        series.attempt(self.outcome)
+        series.e2e.observe(time.monotonic() - self.call.arrival)
         self.call.finish(self)
 
 
@@ -189,11 +190,11 @@ class Forwarder:
             try:
                 resp, first = await self._attempt(call, pool)
             except _Retry as e:
-                self.m.failovers.labels(ep.pool_id).inc()
+                self.m.pool(ep.pool_id).failovers.inc()
                 log.warning("request %s: pool %s failed before the first token (%s)", call.request_id, ep.pool_id, e)
                 continue
             up = Upstream(self, call, pool, resp, first, decision.explain(), attempts - 1)
-            self.m.ttft.labels(ep.pool_id).observe(up.ttft_s)
+            self.m.pool(ep.pool_id).ttft.observe(up.ttft_s)
             return up
         raise BadGateway(f"no pool could serve the request ({attempts} tried)")
 
@@ -229,7 +230,7 @@ class Forwarder:
                 resp.close()
             if isinstance(e, _Retry):
                 pool.record_failure()
-                self.m.attempts.labels(ep.pool_id, "error").inc()
+                self.m.pool(ep.pool_id).attempt("error")
             raise
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -41,6 +42,31 @@ class GatewayMetrics:
         self.rejected = Counter("meshgate_admission_rejected", "Requests refused before routing, by key and reason.",
                                 ["key", "reason"], registry=r)
         r.register(_PoolCollector(upstreams, in_flight))
+        self._pools: dict[str, PoolSeries] = {}
+
+    def pool(self, pool_id: str) -> PoolSeries:
+        """The per-pool series, resolved once (labels() costs a locked lookup per call)."""
+        series = self._pools.get(pool_id)
+        if series is None:
+            series = self._pools[pool_id] = PoolSeries(self, pool_id)
+        return series
+
+
+class PoolSeries:
+    def __init__(self, m: GatewayMetrics, pool_id: str):
+        self.ttft = m.ttft.labels(pool_id)
+        self.itl = m.itl.labels(pool_id)
+        self.e2e = m.e2e.labels(pool_id)
+        self.failovers = m.failovers.labels(pool_id)
+        self._attempts = m.attempts
+        self._pool_id = pool_id
+        self._outcomes: dict[str, Any] = {}
+
+    def attempt(self, outcome: str) -> None:
+        c = self._outcomes.get(outcome)
+        if c is None:
+            c = self._outcomes[outcome] = self._attempts.labels(self._pool_id, outcome)
+        c.inc()
 
 
 class _PoolCollector:

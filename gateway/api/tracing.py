@@ -69,6 +69,8 @@ class Tracing:
 
 def end_request(call: Call, up: Upstream | None, status: int) -> None:
     """Close the request's span and write its access-log line (once, from Call.finish)."""
+    if call.span is None and not access_log.isEnabledFor(logging.INFO):
+        return
     now = time.monotonic()
     fields: dict[str, Any] = {
         "request_id": call.request_id, "path": call.path, "model": call.route.model, "stream": call.stream,
@@ -90,5 +92,4 @@ def end_request(call: Call, up: Upstream | None, status: int) -> None:
 
             span.set_status(Status(StatusCode.ERROR))
         span.end()
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info("%s", orjson.dumps(fields).decode())
+    access_log.info("%s", orjson.dumps(fields).decode())

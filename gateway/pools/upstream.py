@@ -58,6 +58,7 @@ class Upstreams:
         self.pools = {p.id: Pool(p, up) for p in pools}
         self.endpoints = [p.endpoint for p in self.pools.values()]
         self.session: aiohttp.ClientSession | None = None
+        self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
         self._probe_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -80,7 +81,8 @@ class Upstreams:
             await self.session.close()
 
     def models(self) -> list[str]:
-        return sorted({m for p in self.pools.values() for m in p.endpoint.models})
+        """Every model some pool serves (sorted)."""
+        return self._models
 
     def any_available(self) -> bool:
         for p in self.pools.values():
