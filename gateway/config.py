@@ -145,6 +145,7 @@ class ApiKeyConfig:
     requests_per_min: int = 0  # 0: unlimited
     tokens_per_min: int = 0  # prompt + completion (estimated at admission, settled at the end); 0: unlimited
     max_concurrent: int = 0  # 0: unlimited
+    countries: tuple[str, ...] = ()  # residency: ISO-2 countries its requests may be served in; empty: any
 
     def validate(self, path: str) -> None:
         if not self.id:
@@ -205,12 +206,43 @@ class TracingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SiteConfig:
+    id: str
+    name: str = ""
+    country: str = ""  # ISO-2
+    lat: float = 0.0
+    lon: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileConfig:
+    """A routing profile: filters, weighted scorers and a picker, by plug-in name."""
+
+    filters: tuple[str, ...] = ("serves-model", "available", "residency")
+    scorers: dict[str, float] = field(default_factory=dict)
+    picker: str = "max-score"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingOptions:
+    """What the routing plug-ins need besides the profile's name."""
+
+    profiles: dict[str, ProfileConfig] = field(default_factory=dict)  # extra profiles, by name
+    slo_policy: str = "spill"  # no pool predicted to meet x-meshgate-ttft-slo-ms: spill | shed (429)
+    rtt_inflation: float = 2.0  # distance prior: rtt_ms = intercept + inflation * km / 100
+    rtt_intercept_ms: float = 2.0
+    default_prefill_tps: float = 2000.0  # a pool's prefill speed until it reports one
+    client_prefixes: dict[str, str] = field(default_factory=dict)  # CIDR -> site id (client location)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     site: str = "local"
     host: str = "127.0.0.1"
     port: int = 8080
     grpc_port: int | None = None
-    routing: str = "least-load"  # routing profile
+    routing: str = "latency"  # the routing profile: built in (gateway/routing/plugins.py) or in routing_options
+    routing_options: RoutingOptions = field(default_factory=RoutingOptions)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -224,6 +256,7 @@ class GatewayConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    sites: tuple[SiteConfig, ...] = ()
     pools: tuple[PoolConfig, ...] = ()
 
     def pool(self, pool_id: str | None) -> PoolConfig:

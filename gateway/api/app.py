@@ -24,18 +24,22 @@ from gateway.api.forward import Call, Forwarder, StreamBroken, Upstream
 from gateway.api.metering import Metering, estimate_prompt_tokens
 from gateway.api.metrics import GatewayMetrics
 from gateway.api.tracing import Tracing
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.core.errors import BadRequest, InternalError, NotFound, Overloaded, PayloadTooLarge
 from gateway.core.http import error_middleware, json_response, read_json
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.core.types import RouteRequest
 from gateway.pools.upstream import Upstreams
+from gateway.routing.geo_view import GeoView
 from gateway.routing.plugins import build_profile
 
 log = logging.getLogger("meshgate.gateway")
 
 DEADLINE_HEADER = "x-meshgate-deadline-ms"
 ROUTE_HEADER = "x-meshgate-route"
+RESIDENCY_HEADER = "x-meshgate-residency"
+SLO_HEADER = "x-meshgate-ttft-slo-ms"
+PREFIX_CHARS = 256
 # What the gateway learns of a request as it goes, for headers, logs and metrics.
 REQUEST_ID = web.RequestKey("request_id", str)
 ROUTE = web.RequestKey("route", str)
@@ -49,7 +53,13 @@ class GatewayServer:
         self.upstreams = Upstreams(cfg.pools, self.cfg.upstream, self.cfg.probe)
         self.in_flight = 0
         self.metrics = GatewayMetrics(self.upstreams, lambda: self.in_flight)
-        self.forwarder = Forwarder(self.upstreams, build_profile(self.cfg.routing), self.metrics,
+        try:
+            profile = build_profile(self.cfg.routing, self.cfg.routing_options)
+            self.geo = GeoView(cfg)
+        except ValueError as e:
+            raise ConfigError(f"gateway.routing: {e}") from None
+        self.geo.attach(self.upstreams.endpoints)
+        self.forwarder = Forwarder(self.upstreams, profile, self.metrics,
                                    self.cfg.upstream.max_attempts, self.cfg.upstream.first_byte_timeout_s)
         self.admission = Admission(self.cfg.auth, self.cfg.limits, self.metrics)
         self.metering = Metering(self.cfg.usage_log, self.metrics)
@@ -134,7 +144,8 @@ class GatewayServer:
         # Before parsing: a caller without a key learns nothing, not even whether its body is valid.
         principal = self.admission.authenticate(request.headers)
         body = await request.read()
-        call = self.prepare(path, body, parse(await read_json(request)), request.headers, arrival, principal)
+        call = self.prepare(path, body, parse(await read_json(request)), request.headers, arrival, principal,
+                            request.remote)
         request[REQUEST_ID] = call.request_id
         self.in_flight += 1
         try:
@@ -149,7 +160,7 @@ class GatewayServer:
             self.in_flight -= 1
 
     def prepare(self, path: str, body: bytes, g: GenerationRequest, headers: Mapping[str, str],
-                arrival: float, principal: Principal | None = None) -> Call:
+                arrival: float, principal: Principal | None = None, client_ip: str | None = None) -> Call:
         """Check a parsed request against this gateway's limits and its caller's key, admit it, and
         build its Call (both fronts). principal: when the front authenticated already; else the
         Authorization header in `headers` is checked here. The Call must end in Call.finish (which
@@ -181,7 +192,10 @@ class GatewayServer:
             up_headers[PRIORITY_HEADER] = ticket.priority  # the key's class, whatever the client sent
         up_body, meter = self.metering.track(ticket, g, body, rid, prompt_est)
         route = RouteRequest(model=g.model, prompt_chars=prompt_chars, max_tokens=g.max_tokens,
-                             priority=PRIORITIES.get(ticket.priority or "", 0))
+                             priority=PRIORITIES.get(ticket.priority or "", 0),
+                             client_rtt_ms=self.geo.client_rtt_ms(self.geo.client(headers, client_ip)),
+                             countries=_countries(headers, principal), ttft_slo_s=_slo_s(headers),
+                             prefix_key=_prefix_key(g))
         span = self.tracing.start(f"POST {path}", headers, up_headers)
         return Call(path=path, body=up_body, stream=g.stream, route=route, headers=up_headers, request_id=rid,
                     arrival=arrival, deadline=deadline, principal=principal, priority=ticket.priority, meter=meter,
@@ -199,6 +213,36 @@ class GatewayServer:
                 raise BadRequest(f"'{DEADLINE_HEADER}' must be positive")
             deadline = min(deadline, ms / 1000)
         return deadline
+
+
+def _countries(headers: Mapping[str, str], principal: Principal | None) -> frozenset[str] | None:
+    """Residency: the countries the request (x-meshgate-residency: DE,FR) and its key allow."""
+    allowed = frozenset(principal.countries) if principal is not None and principal.countries else None
+    value = headers.get(RESIDENCY_HEADER)
+    if value:
+        asked = frozenset(c.strip().upper() for c in value.split(",") if c.strip())
+        allowed = asked if allowed is None else allowed & asked
+    return allowed
+
+
+def _slo_s(headers: Mapping[str, str]) -> float | None:
+    value = headers.get(SLO_HEADER)
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        raise BadRequest(f"'{SLO_HEADER}' must be a number of milliseconds") from None
+    if not ms > 0:
+        raise BadRequest(f"'{SLO_HEADER}' must be positive")
+    return ms / 1000
+
+
+def _prefix_key(g: GenerationRequest) -> str:
+    """The start of the prompt (a system prompt, usually) for prefix affinity."""
+    if g.messages:
+        return g.messages[0]["content"][:PREFIX_CHARS]
+    return (g.prompt or "")[:PREFIX_CHARS]
 
 
 def _is_loopback(host: str) -> bool:

@@ -38,6 +38,7 @@ class Principal:
     key_id: str
     priority: str  # contracted | on-demand
     models: frozenset[str]  # empty: every model
+    countries: frozenset[str] = frozenset()  # residency; empty: any
 
     def may_use(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -83,7 +84,7 @@ class _KeyState:
 
     def __init__(self, k: ApiKeyConfig, now: float):
         self.digest = bytes.fromhex(k.sha256)
-        self.principal = Principal(k.id, k.priority, frozenset(k.models))
+        self.principal = Principal(k.id, k.priority, frozenset(k.models), frozenset(c.upper() for c in k.countries))
         self.requests = TokenBucket(k.requests_per_min, now) if k.requests_per_min else None
         self.tokens = TokenBucket(k.tokens_per_min, now) if k.tokens_per_min else None
         self.max_concurrent = k.max_concurrent

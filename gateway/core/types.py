@@ -53,7 +53,7 @@ class Endpoint:
     """
 
     __slots__ = ("pool_id", "url", "site", "kind", "models", "healthy", "breaker_open", "in_flight",
-                 "load", "load_at", "rtt_ms")
+                 "load", "load_at", "rtt_ms", "country", "prior_rtt_ms")
 
     def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str]):
         self.pool_id = pool_id
@@ -67,6 +67,8 @@ class Endpoint:
         self.load: LoadReport | None = None  # latest report (probe or response header)
         self.load_at = 0.0  # monotonic time of that report
         self.rtt_ms: float | None = None  # probe round trip, EWMA
+        self.country: str | None = None  # ISO-2 of its site, for residency
+        self.prior_rtt_ms: float | None = None  # RTT estimated from geography, until probes measure it
 
     def __repr__(self) -> str:
         return f"Endpoint({self.pool_id}, healthy={self.healthy}, in_flight={self.in_flight})"
@@ -80,3 +82,11 @@ class RouteRequest:
     prompt_chars: int = 0
     max_tokens: int | None = None
     priority: int = 0
+    client_rtt_ms: float = 0.0  # client <-> this gateway (same for every pool; counts toward SLOs)
+    countries: frozenset[str] | None = None  # residency: sites it may be served in; None: anywhere
+    ttft_slo_s: float | None = None  # x-meshgate-ttft-slo-ms
+    prefix_key: str = ""  # start of the prompt, for prefix affinity
+
+    @property
+    def prompt_tokens(self) -> int:
+        return max(1, self.prompt_chars // 4)  # the gateway does not tokenize: ~4 chars a token

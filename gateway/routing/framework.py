@@ -32,29 +32,37 @@ class Picker(Protocol):
     def pick(self, req: RouteRequest, endpoints: list[Endpoint], scores: list[float]) -> list[Endpoint]: ...
 
 
+class Predictor(Protocol):
+    def predict_s(self, req: RouteRequest, e: Endpoint) -> float: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     ranked: list[Endpoint]  # try in this order
     scores: dict[str, float]  # pool id -> total score, for explaining the choice
     profile: str
+    predicted_ms: dict[str, float]  # predicted TTFT of the first two, when the profile predicts
 
     def explain(self) -> str:
+        """One line: the chosen pool, its score and predicted TTFT, and the runner-up's."""
         if not self.ranked:
             return f"profile={self.profile} no-candidate"
-        best = self.ranked[0]
-        s = f"profile={self.profile} pool={best.pool_id} score={self.scores.get(best.pool_id, 0):.3f}"
-        if len(self.ranked) > 1:
-            r = self.ranked[1]
-            s += f" runner-up={r.pool_id} score={self.scores.get(r.pool_id, 0):.3f}"
-        return s
+        parts = [f"profile={self.profile}"]
+        for label, e in zip(("pool", "runner-up"), self.ranked[:2]):
+            parts.append(f"{label}={e.pool_id} score={self.scores.get(e.pool_id, 0):.3f}")
+            if e.pool_id in self.predicted_ms:
+                parts.append(f"ttft_ms={self.predicted_ms[e.pool_id]:.1f}")
+        return " ".join(parts)
 
 
 class Profile:
-    def __init__(self, name: str, filters: Sequence[Filter], scorers: Sequence[tuple[Scorer, float]], picker: Picker):
+    def __init__(self, name: str, filters: Sequence[Filter], scorers: Sequence[tuple[Scorer, float]], picker: Picker,
+                 predictor: Predictor | None = None):
         self.name = name
         self.filters = list(filters)
         self.scorers = list(scorers)
         self.picker = picker
+        self.predictor = predictor  # only to explain decisions
 
     def route(self, req: RouteRequest, endpoints: Sequence[Endpoint]) -> Decision:
         cands = list(endpoints)
@@ -67,7 +75,9 @@ class Profile:
             for i, s in enumerate(scorer.score(req, cands)):
                 totals[i] += weight * s
         ranked = self.picker.pick(req, cands, totals) if cands else []
-        return Decision(ranked, {e.pool_id: t for e, t in zip(cands, totals)}, self.name)
+        predicted = ({e.pool_id: 1000 * self.predictor.predict_s(req, e) for e in ranked[:2]}
+                     if self.predictor is not None else {})
+        return Decision(ranked, {e.pool_id: t for e, t in zip(cands, totals)}, self.name, predicted)
 
 
 class MaxScorePicker:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import itertools
 import random
 
+from gateway.config import RoutingOptions
 from gateway.core.types import Endpoint, RouteRequest
 from gateway.routing.framework import MaxScorePicker, Profile
+from gateway.routing.latency import LatencyScorer, NearestScorer, PrefixAffinity, Residency, SloFilter, TtftModel
 
 
 class ServesModel:
@@ -79,17 +81,41 @@ class PowerOfTwoPicker:
         return eps
 
 
-def build_profile(name: str, rng: random.Random | None = None) -> Profile:
-    base = [ServesModel(), Available()]
-    if name == "least-load":
-        return Profile(name, base, [(LeastLoad(), 1.0)], MaxScorePicker(rng))
-    if name == "round-robin":
-        return Profile(name, base, [], RoundRobinPicker())
-    if name == "random":
-        return Profile(name, base, [], RandomPicker(rng))
-    if name == "p2c":
-        return Profile(name, base, [], PowerOfTwoPicker(rng))
-    raise ValueError(f"unknown routing profile {name!r} (known: {', '.join(PROFILES)})")
+# Built-in profiles: (filters, weighted scorers, picker). Residency is a hard constraint for all.
+_BASE = ("serves-model", "available", "residency")
+BUILTIN: dict[str, tuple[tuple[str, ...], dict[str, float], str]] = {
+    "latency": (_BASE + ("slo",), {"latency": 1.0, "prefix-affinity": 0.05}, "max-score"),
+    "nearest": (_BASE, {"nearest": 1.0}, "max-score"),
+    "least-load": (_BASE, {"least-load": 1.0}, "max-score"),
+    "round-robin": (_BASE, {}, "round-robin"),
+    "random": (_BASE, {}, "random"),
+    "p2c": (_BASE, {}, "p2c"),
+}
+PROFILES = tuple(BUILTIN)
 
 
-PROFILES = ("least-load", "round-robin", "random", "p2c")
+def build_profile(name: str, options: RoutingOptions | None = None, rng: random.Random | None = None) -> Profile:
+    """The named profile: built in, or defined in options.profiles (which may override one)."""
+    options = options or RoutingOptions()
+    if name in options.profiles:
+        pc = options.profiles[name]
+        filters, scorers, picker = pc.filters, pc.scorers, pc.picker
+    elif name in BUILTIN:
+        filters, scorers, picker = BUILTIN[name]
+    else:
+        raise ValueError(f"unknown routing profile {name!r} (known: {', '.join([*BUILTIN, *options.profiles])})")
+    model = TtftModel(options.default_prefill_tps)
+    make_filter = {"serves-model": ServesModel, "available": Available, "residency": Residency,
+                   "slo": lambda: SloFilter(model, options.slo_policy)}
+    make_scorer = {"latency": lambda: LatencyScorer(model), "nearest": lambda: NearestScorer(model),
+                   "least-load": LeastLoad, "prefix-affinity": PrefixAffinity}
+    make_picker = {"max-score": lambda: MaxScorePicker(rng), "round-robin": RoundRobinPicker,
+                   "random": lambda: RandomPicker(rng), "p2c": lambda: PowerOfTwoPicker(rng)}
+    for kind, names, known in (("filter", filters, make_filter), ("scorer", scorers, make_scorer),
+                               ("picker", [picker], make_picker)):
+        for n in names:
+            if n not in known:
+                raise ValueError(f"profile {name!r}: unknown {kind} {n!r} (known: {', '.join(known)})")
+    return Profile(name, [make_filter[f]() for f in filters],  # type: ignore[operator]
+                   [(make_scorer[sc](), w) for sc, w in scorers.items()],  # type: ignore[operator]
+                   make_picker[picker](), predictor=model)  # type: ignore[operator]
