@@ -157,6 +157,7 @@ async def _up(cfg: Config, config_path: str, log_level: str) -> int:
     shared model cache before the others look for it), then the gateway in this process."""
     local = [p for p in cfg.pools if p.kind == "meshgate"]
     workers: list[_WorkerProcess] = []
+    proxies = []
     try:
         for group in (local[:1], local[1:]):
             started = [await _WorkerProcess.start(p, config_path, log_level) for p in group]
@@ -165,13 +166,44 @@ async def _up(cfg: Config, config_path: str, log_level: str) -> int:
                 if not await w.ready():
                     print(f"meshgate: pool {w.pool.id} did not start: {w.last_line}", file=sys.stderr)
                     return 1
+        proxies = await _start_links(cfg)
         gw = cfg.gateway
         grpc = "" if gw.grpc_port is None else f" grpc {gw.host}:{gw.grpc_port}"
-        print(f"meshgate is up: gateway http://{gw.host}:{gw.port}/v1{grpc}  (pools: "
-              + ", ".join(f"{p.id}={p.base_url}" for p in cfg.pools) + ")", file=sys.stderr, flush=True)
+        print(f"meshgate is up: gateway http://{gw.host}:{gw.port}/v1{grpc}\n"
+              f"  mesh from {gw.site}: {_mesh_line(cfg)}", file=sys.stderr, flush=True)
         return await _serve(cfg)
     finally:
+        await asyncio.gather(*(px.stop() for px in proxies))
         await asyncio.gather(*(w.stop() for w in workers))
+
+
+async def _start_links(cfg: Config) -> list:  # type: ignore[type-arg]
+    """A delaying proxy for each pool whose link to the gateway is emulated (emulate_rtt_ms)."""
+    from urllib.parse import urlsplit
+
+    from gateway.emulate import DelayProxy
+
+    proxies = []
+    for p in cfg.pools:
+        if p.emulate_rtt_ms is None:
+            continue
+        u = urlsplit(p.base_url)
+        px = DelayProxy((u.hostname or "127.0.0.1", u.port or 80), (p.host, p.port), p.emulate_rtt_ms,
+                        jitter_ms=0.05 * p.emulate_rtt_ms)
+        await px.start()
+        proxies.append(px)
+    return proxies
+
+
+def _mesh_line(cfg: Config) -> str:
+    sites = {s.id: s for s in cfg.sites}
+    parts = []
+    for p in cfg.pools:
+        s = sites.get(p.site or "")
+        where = f"{s.name or s.id}, {s.country}" if s else (p.site or "?")
+        rtt = f" {p.emulate_rtt_ms:g} ms" if p.emulate_rtt_ms is not None else ""
+        parts.append(f"{p.id} ({where}){rtt}")
+    return " | ".join(parts)
 
 
 class _WorkerProcess:

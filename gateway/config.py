@@ -81,6 +81,9 @@ class PoolConfig:
     kind: str = "meshgate"  # meshgate (our worker) | openai (any OpenAI-compatible server)
     url: str | None = None  # how gateways reach it; default http://host:port
     models: tuple[str, ...] = ()  # models it serves; default (model.name,)
+    # `meshgate up` only: emulate this round trip between the gateway and the pool with a delaying
+    # proxy listening at `url` and forwarding to host:port
+    emulate_rtt_ms: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_body_bytes: int = 4 * 1024 * 1024
@@ -292,6 +295,8 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     for i, p in enumerate(cfg.pools):
         if p.kind not in ("meshgate", "openai"):
             raise ConfigError(f"pools[{i}].kind: expected meshgate or openai, got {p.kind!r}")
+        if p.emulate_rtt_ms is not None and not p.url:
+            raise ConfigError(f"pools[{i}]: emulate_rtt_ms needs url (where the delaying proxy listens)")
         if p.kind == "openai" and not (p.url and p.models):
             raise ConfigError(f"pools[{i}]: a kind: openai pool needs url and models")
     ids = [p.id for p in cfg.pools]

@@ -36,7 +36,8 @@ from gateway.routing.plugins import build_profile
 log = logging.getLogger("meshgate.gateway")
 
 DEADLINE_HEADER = "x-meshgate-deadline-ms"
-ROUTE_HEADER = "x-meshgate-route"
+ROUTE_HEADER = "x-meshgate-route"  # the routing decision, explained
+POOL_HEADER = "x-meshgate-pool"  # the pool that answered (not the first choice after a failover)
 RESIDENCY_HEADER = "x-meshgate-residency"
 SLO_HEADER = "x-meshgate-ttft-slo-ms"
 PREFIX_CHARS = 256
@@ -104,6 +105,8 @@ class GatewayServer:
             response.headers["x-request-id"] = request[REQUEST_ID]
         if ROUTE in request:
             response.headers[ROUTE_HEADER] = request[ROUTE]
+        if POOL in request:
+            response.headers[POOL_HEADER] = request[POOL]
 
     # -- plain endpoints --------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:

@@ -178,7 +178,9 @@ class Forwarder:
         decision = self.profile.route(call.route, self.up.endpoints)
         self.m.routing.observe(time.perf_counter() - t0)
         if not decision.ranked:
-            raise Overloaded(f"no healthy pool serves the model '{call.route.model}' right now", retry_after_s=2)
+            where = f" in {','.join(sorted(call.route.countries))}" if call.route.countries is not None else ""
+            raise Overloaded(f"no healthy pool serves the model '{call.route.model}'{where} right now",
+                             retry_after_s=2)
         attempts = 0
         for ep in decision.ranked:
             if attempts >= self.max_attempts:

@@ -69,7 +69,7 @@ class Profile:
         for f in self.filters:
             cands = f.filter(req, cands)
             if not cands:
-                break
+                return Decision([], {}, self.name, {})
         totals = [0.0] * len(cands)
         for scorer, weight in self.scorers:
             for i, s in enumerate(scorer.score(req, cands)):

@@ -160,9 +160,21 @@ class Engine:
             kv_blocks_total=self.kv.num_blocks,
             prefill_tps=prefill_tps,
             decode_tps=self.stats.decode_tps(),
-            queue_wait_s=queued / prefill_tps if prefill_tps > 0 else 0.0,
+            queue_wait_s=(queued / prefill_tps if prefill_tps > 0 else 0.0) + self._slot_wait_s(),
             hot_prefix_hashes=tuple(self.kv.hot_prefix_hashes(MAX_HOT_PREFIXES)),
         )
+
+
+    def _slot_wait_s(self) -> float:
+        """How long a new request waits for a sequence slot when the batch is full: until enough
+        running requests finish to admit it and those queued ahead (at their max_tokens, so an
+        upper estimate; EOS only shortens it)."""
+        s = self.scheduler
+        ahead = len(s.waiting) + 1 - (self.cfg.max_num_seqs - len(s.running))
+        if ahead <= 0 or not s.running:
+            return 0.0
+        left = sorted(r.params.max_tokens - len(r.output_token_ids) for r in s.running)
+        return left[min(ahead, len(left)) - 1] * self.stats.decode_step_s
 
 
 class _StepStats:
@@ -176,6 +188,7 @@ class _StepStats:
         self.recent: deque[tuple[float, int]] = deque()  # (end time, tokens sampled)
         self.num_steps = 0
         self.step_time_s = 0.0
+        self.decode_step_s = 0.0  # EWMA duration of steps with no prefill
 
     def record(self, t0: float, t1: float, num_prefill: int, num_decode: int, num_sampled: int) -> None:
         dt = max(t1 - t0, 1e-6)
@@ -184,6 +197,8 @@ class _StepStats:
         if num_prefill > 0:
             tps = (num_prefill + num_decode) / dt
             self.prefill_tps = tps if self.prefill_tps == 0 else 0.8 * self.prefill_tps + 0.2 * tps
+        else:
+            self.decode_step_s = dt if self.decode_step_s == 0 else 0.8 * self.decode_step_s + 0.2 * dt
         self.recent.append((t1, num_sampled))
         while self.recent and self.recent[0][0] < t1 - self.WINDOW_S:
             self.recent.popleft()
