@@ -232,8 +232,10 @@ class RoutingOptions:
 
     profiles: dict[str, ProfileConfig] = field(default_factory=dict)  # extra profiles, by name
     slo_policy: str = "spill"  # no pool predicted to meet x-meshgate-ttft-slo-ms: spill | shed (429)
-    rtt_inflation: float = 2.0  # distance prior: rtt_ms = intercept + inflation * km / 100
-    rtt_intercept_ms: float = 2.0
+    # Distance prior: rtt_ms = intercept + inflation * km / 100, as fitted on the 246-city WonderProxy
+    # matrix (python -m benchmarks.wonderproxy: median relative error 0.167).
+    rtt_inflation: float = 1.705
+    rtt_intercept_ms: float = 7.44
     default_prefill_tps: float = 2000.0  # a pool's prefill speed until it reports one
     client_prefixes: dict[str, str] = field(default_factory=dict)  # CIDR -> site id (client location)
 
