@@ -26,6 +26,7 @@ class Pool:
         self.breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown_s)
         self.probe_misses = 0
         self.probe_hits = 0
+        self.has_metrics = True  # third-party pools: until /metrics proves useless
 
     def refresh_breaker(self) -> None:
         self.endpoint.breaker_open = self.breaker.state == BreakerState.OPEN
@@ -99,23 +100,34 @@ class Upstreams:
         await asyncio.gather(*(self.probe(p) for p in self.pools.values()))
 
     async def probe(self, pool: Pool) -> None:
+        """One probe: our workers' GET /load (load report + handling time); a third-party OpenAI
+        server's GET /metrics (queue gauges of vLLM, SGLang, TGI), or /health where it has none."""
         assert self.session is not None
-        path = "/load" if pool.cfg.kind == "meshgate" else "/health"
+        e = pool.endpoint
+        native = pool.cfg.kind == "meshgate"
+        path = "/load" if native else ("/metrics" if pool.has_metrics else "/health")
         t0 = time.perf_counter()
         ok = False
         try:
-            async with self.session.get(pool.endpoint.url + path,
+            async with self.session.get(e.url + path,
                                         timeout=aiohttp.ClientTimeout(total=self.probe_cfg.timeout_s)) as r:
                 body = await r.read()
                 rtt_ms = (time.perf_counter() - t0) * 1000
                 ok = r.status == 200
-                if ok and pool.cfg.kind == "meshgate":
+                if native and ok:
                     d = orjson.loads(body)
                     ok = bool(d.get("ready", True))
                     rtt_ms -= 1000 * float(d.get("handling_s", 0.0))
                     d.pop("ready", None)
                     d["hot_prefix_hashes"] = tuple(d.get("hot_prefix_hashes", ()))
                     pool.update_load(LoadReport(**{k: v for k, v in d.items() if k in LoadReport.__slots__}))
+                elif path == "/metrics":
+                    report = parse_openai_metrics(body.decode(errors="replace")) if ok else None
+                    if report is not None:
+                        pool.update_load(report)
+                    elif r.status in (404, 405) or ok:  # no metrics, or none we know: /health from now on
+                        pool.has_metrics = False
+                        ok = ok or r.status in (404, 405)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TypeError):
             ok = False
         e = pool.endpoint
@@ -133,3 +145,30 @@ class Upstreams:
                 e.healthy = False
                 log.warning("pool %s is down (%d probes missed)", e.pool_id, pool.probe_misses)
         pool.refresh_breaker()
+
+
+# Queue gauges of OpenAI-compatible servers: name -> LoadReport field (summed over label sets).
+THIRD_PARTY_GAUGES = {
+    "vllm:num_requests_waiting": "waiting", "vllm:num_requests_running": "running",
+    "sglang:num_queue_reqs": "waiting", "sglang:num_running_reqs": "running",
+    "tgi_queue_size": "waiting", "tgi_batch_current_size": "running",
+}
+
+
+def parse_openai_metrics(text: str) -> LoadReport | None:
+    """Waiting and running requests from a third-party server's Prometheus text; None if it
+    exports none of the gauges we know."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        field = THIRD_PARTY_GAUGES.get(name)
+        if field is not None:
+            try:
+                found[field] = found.get(field, 0.0) + float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    if not found:
+        return None
+    return LoadReport(waiting=int(found.get("waiting", 0)), running=int(found.get("running", 0)))
