@@ -205,17 +205,22 @@ class GatewayServer:
                     span=span)
 
     def _deadline_s(self, headers: Mapping[str, str]) -> float:
-        deadline = self.cfg.limits.deadline_s
-        value = headers.get(DEADLINE_HEADER)
-        if value is not None:
-            try:
-                ms = float(value)
-            except ValueError:
-                raise BadRequest(f"'{DEADLINE_HEADER}' must be a number of milliseconds") from None
-            if not ms > 0:
-                raise BadRequest(f"'{DEADLINE_HEADER}' must be positive")
-            deadline = min(deadline, ms / 1000)
-        return deadline
+        ms = _ms_header(headers, DEADLINE_HEADER)
+        return self.cfg.limits.deadline_s if ms is None else min(self.cfg.limits.deadline_s, ms / 1000)
+
+
+def _ms_header(headers: Mapping[str, str], name: str) -> float | None:
+    """A positive number of milliseconds from a header, or None when absent (400 when bad)."""
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        raise BadRequest(f"'{name}' must be a number of milliseconds") from None
+    if not ms > 0:  # also refuses NaN
+        raise BadRequest(f"'{name}' must be positive")
+    return ms
 
 
 def _countries(headers: Mapping[str, str], principal: Principal | None) -> frozenset[str] | None:
@@ -229,16 +234,8 @@ def _countries(headers: Mapping[str, str], principal: Principal | None) -> froze
 
 
 def _slo_s(headers: Mapping[str, str]) -> float | None:
-    value = headers.get(SLO_HEADER)
-    if value is None:
-        return None
-    try:
-        ms = float(value)
-    except ValueError:
-        raise BadRequest(f"'{SLO_HEADER}' must be a number of milliseconds") from None
-    if not ms > 0:
-        raise BadRequest(f"'{SLO_HEADER}' must be positive")
-    return ms / 1000
+    ms = _ms_header(headers, SLO_HEADER)
+    return None if ms is None else ms / 1000
 
 
 def _prefix_key(g: GenerationRequest) -> str:
