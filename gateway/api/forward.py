@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,6 +68,9 @@ class Call:
     meter: Meter | None = field(default=None, repr=False)
 
     span: Any = field(default=None, repr=False)  # the request's trace span, when tracing is on
+    client: Any = field(default=None, repr=False)  # geo.client.ClientLocation, when known
+    decision: Any = field(default=None, repr=False)  # the routing Decision, once routed
+    on_finish: Callable[[Call, Upstream | None, int], None] | None = field(default=None, repr=False)
     finished: bool = False
 
     def finish(self, up: Upstream | None, status: int | None = None) -> None:
@@ -80,7 +83,10 @@ class Call:
         try:
             if meter is not None:
                 meter.finish(self, up)
-            end_request(self, up, status if status is not None else (up.status if up is not None else 500))
+            status = status if status is not None else (up.status if up is not None else 500)
+            end_request(self, up, status)
+            if self.on_finish is not None:
+                self.on_finish(self, up, status)  # e.g. the operator's decision log
         except Exception:  # bookkeeping must never turn a served request into a failure
             log.exception("request %s: metering or tracing failed", self.request_id)
 
@@ -175,7 +181,7 @@ class Forwarder:
         t0 = time.perf_counter()
         for pool in self.up.pools.values():
             pool.refresh_breaker()
-        decision = self.profile.route(call.route, self.up.endpoints)
+        decision = call.decision = self.profile.route(call.route, self.up.endpoints)
         self.m.routing.observe(time.perf_counter() - t0)
         if not decision.ranked:
             where = f" in {','.join(sorted(call.route.countries))}" if call.route.countries is not None else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -15,6 +16,7 @@ from gateway.pools.breaker import BreakerState, CircuitBreaker
 log = logging.getLogger("meshgate.pools")
 
 RTT_ALPHA = 0.3
+RTT_WINDOW = 20  # probe RTTs behind the windowed p90
 
 
 class Pool:
@@ -26,6 +28,14 @@ class Pool:
         self.breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown_s)
         self.probe_misses = 0
         self.probe_hits = 0
+        self.rtt_window: deque[float] = deque(maxlen=RTT_WINDOW)  # recent probe RTTs, ms
+
+    def rtt_p90_ms(self) -> float | None:
+        """The 90th percentile of the recent probe RTTs (nearest rank); None before any."""
+        if not self.rtt_window:
+            return None
+        ordered = sorted(self.rtt_window)
+        return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
         self.has_metrics = True  # third-party pools: until /metrics proves useless
 
     def refresh_breaker(self) -> None:
@@ -61,6 +71,22 @@ class Upstreams:
         self.session: aiohttp.ClientSession | None = None
         self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
         self._probe_task: asyncio.Task[None] | None = None
+        self.on_change: list[Callable[[list[Endpoint]], None]] = []  # told of pools that joined
+
+    def set_pools(self, pools: tuple[PoolConfig, ...] | list[PoolConfig]) -> None:
+        """Replace the pool set (a registry watch saw pools join or leave). Pools that stay keep
+        their state (load, RTT, breaker); requests in flight to a removed pool finish normally."""
+        old = self.pools
+        self.pools = {p.id: old[p.id] if p.id in old and old[p.id].cfg == p else Pool(p, self.up) for p in pools}
+        self.endpoints = [p.endpoint for p in self.pools.values()]
+        self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
+        joined = [p.endpoint for pid, p in self.pools.items() if old.get(pid) is not p]
+        for callback in self.on_change:
+            callback(joined)
+        if self.session is not None and joined:
+            for pid, p in self.pools.items():
+                if old.get(pid) is not p:
+                    asyncio.ensure_future(self.probe(p))
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.up.max_connections, keepalive_timeout=60,
@@ -133,6 +159,7 @@ class Upstreams:
         e = pool.endpoint
         if ok:
             e.rtt_ms = rtt_ms if e.rtt_ms is None else (1 - RTT_ALPHA) * e.rtt_ms + RTT_ALPHA * rtt_ms
+            pool.rtt_window.append(rtt_ms)
             pool.probe_hits += 1
             pool.probe_misses = 0
             if not e.healthy and pool.probe_hits >= self.probe_cfg.up_after:

@@ -18,19 +18,23 @@ class GeoView:
         opts = cfg.gateway.routing_options
         self.sites = {s.id: _site(s) for s in cfg.sites}
         self.prior = DistancePrior(opts.rtt_inflation, opts.rtt_intercept_ms)
-        self.pool_site = {p.id: p.site for p in cfg.pools}
         self.here = self.sites.get(cfg.gateway.site)
         self.prefixes = PrefixTable.from_config(opts.client_prefixes, self.sites) if opts.client_prefixes else None
 
     def attach(self, endpoints: Iterable[Endpoint]) -> None:
         """Give each endpoint its country and the RTT the distance prior expects from here."""
         for e in endpoints:
-            site = self.sites.get(self.pool_site.get(e.pool_id) or "")
+            site = self.sites.get(e.site or "")
             if site is None:
                 continue
             e.country = site.country
             if self.here is not None:
                 e.prior_rtt_ms = self.prior.rtt_between(self.here, site)
+
+    def add_sites(self, sites: Iterable[SiteConfig]) -> None:
+        """Sites learnt after start (a registry); attach() then places pools there."""
+        for s in sites:
+            self.sites[s.id] = _site(s)
 
     def client(self, headers: Mapping[str, str], client_ip: str | None) -> ClientLocation | None:
         if self.here is None:

@@ -1,0 +1,129 @@
+"""Recent routing decisions, for operators: a bounded ring buffer and a live SSE feed.
+
+DecisionLog.record is the Call.finish hook (GatewayServer.prepare attaches it, so every front's
+requests pass here exactly once). It keeps one small record per request — where the client is,
+the pool routing chose and the runner-up with their predicted TTFTs, the pool that answered and
+the TTFT measured — and hands it to live subscribers. It never blocks and never raises into the
+request: a subscriber that falls behind loses records (counted), it does not slow requests down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from gateway.core.errors import Overloaded
+
+if TYPE_CHECKING:
+    from gateway.api.forward import Call, Upstream
+
+log = logging.getLogger("meshgate.gateway")
+
+_CLOSE = None  # queued to a subscriber on shutdown: end the stream
+
+
+class DecisionLog:
+    def __init__(self, size: int = 200, max_subscribers: int = 32, queue_size: int = 256,
+                 heartbeat_s: float = 10.0):
+        self.recent: deque[dict[str, Any]] = deque(maxlen=size)
+        self.max_subscribers = max_subscribers
+        self.queue_size = queue_size
+        self.heartbeat_s = heartbeat_s
+        self.dropped = 0  # records a slow subscriber did not get
+        self._subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self._closed = False
+
+    # -- the hook -------------------------------------------------------------------------
+    def record(self, call: Call, up: Upstream | None, status: int) -> None:
+        """Call.finish's hook: one record per request that reached routing."""
+        decision = call.decision
+        if decision is None:  # refused before routing (limits, auth): not a routing decision
+            return
+        ranked = decision.ranked
+        chosen = ranked[0].pool_id if ranked else None
+        runner_up = ranked[1].pool_id if len(ranked) > 1 else None
+        loc = call.client
+        rec = {
+            "time": time.time(),
+            "request_id": call.request_id,
+            "path": call.path,
+            "client": {"source": loc.source, "site": loc.site_id, "lat": round(loc.lat, 3),
+                       "lon": round(loc.lon, 3)} if loc is not None else None,
+            "profile": decision.profile,
+            "pool": chosen,
+            "predicted_ttft_ms": _ms(decision.predicted_ms.get(chosen or "")),
+            "runner_up": runner_up,
+            "runner_up_predicted_ttft_ms": _ms(decision.predicted_ms.get(runner_up or "")),
+            "answered_by": up.pool_id if up is not None else None,
+            "failovers": up.failovers if up is not None else None,
+            "measured_ttft_ms": _ms(1000 * up.ttft_s) if up is not None else None,
+            "status": status,
+        }
+        self.recent.append(rec)
+        for q in self._subscribers:
+            try:
+                q.put_nowait(rec)
+            except asyncio.QueueFull:
+                self.dropped += 1
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The recent decisions, newest last."""
+        return list(self.recent)
+
+    # -- the live feed ----------------------------------------------------------------------
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/meshgate/decisions/stream: one `decision` event per request as it ends, a
+        comment line as heartbeat, closed by the gateway's shutdown."""
+        if self._closed:
+            raise Overloaded("the gateway is shutting down", retry_after_s=1)
+        if len(self._subscribers) >= self.max_subscribers:
+            raise Overloaded("too many decision streams open; retry later", retry_after_s=5)
+        q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.queue_size)
+        self._subscribers.add(q)
+        try:
+            out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+            await out.prepare(request)
+            await out.write(b"retry: 2000\n: meshgate decisions\n\n")
+            while True:
+                try:
+                    rec = await asyncio.wait_for(q.get(), self.heartbeat_s)
+                except TimeoutError:
+                    await out.write(b": heartbeat\n\n")
+                    continue
+                if rec is _CLOSE:
+                    break
+                batch, closing = [rec], False
+                while not q.empty() and len(batch) < 64:  # a burst goes out as one write
+                    nxt = q.get_nowait()
+                    if nxt is _CLOSE:
+                        closing = True
+                        break
+                    batch.append(nxt)
+                await out.write(b"".join(b"event: decision\ndata: " + orjson.dumps(r) + b"\n\n" for r in batch))
+                if closing:
+                    break
+            await out.write_eof()
+            return out
+        finally:
+            self._subscribers.discard(q)
+
+    async def close(self, app: web.Application | None = None) -> None:
+        """On shutdown (before handlers are awaited): end every open stream."""
+        self._closed = True
+        for q in list(self._subscribers):
+            while True:
+                try:
+                    q.put_nowait(_CLOSE)
+                    break
+                except asyncio.QueueFull:
+                    q.get_nowait()  # drop the oldest: the stream is ending anyway
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)
