@@ -57,6 +57,7 @@ def test_unmeasured_pools_use_the_distance_prior():
         "pools": [{"id": "muc-1", "site": "muc", "url": "http://x", "models": ["m"]},
                   {"id": "syd-1", "site": "syd", "url": "http://y", "models": ["m"]}]})
     eps = [ep("muc-1", None), ep("syd-1", None)]
+    eps[0].site, eps[1].site = "muc", "syd"
     GeoView(cfg).attach(eps)
     assert eps[0].prior_rtt_ms < 20 < 250 < eps[1].prior_rtt_ms
     assert eps[1].country == "AU"
