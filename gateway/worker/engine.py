@@ -18,7 +18,7 @@ from gateway.config import EngineConfig, ModelConfig
 from gateway.core.types import LoadReport
 from gateway.worker.batch import build_batch
 from gateway.worker.kv_cache import BlockManager
-from gateway.worker.request import Request, RequestStatus
+from gateway.worker.request import Request, RequestStatus, SamplingParams
 from gateway.worker.runner import Runner, make_runner
 from gateway.worker.sampler import Sampler
 from gateway.worker.scheduler import Scheduler, SchedulerConfig
@@ -72,6 +72,18 @@ class Engine:
         self.detoks: dict[str, Detokenizer] = {}
         self.stats = _StepStats()
         self.num_aborted = 0
+
+    def warm_up(self, num_tokens: int = 256) -> None:
+        """Run one prefill and a few decode steps before serving: the first steps pay one-off costs
+        (allocator, kernels), and the load report then carries a measured prefill speed from the
+        start. A pool that reported none would look as fast as the gateway's default guess."""
+        n = min(num_tokens, self.cfg.max_model_len - 8, self.cfg.max_num_batched_tokens)
+        req = Request("warm-up", [i % max(self.tokenizer.vocab_size - 1, 1) + 1 for i in range(n)],
+                      SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        self.add_request(req)
+        while self.has_work():
+            self.step()
+        self.kv.reset_prefix_cache()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:

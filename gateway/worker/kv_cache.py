@@ -136,6 +136,12 @@ class BlockManager:
         request.block_ids.clear()
         request.num_registered_blocks = 0
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (all must be free)."""
+        assert self.num_used_blocks == 0
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks
+
     def hot_prefix_hashes(self, max_count: int) -> list[int]:
         """Hashes of cached blocks, most recently used first (for the load report)."""
         used = [h for b, h in enumerate(self.block_hash) if h is not None and self.ref_counts[b] > 0]

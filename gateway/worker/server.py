@@ -70,6 +70,7 @@ class WorkerServer:
         """Load the model (off the event loop) and start the engine thread."""
         if engine is None:
             engine = await asyncio.to_thread(Engine, self.cfg.model, self.cfg.engine)
+            await asyncio.to_thread(engine.warm_up)
         aengine = AsyncEngine(engine)
         aengine.start(asyncio.get_running_loop())
         self.engine = aengine

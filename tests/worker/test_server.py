@@ -183,6 +183,7 @@ def test_load_health_ready_metrics(url):
                 "prefill_tps", "decode_tps", "queue_wait_s", "handling_s"):
         assert key in load
     assert load["kv_blocks_total"] == 256
+    assert load["prefill_tps"] > 0  # measured by the warm-up before the worker said it was ready
     httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "metrics", "max_tokens": 3}, timeout=30)
     text = httpx.get(url + "/metrics").text
     for name in ("meshgate_worker_time_to_first_token_seconds_bucket", "meshgate_worker_e2e_request_latency_seconds_count",
