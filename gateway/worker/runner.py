@@ -16,7 +16,7 @@ from gateway.worker.batch import Batch
 from gateway.worker.model import LlamaConfig, LlamaForCausalLM, load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RUNNERS = {"torch": "gateway.worker.runner:TorchRunner"}
+RUNNERS = {"torch": "gateway.worker.runner:TorchRunner", "cuda": "gateway.worker.cuda_runner:CudaRunner"}
 
 
 class Runner(Protocol):

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU check of the cuda runner (DESIGN.md §6): the gpu-marked kernel tests, then kernel and engine
+# timings (benchmarks/gpu_check.py). Writes OUTDIR/{env.txt,tests.log,tests.xml,bench.log,gpu_check.json,summary.txt}.
+# Finishes in under 5 minutes on an H100; needs torch and cuda-python (cuda.core), pytest if present.
+#
+#   benchmarks/gpu_check.sh OUTDIR          PYTHON=/path/to/python to choose the interpreter
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())'
+  "$PY" -c 'import cuda.core as c; print("cuda.core", getattr(c, "__version__", "?"))' 2>&1 | tail -1
+  "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1 | tail -1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+tests_rc=0
+if "$PY" -c 'import pytest' 2>/dev/null; then
+  # Only the GPU files: the CPU ones import the gateway's optional dependencies.
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
+    -o addopts="" --junitxml="$OUT/tests.xml" \
+    tests/kernels/test_kernels_gpu.py tests/kernels/test_cuda_runner_gpu.py 2>&1 | tail -n 60 > "$OUT/tests.log"
+  tests_rc=${PIPESTATUS[0]}
+else
+  echo "pytest not installed: kernel tests skipped (gpu_check.py still compares the runners)" > "$OUT/tests.log"
+  tests_rc=3
+fi
+cat "$OUT/tests.log"
+
+timeout 150 "$PY" -m benchmarks.gpu_check --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+{
+  echo "tests rc=$tests_rc (0 ok, 3 no pytest, 124 timeout)  bench rc=$bench_rc (0 ok, 124 timeout)"
+  grep -E "goal|tok/s|GB/s|ERROR|passed|failed" "$OUT/bench.log" "$OUT/tests.log" | tail -n 20
+} | tee "$OUT/summary.txt"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -1,0 +1,179 @@
+// Paged attention over the block table (vLLM layout): decode (one query per sequence) and
+// chunked prefill (several causal queries per sequence) share one kernel, one "row" = one query
+// token. Online softmax keeps shared memory independent of the context length.
+//
+// q:      (R, H, D) rows (R = B for decode, T for prefill), heads of a row contiguous
+// cache:  (2, num_blocks, block_size, KVH, D); K at cache, V at cache + kv_stride
+// block_table (B, max_blocks) int32, seq_lens (B,) int32, query_start_loc (B+1,) int32 or null
+// Scalars are passed one by one (no struct) so any launcher can marshal them.
+// Grid (H, R, num_partitions); NUM_WARPS warps; warp w takes tokens p0 + w, p0 + w + NUM_WARPS...
+// With num_partitions > 1 each block writes an unnormalised partial (acc, max, sum) to tmp_* and
+// paged_attention_reduce combines them (split-context for long sequences).
+#include "common.cuh"
+
+#define NUM_WARPS 4
+#define UNROLL 4
+
+// VPT consecutive elements loaded as one vector (8 or 16 bytes): the cache is 16-byte aligned
+// and every lane's offset is a multiple of VPT elements.
+template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
+
+struct AttnParams {
+  i64 kv_stride;       // elements between K and V halves of the cache
+  i64 q_stride;        // elements between query rows (views of a fused qkv projection)
+  int num_heads, num_kv_heads, block_size, max_blocks;
+  int num_seqs;        // B
+  int partition_size;  // tokens per partition (multiple of NUM_WARPS not required)
+  float scale;
+};
+
+// Which sequence a row belongs to and how many keys it sees (causal).
+__device__ __forceinline__ void row_extent(const int* seq_lens, const int* qsl, int row, int num_seqs,
+                                           int* seq, int* ctx) {
+  if (qsl == nullptr) {  // decode: row == sequence, sees the whole context
+    *seq = row;
+    *ctx = seq_lens[row];
+    return;
+  }
+  int lo = 0, hi = num_seqs - 1;  // last b with qsl[b] <= row
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (qsl[mid] <= row) lo = mid; else hi = mid - 1;
+  }
+  const int q_len = qsl[lo + 1] - qsl[lo];
+  *seq = lo;
+  *ctx = seq_lens[lo] - q_len + (row - qsl[lo]) + 1;  // query j sits at seq_len - q_len + j
+}
+
+template <typename T, int D>
+__device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float* __restrict__ tmp_ml,
+                         const T* __restrict__ q, const T* __restrict__ cache,
+                         const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                         const int* __restrict__ qsl, AttnParams p) {
+  constexpr int VPT = D / 32;  // values per lane
+  __shared__ float sh_m[NUM_WARPS], sh_l[NUM_WARPS];
+  __shared__ float sh_acc[NUM_WARPS][D];
+  const int head = blockIdx.x, row = blockIdx.y, part = blockIdx.z, num_parts = gridDim.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int seq, ctx;
+  row_extent(seq_lens, qsl, row, p.num_seqs, &seq, &ctx);
+  const int kvh = head / (p.num_heads / p.num_kv_heads);
+  const int t0 = part * p.partition_size;
+  const int t1 = min(ctx, t0 + p.partition_size);
+
+  float qv[VPT], acc[VPT];
+  const T* qrow = q + (i64)row * p.q_stride + head * D + lane * VPT;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) { qv[i] = to_f(qrow[i]) * p.scale; acc[i] = 0.f; }
+  float m = NEG_INF, l = 0.f;
+
+  const int* bt = block_table + (i64)seq * p.max_blocks;
+  const i64 tok_stride = (i64)p.num_kv_heads * D;
+  // UNROLL tokens per warp per iteration: their K and V loads are all issued before any math,
+  // so each warp keeps several 128-256 B requests in flight (the kernel is bandwidth-bound).
+  for (int t = t0 + warp; t < t1; t += NUM_WARPS * UNROLL) {
+    Vec<T, VPT> kv[UNROLL], vv[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int tt = t + u * NUM_WARPS;
+      if (tt < t1) {  // warp-uniform
+        const i64 block = bt[tt / p.block_size];
+        const i64 off = (block * p.block_size + tt % p.block_size) * tok_stride + (i64)kvh * D + lane * VPT;
+        kv[u] = *reinterpret_cast<const Vec<T, VPT>*>(cache + off);
+        vv[u] = *reinterpret_cast<const Vec<T, VPT>*>(cache + p.kv_stride + off);
+      }
+    }
+    float s[UNROLL];
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) dot += qv[i] * to_f(kv[u].v[i]);
+      s[u] = warp_sum(dot);
+      if (t + u * NUM_WARPS < t1) m_new = fmaxf(m_new, s[u]);
+    }
+    const float corr = expf(m - m_new);  // m = -inf before the first token: corr = 0
+    l *= corr;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) acc[i] *= corr;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (t + u * NUM_WARPS < t1) {
+        const float e = expf(s[u] - m_new);
+        l += e;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) acc[i] += e * to_f(vv[u].v[i]);
+      }
+    }
+    m = m_new;
+  }
+  if (lane == 0) { sh_m[warp] = m; sh_l[warp] = l; }
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) sh_acc[warp][lane * VPT + i] = acc[i];
+  __syncthreads();
+
+  // Combine the warps: thread d owns output element d.
+  float gm = NEG_INF;
+#pragma unroll
+  for (int w = 0; w < NUM_WARPS; ++w) gm = fmaxf(gm, sh_m[w]);
+  const i64 out_row = (i64)row * p.num_heads + head;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.f, gl = 0.f;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) {
+      const float f = sh_m[w] == NEG_INF ? 0.f : expf(sh_m[w] - gm);
+      a += sh_acc[w][d] * f;
+      gl += sh_l[w] * f;
+    }
+    if (num_parts == 1) {
+      out[out_row * D + d] = from_f<T>(gl > 0.f ? a / gl : 0.f);  // ctx 0 (a padded row): zeros
+    } else {
+      const i64 pi = out_row * num_parts + part;
+      tmp_out[pi * D + d] = a;
+      if (d == 0) { tmp_ml[pi * 2] = gm; tmp_ml[pi * 2 + 1] = gl; }
+    }
+  }
+}
+
+// Grid (H, R); D threads. tmp_out (R, H, P, D) fp32, tmp_ml (R, H, P, 2) fp32 -> out (R, H, D).
+template <typename T, int D>
+__device__ void attn_reduce(T* __restrict__ out, const float* __restrict__ tmp_out,
+                            const float* __restrict__ tmp_ml, int num_heads, int num_parts) {
+  const i64 out_row = (i64)blockIdx.y * num_heads + blockIdx.x;
+  const float* ml = tmp_ml + out_row * num_parts * 2;
+  float gm = NEG_INF;
+  for (int i = 0; i < num_parts; ++i) gm = fmaxf(gm, ml[2 * i]);
+  const int d = threadIdx.x;
+  float a = 0.f, gl = 0.f;
+  for (int i = 0; i < num_parts; ++i) {
+    const float mi = ml[2 * i];
+    const float f = mi == NEG_INF ? 0.f : expf(mi - gm);
+    a += tmp_out[(out_row * num_parts + i) * D + d] * f;
+    gl += ml[2 * i + 1] * f;
+  }
+  out[out_row * D + d] = from_f<T>(gl > 0.f ? a / gl : 0.f);
+}
+
+#define INSTANTIATE(T, NAME, D)                                                                     \
+  extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32)                                     \
+      paged_attention_##NAME##_d##D(T* out, float* tmp_out, float* tmp_ml, const T* q,             \
+                                    const T* cache, const int* block_table, const int* seq_lens,   \
+                                    const int* qsl, i64 kv_stride, i64 q_stride, int num_heads, int num_kv_heads, \
+                                    int block_size, int max_blocks, int num_seqs,                  \
+                                    int partition_size, float scale) {                             \
+    const AttnParams p = {kv_stride, q_stride, num_heads, num_kv_heads, block_size, max_blocks,              \
+                          num_seqs, partition_size, scale};                                         \
+    attn_row<T, D>(out, tmp_out, tmp_ml, q, cache, block_table, seq_lens, qsl, p);                 \
+  }                                                                                                 \
+  extern "C" __global__ void __launch_bounds__(D) paged_attention_reduce_##NAME##_d##D(            \
+      T* out, const float* tmp_out, const float* tmp_ml, int num_heads, int num_parts) {           \
+    attn_reduce<T, D>(out, tmp_out, tmp_ml, num_heads, num_parts);                                 \
+  }
+
+INSTANTIATE(float, float32, 64)
+INSTANTIATE(float, float32, 128)
+INSTANTIATE(Half, float16, 64)
+INSTANTIATE(Half, float16, 128)
+INSTANTIATE(BF16, bfloat16, 64)
+INSTANTIATE(BF16, bfloat16, 128)
