@@ -8,7 +8,7 @@ import getpass
 import logging
 import signal
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.command == "worker":
             pool = cfg.pool(args.pool)
-            return _run(_worker(pool, args.host or pool.host, args.port or pool.port))
+            return _run(_worker(cfg, pool, args.host or pool.host, args.port or pool.port))
         gw = cfg.gateway
         cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(gw, host=getattr(args, "host", None) or gw.host,
                                                                    port=args.port or gw.port,
@@ -85,9 +85,12 @@ def _run(coro: Awaitable[int]) -> int:
 
 
 async def _run_server(app: web.Application, host: str, port: int, drain_timeout_s: float, what: str,
-                      ready: Awaitable[None] | None = None, grpc: RpcFront | None = None) -> int:
+                      ready: Awaitable[None] | None = None, grpc: RpcFront | None = None,
+                      on_ready: Callable[[], None] | None = None,
+                      before_drain: Callable[[], Awaitable[None]] | None = None) -> int:
     """Bind, wait until ready, log the listening line, serve until SIGINT/SIGTERM, then drain.
-    The gRPC front, when given, binds after HTTP (its calls need the upstreams HTTP's startup opens)."""
+    The gRPC front, when given, binds after HTTP (its calls need the upstreams HTTP's startup opens).
+    on_ready / before_drain: a worker registers in etcd once ready, and leaves it before draining."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -122,18 +125,32 @@ async def _run_server(app: web.Application, host: str, port: int, drain_timeout_
             rc = 1
     if rc == 0 and not stop.is_set():
         log.info("listening http=%s:%d grpc=%s %s", host, port, grpc_addr, what)
+        if on_ready is not None:
+            on_ready()
         await stop.wait()
+        if before_drain is not None:
+            await before_drain()
         log.info("stopping: draining in-flight requests (up to %g s)", drain_timeout_s)
     await runner.cleanup()
     return rc
 
 
-async def _worker(pool: PoolConfig, host: str, port: int) -> int:
+async def _worker(cfg: Config, pool: PoolConfig, host: str, port: int) -> int:
+    from gateway.discovery import pool_registrant
     from gateway.worker.server import WorkerServer  # torch lives behind this import
 
     server = WorkerServer(pool)
+    reg = pool_registrant(cfg, pool)  # None with static discovery
+
+    async def leave() -> None:  # gateways stop sending before the drain starts
+        assert reg is not None
+        await reg.stop()
+        await asyncio.sleep(cfg.discovery.deregister_wait_s)
+
     return await _run_server(server.make_app(), host, port, pool.drain_timeout_s,
-                             f"pool={pool.id} model={pool.model.name}", ready=server.start_engine())
+                             f"pool={pool.id} model={pool.model.name}", ready=server.start_engine(),
+                             on_ready=reg.start if reg else None,
+                             before_drain=leave if reg else None)
 
 
 async def _serve(cfg: Config) -> int:
@@ -143,13 +160,16 @@ async def _serve(cfg: Config) -> int:
     gw = cfg.gateway
     server = GatewayServer(cfg)
     app = server.make_app()
+    from gateway.discovery import attach_gateway
+
+    attach_gateway(server, app, cfg)  # discovery etcd: pools from the registry; static: nothing
     front: RpcFront | None = None
     if gw.grpc_port is not None:
         front = rpc = RpcFront(server, gw.host, gw.grpc_port)
         # On shutdown, after HTTP stops listening and before the upstreams close: gRPC calls drain too.
         app.on_shutdown.append(lambda _: rpc.stop(gw.drain_timeout_s))
     return await _run_server(app, gw.host, gw.port, gw.drain_timeout_s,
-                             f"site={gw.site} pools={len(cfg.pools)}", grpc=front)
+                             f"site={gw.site} pools={len(cfg.pools)} discovery={cfg.discovery.kind}", grpc=front)
 
 
 async def _up(cfg: Config, config_path: str, log_level: str) -> int:

@@ -258,11 +258,61 @@ class GatewayConfig:
     access_log: bool = True  # one JSON line per request on the meshgate.access logger
 
 
+DISCOVERY_KINDS = ("static", "etcd")
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """Which sites, pools and gateways exist (DESIGN.md §1). Top level, not under `gateway`: pool
+    workers read it too (they register themselves). static: the YAML's pools (the embedded default).
+    etcd: pools and gateways register under `{prefix}pools/{id}` and `{prefix}gateways/{id}` with a
+    lease; gateways list and watch the prefix. Load never goes through etcd."""
+
+    kind: str = "static"  # static | etcd
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)  # host:port of etcd members, tried in turn
+    prefix: str = "/meshgate/"
+    lease_ttl_s: int = 10  # a registrant that stops refreshing vanishes this long after (etcd: whole seconds)
+    timeout_s: float = 2.0  # every etcd call
+    confirm_s: float = 1.0  # how often a gateway confirms its view is current (a cheap read)
+    republish_s: float = 30.0  # registrants rewrite their entry (fresh coordinates) this often
+    backoff_max_s: float = 5.0  # reconnect backoff cap (doubling from 0.1 s, with jitter)
+    deregister_wait_s: float = 1.0  # on drain: after deleting its key, a pool waits this long for watches
+    instance_id: str | None = None  # a gateway's key; default {site}-{hostname}-{port}
+    advertise_url: str | None = None  # how others reach this gateway; default http://host:port
+    ca_file: str | None = None  # TLS: a CA bundle turns TLS on
+    cert_file: str | None = None  # client certificate (mutual TLS), with key_file
+    key_file: str | None = None
+    username: str | None = None  # etcd auth, with password
+    password: str | None = None
+
+    def validate(self, path: str) -> None:
+        if self.kind not in DISCOVERY_KINDS:
+            raise ConfigError(f"{path}.kind: expected static or etcd, got {self.kind!r}")
+        if self.kind == "etcd" and not self.endpoints:
+            raise ConfigError(f"{path}.endpoints: etcd discovery needs at least one host:port")
+        for i, ep in enumerate(self.endpoints):
+            host, _, port = ep.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"{path}.endpoints[{i}]: expected host:port, got {ep!r}")
+        if not (self.prefix.startswith("/") and self.prefix.endswith("/")):
+            raise ConfigError(f"{path}.prefix: must start and end with '/', got {self.prefix!r}")
+        if self.lease_ttl_s < 2:  # etcd's minimum lease TTL
+            raise ConfigError(f"{path}.lease_ttl_s: must be at least 2")
+        for name in ("timeout_s", "confirm_s", "republish_s", "backoff_max_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{path}.{name}: must be positive")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError(f"{path}: cert_file and key_file go together")
+        if (self.username is None) != (self.password is None):
+            raise ConfigError(f"{path}: username and password go together")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     sites: tuple[SiteConfig, ...] = ()
     pools: tuple[PoolConfig, ...] = ()
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     def pool(self, pool_id: str | None) -> PoolConfig:
         if not self.pools:
@@ -292,6 +342,7 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     cfg.gateway.limits.validate("gateway.limits")
     cfg.gateway.auth.validate("gateway.auth")
     cfg.gateway.usage_log.validate("gateway.usage_log")
+    cfg.discovery.validate("discovery")
     for i, p in enumerate(cfg.pools):
         p.engine.validate(f"pools[{i}].engine")
     for i, p in enumerate(cfg.pools):

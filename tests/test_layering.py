@@ -16,6 +16,7 @@ ALLOWED = {
     "gateway.worker": {"gateway.core", "gateway.config", "kernels"},
     "gateway.routing": {"gateway.core", "gateway.config", "geo"},
     "gateway.pools": {"gateway.core", "gateway.config"},
+    "gateway.registry": {"gateway.core", "gateway.config"},
     "gateway.api": {"gateway.core", "gateway.config", "gateway.routing", "gateway.pools"},
     "gateway.rpc": {"gateway.core", "gateway.config", "gateway.routing", "gateway.pools"},
 }

@@ -5,13 +5,14 @@ request against its key's rate limits and attaches the metering hook that Call.f
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import orjson
 
@@ -20,9 +21,11 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.api.auth import PRIORITIES, PRIORITY_HEADER, Admission, Principal
+from gateway.api.decisions import DecisionLog
 from gateway.api.forward import Call, Forwarder, StreamBroken, Upstream
 from gateway.api.metering import Metering, estimate_prompt_tokens
 from gateway.api.metrics import GatewayMetrics
+from gateway.api.operator import OperatorView
 from gateway.api.tracing import Tracing
 from gateway.config import Config, ConfigError
 from gateway.core.errors import BadRequest, InternalError, NotFound, Overloaded, PayloadTooLarge
@@ -66,6 +69,12 @@ class GatewayServer:
         self.admission = Admission(self.cfg.auth, self.cfg.limits, self.metrics)
         self.metering = Metering(self.cfg.usage_log, self.metrics)
         self.tracing = Tracing(self.cfg.tracing)
+        self.decisions = DecisionLog()  # recent routing decisions, for the operator's view
+        self.operator = OperatorView(self, cfg.sites)
+        # GET /v1/meshgate/gateways: just this one; with discovery etcd, gateway/discovery.py puts the registry's list here
+        self._site = next((dataclasses.asdict(s) for s in cfg.sites if s.id == self.cfg.site), {"id": self.cfg.site})
+        self.gateway_list: Callable[[], list[dict[str, object]]] = lambda: [
+            {"id": self.cfg.site, "url": f"http://{self.cfg.host}:{self.cfg.port}", "site": self._site}]
         if not self.cfg.access_log:
             logging.getLogger("meshgate.access").setLevel(logging.WARNING)
         self.created = int(time.time())
@@ -84,6 +93,8 @@ class GatewayServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/v1/meshgate/gateways", self.gateways)
+        self.operator.add_routes(app)  # /v1/meshgate/mesh, /v1/meshgate/decisions/stream, /dashboard
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         app.on_response_prepare.append(self._add_headers)
@@ -117,6 +128,10 @@ class GatewayServer:
         if self.upstreams.any_available():
             return json_response({"status": "ready"})
         return json_response({"status": "no healthy pool"}, 503)
+
+    async def gateways(self, request: web.Request) -> web.Response:
+        self.admission.authenticate(request.headers)  # who runs where is for callers with a key
+        return json_response({"object": "list", "data": self.gateway_list()})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -197,13 +212,13 @@ class GatewayServer:
         up_body, meter = self.metering.track(ticket, g, body, rid, prompt_est)
         route = RouteRequest(model=g.model, prompt_chars=prompt_chars, max_tokens=g.max_tokens,
                              priority=PRIORITIES.get(ticket.priority or "", 0),
-                             client_rtt_ms=self.geo.client_rtt_ms(self.geo.client(headers, client_ip)),
+                             client_rtt_ms=self.geo.client_rtt_ms(loc := self.geo.client(headers, client_ip)),
                              countries=_countries(headers, principal), ttft_slo_s=_slo_s(headers),
                              prefix_key=_prefix_key(g))
         span = self.tracing.start(f"POST {path}", headers, up_headers)
         return Call(path=path, body=up_body, stream=g.stream, route=route, headers=up_headers, request_id=rid,
                     arrival=arrival, deadline=deadline, principal=principal, priority=ticket.priority, meter=meter,
-                    span=span)
+                    span=span, client=loc, on_finish=self.decisions.record)
 
     def _deadline_s(self, headers: Mapping[str, str]) -> float:
         ms = _ms_header(headers, DEADLINE_HEADER)

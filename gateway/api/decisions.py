@@ -9,7 +9,6 @@ request: a subscriber that falls behind loses records (counted), it does not slo
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -21,8 +20,6 @@ from gateway.core.errors import Overloaded
 
 if TYPE_CHECKING:
     from gateway.api.forward import Call, Upstream
-
-log = logging.getLogger("meshgate.gateway")
 
 _CLOSE = None  # queued to a subscriber on shutdown: end the stream
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 import aiohttp
@@ -28,6 +29,7 @@ class Pool:
         self.breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown_s)
         self.probe_misses = 0
         self.probe_hits = 0
+        self.has_metrics = True  # third-party pools: until /metrics proves useless
         self.rtt_window: deque[float] = deque(maxlen=RTT_WINDOW)  # recent probe RTTs, ms
 
     def rtt_p90_ms(self) -> float | None:
@@ -36,7 +38,6 @@ class Pool:
             return None
         ordered = sorted(self.rtt_window)
         return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-        self.has_metrics = True  # third-party pools: until /metrics proves useless
 
     def refresh_breaker(self) -> None:
         self.endpoint.breaker_open = self.breaker.state == BreakerState.OPEN

@@ -23,20 +23,25 @@ class Harness:
         self.url = ""
         self.session: aiohttp.ClientSession | None = None
 
-    async def start(self, names: list[str], routing: str = "round-robin", **gateway: object) -> None:
+    async def start(self, names: list[str], routing: str = "round-robin", sites: dict[str, dict] | None = None,
+                    **gateway: object) -> None:
+        """sites: pool name -> its site ({id, name, country, lat, lon}), for geography-aware tests."""
         pools = []
         for n in names:
             stub = StubPool(n)
             url = await stub.start()
             self.stubs[n] = stub
             pools.append({"id": n, "url": url, "models": [MODEL]})
+            if sites and n in sites:
+                pools[-1]["site"] = sites[n]["id"]
         port = free_port()
         gw = {"port": port, "routing": routing,
               "probe": {"period_s": 0.1, "timeout_s": 0.2, "down_after": 2, "up_after": 1},
               "upstream": {"first_byte_timeout_s": 0.5, "breaker_failures": 3, "breaker_cooldown_s": 0.5}}
         for k, v in gateway.items():
             gw[k] = {**gw[k], **v} if isinstance(v, dict) and k in gw else v  # type: ignore[dict-item]
-        self.server = GatewayServer(config_from_dict({"gateway": gw, "pools": pools}))
+        site_list = list({s["id"]: s for s in (sites or {}).values()}.values())
+        self.server = GatewayServer(config_from_dict({"gateway": gw, "pools": pools, "sites": site_list}))
         self.runner = web.AppRunner(self.server.make_app(), handler_cancellation=True)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", port).start()

@@ -34,7 +34,7 @@ def mesh(tmp_path_factory):
     cfg = tmp / "mesh.yaml"
     cfg.write_text(yaml.safe_dump({
         "gateway": {"site": "fra", "port": port, "routing": "latency",
-                    "probe": {"period_s": PROBE_S, "timeout_s": 0.5, "down_after": 1, "up_after": 1}},
+                    "probe": {"period_s": PROBE_S, "timeout_s": 1.0, "down_after": 2, "up_after": 1}},
         "sites": SITES, "pools": pools}))
     proc = Proc(["up", "--config", str(cfg)], ready_marker="meshgate is up", timeout_s=180)
     url = f"http://127.0.0.1:{port}"
@@ -113,5 +113,5 @@ def test_killed_pool_is_routed_around_within_a_probe_period(mesh):
     got = [route(url) for _ in range(5)]  # failover covers the gap before the probe notices
     assert "fra-1" not in got and set(got) == {"muc-1"}
     assert wait_until(lambda: 'meshgate_pool_healthy{pool="fra-1"} 0.0' in httpx.get(url + "/metrics").text,
-                      timeout_s=2 * PROBE_S + 1)
+                      timeout_s=2 * PROBE_S + 3)
     assert time.monotonic() - t0 < 5

@@ -7,7 +7,7 @@ geopandas 0.14 wheel (dropped in 1.0), which this reads without installing geopa
     python gateway/api/static/make_land.py /tmp/ne/geopandas/datasets/naturalearth_lowres/naturalearth_lowres.shp
 
 Output: {"source": ..., "rings": [[lon0, lat0, lon1, lat1, ...], ...]} in tenths of a degree
-(integers), each ring simplified (Douglas-Peucker, 0.25 degree) and tiny islands dropped.
+(integers), each ring simplified (Douglas-Peucker, 0.12 degree) and tiny islands dropped.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import struct
 import sys
 from pathlib import Path
 
-TOLERANCE_DEG = 0.25
+TOLERANCE_DEG = 0.12
 MIN_POINTS = 4
 
 

@@ -1,0 +1,165 @@
+"""The operator's view: the mesh as this gateway sees it (JSON), the dashboard page, the decision feed.
+
+    GET /v1/meshgate/mesh               sites, pools (health, breaker, RTT, load, predicted TTFT),
+                                        the links this gateway measures, recent routing decisions
+    GET /v1/meshgate/decisions/stream   routing decisions as they happen (SSE, heartbeats)
+    GET /dashboard                      one self-contained HTML page over the two (no external assets)
+
+With gateway.auth on, all three need a valid API key, as the API does: `Authorization: Bearer KEY`,
+or HTTP Basic with the key as the password (any user name), which is what a browser can send: the
+401 asks for it, and the browser then sends it with the page's own requests too.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import web
+
+from gateway.core.errors import APIError
+from gateway.core.http import error_response, json_response
+from gateway.core.types import Endpoint, RouteRequest
+from gateway.pools.breaker import BreakerState
+
+if TYPE_CHECKING:
+    from gateway.api.app import GatewayServer
+
+STATIC = Path(__file__).with_name("static")
+# "A typical request": a 512-token prompt from a client at this gateway's site.
+TYPICAL_PROMPT_CHARS = 2048
+_LAND_MARK = "/*__LAND__*/null"
+_BREAKER = {BreakerState.CLOSED: "closed", BreakerState.HALF_OPEN: "half-open", BreakerState.OPEN: "open"}
+
+
+class OperatorView:
+    def __init__(self, server: GatewayServer, cfg_sites: tuple[Any, ...]):
+        self.s = server
+        self.sites = [{"id": x.id, "name": x.name or x.id, "country": x.country.upper(), "lat": x.lat, "lon": x.lon}
+                      for x in cfg_sites]
+        self.site_ids = {x["id"] for x in self.sites}
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/meshgate/mesh", self.mesh)
+        app.router.add_get("/v1/meshgate/decisions/stream", self.stream)
+        app.router.add_get("/dashboard", self.dashboard)
+        app.on_shutdown.append(self.s.decisions.close)
+
+    # -- handlers -------------------------------------------------------------------------
+    async def mesh(self, request: web.Request) -> web.Response:
+        if (denied := self._authorize(request)) is not None:
+            return denied
+        return json_response(self.snapshot())
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._authorize(request)) is not None:
+            return denied
+        return await self.s.decisions.stream(request)
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        if (denied := self._authorize(request)) is not None:
+            return denied
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache",
+                                     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                                                "script-src 'unsafe-inline'; img-src 'self' data:"})
+
+    @cached_property
+    def _page(self) -> bytes:
+        """dashboard.html with the land outline inlined: one file, nothing else to fetch."""
+        html = (STATIC / "dashboard.html").read_text()
+        land = (STATIC / "land.json").read_text()
+        return html.replace(_LAND_MARK, land).encode()
+
+    def _authorize(self, request: web.Request) -> web.Response | None:
+        """None when the caller may look; else the 401 to send (asking browsers for Basic auth)."""
+        if not self.s.admission.enabled:
+            return None
+        headers: Any = request.headers
+        scheme, _, value = headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                _, _, key = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                key = ""
+            headers = {"Authorization": f"Bearer {key}"}
+        try:
+            self.s.admission.authenticate(headers)
+        except APIError as e:
+            resp = error_response(e)
+            resp.headers["WWW-Authenticate"] = 'Basic realm="meshgate", charset="UTF-8"'
+            return resp
+        return None
+
+    # -- the snapshot ---------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        here = self.s.cfg.site
+        pools = [self._pool(p) for p in self.s.upstreams.pools.values()]
+        sites = self.sites + [{"id": sid, "name": sid, "country": "", "lat": None, "lon": None}
+                              for sid in sorted({p["site"] for p in pools if p["site"]} - self.site_ids)]
+        links: dict[str, dict[str, Any]] = {}
+        for p in pools:  # one link per remote site: its best-measured pool
+            if p["site"] is None or p["rtt_ms"] is None:
+                continue
+            link = links.get(p["site"])
+            if link is None or p["rtt_ms"] < link["rtt_ms"]:
+                links[p["site"]] = {"from": here, "to": p["site"], "rtt_ms": p["rtt_ms"], "rtt_p90_ms": p["rtt_p90_ms"],
+                                    "pool": p["id"]}
+        return {
+            "time": time.time(),
+            "gateway": {"site": here, "routing": self.s.forwarder.profile.name, "in_flight": self.s.in_flight,
+                        "typical_prompt_tokens": TYPICAL_PROMPT_CHARS // 4},
+            "sites": sites,
+            "pools": pools,
+            "links": list(links.values()),
+            "decisions": self.s.decisions.snapshot(),
+        }
+
+    def _pool(self, pool: Any) -> dict[str, Any]:
+        e: Endpoint = pool.endpoint
+        load = e.load
+        capacity = pool.cfg.engine.max_num_seqs if pool.cfg.kind == "meshgate" else None
+        return {
+            "id": e.pool_id,
+            "site": e.site,
+            "country": e.country,
+            "kind": e.kind,
+            "url": _no_credentials(e.url),
+            "models": sorted(e.models),
+            "healthy": e.healthy,
+            "breaker": _BREAKER.get(pool.breaker.state, str(pool.breaker.state)),
+            "rtt_ms": _r(e.rtt_ms),
+            "rtt_p90_ms": _r(pool.rtt_p90_ms()),
+            "prior_rtt_ms": _r(e.prior_rtt_ms),
+            "in_flight": e.in_flight,
+            "capacity": capacity,
+            "queue": {"waiting": load.waiting, "running": load.running} if load is not None else None,
+            "kv_use": round(load.kv_blocks_used / load.kv_blocks_total, 4)
+            if load is not None and load.kv_blocks_total else None,
+            "load_age_s": _r(time.monotonic() - e.load_at) if load is not None else None,
+            "predicted_ttft_ms": self._predict_ms(e),
+        }
+
+    def _predict_ms(self, e: Endpoint) -> float | None:
+        predictor = self.s.forwarder.profile.predictor
+        if predictor is None or not e.models:
+            return None
+        req = RouteRequest(model=min(e.models), prompt_chars=TYPICAL_PROMPT_CHARS)
+        return _r(1000 * predictor.predict_s(req, e))
+
+
+def _no_credentials(url: str) -> str:
+    u = urlsplit(url)
+    if u.username is None and u.password is None:
+        return url
+    host = u.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    return urlunsplit((u.scheme, netloc + (f":{u.port}" if u.port else ""), u.path, u.query, u.fragment))
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)

@@ -1,0 +1,121 @@
+"""Glue between the etcd registry (gateway/registry) and the two servers: a gateway follows the
+registry's pool set and registers itself; a worker registers its pool. Only with discovery: etcd;
+static discovery changes nothing. Lives outside gateway/api so the HTTP front does not depend on
+the registry (DESIGN.md §2)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from gateway.config import Config, PoolConfig
+from gateway.registry import GatewayRecord, PoolRecord, Registrant, RegistryView, pool_record, site_of
+from gateway.registry.records import GATEWAYS, POOLS, encode
+
+if TYPE_CHECKING:
+    from gateway.api.app import GatewayServer
+
+log = logging.getLogger("meshgate.registry")
+
+
+def gateway_record(cfg: Config) -> GatewayRecord:
+    gw, d = cfg.gateway, cfg.discovery
+    host = socket.gethostname() if gw.host in ("0.0.0.0", "::", "") else gw.host
+    gid = d.instance_id or f"{gw.site}-{socket.gethostname()}-{gw.port}"
+    return GatewayRecord(id=gid, url=d.advertise_url or f"http://{host}:{gw.port}", site=site_of(cfg, gw.site))
+
+
+def attach_gateway(server: GatewayServer, app: web.Application, cfg: Config) -> RegistryView | None:
+    """With discovery etcd: the gateway's pools follow the registry (the YAML's pools, if any, are
+    only the view until etcd first answers); it registers itself; /metrics gains
+    meshgate_registry_stale_seconds; /v1/meshgate/gateways lists the registry's gateways."""
+    d = cfg.discovery
+    if d.kind != "etcd":
+        return None
+    view = RegistryView(d)
+    me = gateway_record(cfg)
+    follow = _Follower(server, view, cfg)
+    view.on_change.append(follow)
+    server.metrics.registry.register(view.collector())  # type: ignore[arg-type]
+    server.gateway_list = lambda: [dataclasses.asdict(g) for g in sorted(view.gateways.values(), key=lambda g: g.id)] \
+        or [dataclasses.asdict(me)]
+    registrant = Registrant(d, f"{d.prefix}{GATEWAYS}{me.id}", lambda: encode(me))
+
+    async def start(_: web.Application) -> None:
+        await view.start(wait_s=2 * d.timeout_s)
+        registrant.start()
+
+    async def deregister(_: web.Application) -> None:
+        await registrant.stop()
+
+    async def stop(_: web.Application) -> None:
+        await view.stop()
+
+    app.on_startup.append(start)  # after the server's own start: probes of registry pools need its session
+    app.on_shutdown.append(deregister)
+    app.on_cleanup.append(stop)
+    return view
+
+
+class _Follower:
+    """Sets the gateway's pools to the registry's, plus lapsed ones (key gone without a drain)
+    that still answer: etcd may have expired a live pool's lease because the pool, not the pool's
+    process, lost etcd (a partition), and a lost registry must not stop traffic. A lapsed pool is
+    probed at once; it stays while it answers after the lapse, for up to `grace_s`, unless it
+    registers again (then it is simply back)."""
+
+    def __init__(self, server: GatewayServer, view: RegistryView, cfg: Config):
+        self.server = server
+        self.view = view
+        probe = cfg.gateway.probe
+        self.check_s = probe.timeout_s + 0.1  # time for the probe fired at the lapse to answer
+        self.grace_s = 2 * cfg.discovery.lease_ttl_s + cfg.discovery.backoff_max_s
+        self._probed: set[str] = set()
+        self._recheck: asyncio.TimerHandle | None = None
+
+    def __call__(self, pools: dict[str, PoolRecord] | None = None) -> None:
+        routable = dict(self.view.pools)
+        for pid, rec in self._lapsed_alive().items():
+            routable.setdefault(pid, rec)
+        self.server.geo.add_sites([r.site for r in routable.values() if r.site is not None])
+        self.server.upstreams.set_pools([r.pool_config() for r in routable.values()])
+
+    def _lapsed_alive(self) -> dict[str, PoolRecord]:
+        now = time.monotonic()
+        alive: dict[str, PoolRecord] = {}
+        for pid, (rec, since) in list(self.view.lapsed.items()):
+            pool = self.server.upstreams.pools.get(pid)
+            answered = pool is not None and pool.endpoint.load_at > since
+            if pid in self.view.pools or pool is None or now - since > self.grace_s or (
+                    not answered and now - since > self.check_s):
+                del self.view.lapsed[pid]
+                self._probed.discard(pid)
+                if pid not in self.view.pools:
+                    log.info("registry: pool %s left (lease lapsed%s)", pid, ", answering" if answered else "")
+                continue
+            alive[pid] = rec
+            if pid not in self._probed and self.server.upstreams.session is not None:
+                self._probed.add(pid)
+                asyncio.ensure_future(self.server.upstreams.probe(pool))
+        if alive and self._recheck is None:
+            self._recheck = asyncio.get_running_loop().call_later(self.check_s, self._again)
+        return alive
+
+    def _again(self) -> None:
+        self._recheck = None
+        self()
+
+
+def pool_registrant(cfg: Config, pool: PoolConfig) -> Registrant | None:
+    """The worker's entry, registered once its engine is ready; None with static discovery."""
+    d = cfg.discovery
+    if d.kind != "etcd":
+        return None
+    record = pool_record(cfg, pool)
+    return Registrant(d, f"{d.prefix}{POOLS}{pool.id}", lambda: encode(record),
+                      farewell=lambda: encode(dataclasses.replace(record, draining=True)))
