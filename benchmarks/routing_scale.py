@@ -1,0 +1,315 @@
+"""Routing at mesh scale: one decision with 1,100 pools in the registry, and the gateway's mesh view.
+
+    python -m benchmarks.routing_scale [--quick] [--json PATH]
+
+One gateway's view of a 1,100-site mesh (benchmarks.mesh_sim's, from ../shared data when present,
+else its synthetic mesh of the same size): an Endpoint per pool with a LoadReport (64 hot-prefix
+hashes, the worker's maximum), a measured RTT, its country and prior. Timed per decision, for the
+latency profile and the baselines:
+
+  all         Profile.route(request, all 1,100 endpoints): what gateway/api/forward.py does today;
+  candidates  CandidateSet.select(request) (below: the k_near pools with the lowest estimated RTT that
+              are healthy, serve the model and satisfy residency, plus k_spill from a list ranked by
+              RTT + reported queue wait) and Profile.route over those.
+
+Also: CandidateSet.refresh() (once per probe period, off the request path), a k sweep for the
+latency profile, and tracemalloc of building the view (endpoints + reports + candidate structure).
+Requests vary: prompt sizes, 20 % pinned to the gateway's country; loads and in-flight counts are
+re-drawn every 100 decisions so the picks move. Timings are wall clock; the machine is shared, so
+each set of decisions runs 3 times and the least disturbed round's percentile is reported.
+"""
+from __future__ import annotations
+
+import gc
+import heapq
+import math
+import random
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common
+from gateway.config import RoutingOptions
+from gateway.core.types import Endpoint, LoadReport, RouteRequest
+from gateway.routing.framework import Profile
+from gateway.routing.latency import UNKNOWN_RTT_MS
+from gateway.routing.plugins import PROFILES, build_profile
+
+MODEL = "meshgate-tiny"
+HOT_PREFIXES = 64  # gateway/worker/engine.py MAX_HOT_PREFIXES: the largest report a pool sends
+GOAL_P99_US = 100.0
+GOAL_MEMORY_MB = 50.0
+K_DEFAULT = (16, 8)  # (k_near, k_spill)
+K_SWEEP = ((8, 4), (12, 4), (16, 8), (24, 8), (32, 0))
+ROUNDS = 3
+
+
+class CandidateSet:
+    """The endpoints one routing decision considers, out of a large mesh (the proposed
+    gateway/routing/candidates.py; the simulator uses the same rule).
+
+    `refresh()` runs once per probe period, off the request path: it sorts the endpoints by
+    estimated RTT (measured EWMA, else the prior) and keeps, per country, the same order (for
+    residency), and ranks a spill list by RTT + the pool's reported queue wait, so that when the
+    nearby pools are busy a farther idle one is still a candidate. `select(req)` walks the near
+    order and takes the first `k_near` usable endpoints (healthy, circuit closed, serving the model,
+    allowed by residency), then adds up to `k_spill` from the spill list. A health change needs no
+    refresh: the walk skips it. Cost: O(k) per decision, unless most near pools are down."""
+
+    def __init__(self, endpoints: Sequence[Endpoint], k_near: int = K_DEFAULT[0], k_spill: int = K_DEFAULT[1]):
+        self.endpoints = list(endpoints)
+        self.k_near, self.k_spill = k_near, k_spill
+        self._near: list[Endpoint] = []
+        self._near_cc: dict[str, list[Endpoint]] = {}
+        self._spill: list[Endpoint] = []
+        self.refresh()
+
+    @staticmethod
+    def rtt_ms(e: Endpoint) -> float:
+        ms = e.rtt_ms if e.rtt_ms is not None else e.prior_rtt_ms
+        return ms if ms is not None else UNKNOWN_RTT_MS
+
+    def refresh(self) -> None:
+        self._near = sorted(self.endpoints, key=self.rtt_ms)
+        by_cc: dict[str, list[Endpoint]] = {}
+        for e in self._near:
+            by_cc.setdefault(e.country or "", []).append(e)
+        self._near_cc = by_cc
+        m = 2 * (self.k_near + self.k_spill)
+        self._spill = heapq.nsmallest(m, self.endpoints, key=lambda e: self.rtt_ms(e) + 1000.0 * (
+            e.load.queue_wait_s if e.load is not None else 0.0))
+
+    def select(self, req: RouteRequest) -> list[Endpoint]:
+        countries, model = req.countries, req.model
+        if countries is not None and len(countries) == 1:
+            (cc,) = countries
+            near = self._near_cc.get(cc, [])
+        else:
+            near = self._near
+        out: list[Endpoint] = []
+        for e in near:
+            if e.healthy and not e.breaker_open and model in e.models and (countries is None or e.country in countries):
+                out.append(e)
+                if len(out) == self.k_near:
+                    break
+        want = len(out) + self.k_spill
+        for e in self._spill:
+            if len(out) >= want:
+                break
+            if (e.healthy and not e.breaker_open and model in e.models and e not in out
+                    and (countries is None or e.country in countries)):
+                out.append(e)
+        return out
+
+
+# -- the view ----------------------------------------------------------------------------------
+def make_view(rtt_ms: Sequence[float], prior_ms: Sequence[float], countries: Sequence[str], slots: Sequence[int],
+              seed: int = 0) -> list[Endpoint]:
+    """One gateway's Endpoints: measured RTT, prior, country, and a full-size load report."""
+    rng = random.Random(seed)
+    out = []
+    for p, (rtt, prior, cc, n) in enumerate(zip(rtt_ms, prior_ms, countries, slots)):
+        e = Endpoint(f"p{p:04d}", f"http://10.{p // 256}.{p % 256}.1:8101", f"s{p:04d}", "meshgate",
+                     frozenset({MODEL}))
+        e.country, e.prior_rtt_ms, e.rtt_ms = cc, float(prior), float(rtt)
+        e.load = random_report(rng, int(n))
+        e.load_at = time.monotonic()
+        out.append(e)
+    return out
+
+
+def random_report(rng: random.Random, slots: int) -> LoadReport:
+    running = rng.randint(0, slots)
+    waiting = rng.randint(0, 4) if running == slots else 0
+    queued = waiting * rng.randint(32, 512)
+    return LoadReport(waiting=waiting, running=running, queued_prompt_tokens=queued, kv_blocks_used=running * 20,
+                      kv_blocks_total=2048, prefill_tps=24_000.0, decode_tps=60.0 * running,
+                      queue_wait_s=queued / 24_000.0,
+                      hot_prefix_hashes=tuple(rng.getrandbits(63) for _ in range(HOT_PREFIXES)), handling_s=1e-4)
+
+
+def reshuffle(eps: list[Endpoint], rng: random.Random) -> None:
+    """New loads for a tenth of the pools (what a probe period brings) and in-flight counts."""
+    for e in rng.sample(eps, max(1, len(eps) // 10)):
+        assert e.load is not None
+        running = rng.randint(0, 32)
+        e.load = replace(e.load, running=running, waiting=rng.randint(0, 3), queue_wait_s=rng.random() * 0.05)
+        e.in_flight = rng.randint(0, 3)
+
+
+def requests(num: int, home: str, seed: int = 1) -> list[RouteRequest]:
+    rng = random.Random(seed)
+    pinned = frozenset({home})
+    return [RouteRequest(MODEL, prompt_chars=4 * int(math.exp(rng.uniform(math.log(32), math.log(512)))),
+                         client_rtt_ms=rng.uniform(5, 20), countries=pinned if rng.random() < 0.2 else None)
+            for _ in range(num)]
+
+
+# -- timing ----------------------------------------------------------------------------------
+def time_decisions(decide: Callable[[RouteRequest], Any], reqs: list[RouteRequest], eps: list[Endpoint],
+                   rounds: int = ROUNDS, seed: int = 2) -> dict[str, Any]:
+    """decide(req) per request, timed alone; loads move every 100 decisions (not timed). The machine
+    is shared, so the requests run `rounds` times and each percentile is the least disturbed round's
+    (the per-round figures are kept too)."""
+    rng = random.Random(seed)
+    clock = time.perf_counter_ns
+    p50, p99, mean = [], [], []
+    for _ in range(rounds):
+        ns: list[int] = []
+        gc.collect()
+        for i, req in enumerate(reqs):
+            if i % 100 == 0:
+                reshuffle(eps, rng)
+            t0 = clock()
+            decide(req)
+            ns.append(clock() - t0)
+        p50.append(common.percentile(ns, 50) / 1000)
+        p99.append(common.percentile(ns, 99) / 1000)
+        mean.append(sum(ns) / len(ns) / 1000)
+    return {"p50_us": min(p50), "p99_us": min(p99), "mean_us": min(mean), "num": len(reqs),
+            "rounds_p50_us": p50, "rounds_p99_us": p99}
+
+
+def candidate_route(profile: Profile, cs: CandidateSet) -> Callable[[RouteRequest], Any]:
+    def decide(req: RouteRequest) -> Any:
+        return profile.route(req, cs.select(req))
+    return decide
+
+
+def bench_profiles(eps: list[Endpoint], home: str, n_all: int, n_cand: int, opts: RoutingOptions
+                   ) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    cs = CandidateSet(eps, *K_DEFAULT)
+    with common.Progress(len(PROFILES), "routing_scale profiles", unit="profile") as bar:
+        for name in PROFILES:
+            profile = build_profile(name, opts, rng=random.Random(3))
+            whole = time_decisions(lambda r, p=profile: p.route(r, eps), requests(n_all, home), eps)
+            cand = time_decisions(candidate_route(profile, cs), requests(n_cand, home), eps)
+            out[name] = {"all": whole, "candidates": cand, "speedup_p50": common.ratio(whole["p50_us"], cand["p50_us"])}
+            bar.update()
+    out["select-only"] = {"candidates": time_decisions(cs.select, requests(n_cand, home), eps)}
+    return out
+
+
+def bench_k(eps: list[Endpoint], home: str, n: int, opts: RoutingOptions) -> dict[str, dict[str, float]]:
+    out = {}
+    for k_near, k_spill in K_SWEEP:
+        cs = CandidateSet(eps, k_near, k_spill)
+        profile = build_profile("latency", opts, rng=random.Random(3))
+        out[f"{k_near}+{k_spill}"] = time_decisions(candidate_route(profile, cs), requests(n, home), eps)
+    return out
+
+
+def bench_refresh(eps: list[Endpoint], rounds: int) -> dict[str, float]:
+    cs = CandidateSet(eps, *K_DEFAULT)
+    ns = []
+    for _ in range(rounds):
+        t0 = time.perf_counter_ns()
+        cs.refresh()
+        ns.append(time.perf_counter_ns() - t0)
+    return {"p50_ms": common.percentile(ns, 50) / 1e6, "p99_ms": common.percentile(ns, 99) / 1e6}
+
+
+def measure_memory(rtt: Sequence[float], prior: Sequence[float], cc: Sequence[str], slots: Sequence[int]
+                   ) -> dict[str, float]:
+    """tracemalloc peak and retained size of building one gateway's view."""
+    gc.collect()
+    tracemalloc.start()
+    eps = make_view(rtt, prior, cc, slots)
+    cs = CandidateSet(eps, *K_DEFAULT)
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del cs
+    return {"retained_mb": current / 2**20, "peak_mb": peak / 2**20, "num_endpoints": len(eps),
+            "bytes_per_endpoint": current / max(len(eps), 1)}
+
+
+# -- main --------------------------------------------------------------------------------------
+def gateway_row(num_sites: int, seed: int, synthetic: bool = False
+                ) -> tuple[list[float], list[float], list[str], list[int], str, str]:
+    """The registry and one gateway's measured RTTs (5 % EWMA error), at the densest metro."""
+    from benchmarks import mesh_sim
+
+    s = replace(mesh_sim.FULL, num_sites=num_sites, seed=seed)
+    calib = mesh_sim.engine_calibration()
+    mesh = None if synthetic else mesh_sim.real_mesh(s, calib)
+    source = "real" if mesh is not None else "synthetic"
+    if mesh is None:
+        mesh = mesh_sim.synthetic_mesh(s, calib, num_metros=40)
+    g = int(np.argmax((mesh.rtt_ms < 20.0).sum(axis=1)))  # the densest view: most pools within 20 ms
+    noise = np.random.default_rng(seed).lognormal(0, 0.05, len(mesh.sites))
+    return ((mesh.rtt_ms[g] * noise).tolist(), mesh.prior_ms[g].tolist(), [x.country for x in mesh.sites],
+            mesh.slots.tolist(), mesh.metros[g].country, f"{source}: gateway at {mesh.metros[g].name}")
+
+
+def goals(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    worst = max(v["candidates"]["p99_us"] for k, v in res["profiles"].items() if k != "select-only")
+    lat = res["profiles"]["latency"]["candidates"]["p99_us"]
+    return {"latency_decision_p99_us": common.goal(lat, f"<= {GOAL_P99_US:g}", lat <= GOAL_P99_US),
+            "worst_profile_decision_p99_us": common.goal(worst, f"<= {GOAL_P99_US:g}", worst <= GOAL_P99_US),
+            "latency_all_endpoints_p99_us": common.goal(res["profiles"]["latency"]["all"]["p99_us"],
+                                                        f"<= {GOAL_P99_US:g}",
+                                                        res["profiles"]["latency"]["all"]["p99_us"] <= GOAL_P99_US),
+            "mesh_view_mb": common.goal(res["memory"]["peak_mb"], f"< {GOAL_MEMORY_MB:g}",
+                                        res["memory"]["peak_mb"] < GOAL_MEMORY_MB)}
+
+
+def run(num_sites: int = 1100, quick: bool = False, seed: int = 0, synthetic: bool = False,
+        num_decisions: tuple[int, int] | None = None) -> dict[str, Any]:
+    """num_decisions: (over all endpoints, over candidates) per profile and round."""
+    rtt, prior, cc, slots, home, where = gateway_row(num_sites, seed, synthetic)
+    opts = RoutingOptions()
+    memory = measure_memory(rtt, prior, cc, slots)
+    eps = make_view(rtt, prior, cc, slots, seed)
+    n_all, n_cand = num_decisions or ((30, 2000) if quick else (200, 10000))
+    res: dict[str, Any] = {
+        "benchmark": "routing_scale", "num_sites": len(eps), "view": where, "k_near": K_DEFAULT[0],
+        "k_spill": K_DEFAULT[1], "num_decisions": {"all": n_all, "candidates": n_cand},
+        "profiles": bench_profiles(eps, home, n_all, n_cand, opts),
+        "k_sweep_latency": bench_k(eps, home, n_cand // 2, opts),
+        "refresh": bench_refresh(eps, 10 if quick else 50), "memory": memory,
+    }
+    res["goals"] = goals(res)
+    return res
+
+
+def print_results(res: dict[str, Any]) -> None:
+    rows = []
+    for name, v in res["profiles"].items():
+        a = v.get("all", {})
+        c = v["candidates"]
+        rows.append([name, a.get("p50_us", math.nan), a.get("p99_us", math.nan), c["p50_us"], c["p99_us"]])
+    common.print_table(f"one routing decision, {res['num_sites']} pools in the registry ({res['view']}; "
+                       f"candidates: {res['k_near']} near + {res['k_spill']} spill)",
+                       ["profile", "all p50 us", "all p99 us", "cand. p50 us", "cand. p99 us"], rows)
+    common.print_table("latency profile by candidate count (k_near+k_spill)", ["k", "p50 us", "p99 us"],
+                       [[k, v["p50_us"], v["p99_us"]] for k, v in res["k_sweep_latency"].items()])
+    m = res["memory"]
+    print(f"\nmesh view: {m['num_endpoints']} endpoints, {m['retained_mb']:.2f} MB retained, {m['peak_mb']:.2f} MB "
+          f"peak ({m['bytes_per_endpoint']:.0f} B per endpoint); CandidateSet.refresh p50 {res['refresh']['p50_ms']:.2f} ms")
+    common.print_goals(res["goals"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.arg_parser("routing_scale", __doc__.split("\n")[0])
+    p.add_argument("--sites", type=int, default=1100)
+    p.add_argument("--synthetic", action="store_true", help="mesh_sim's made-up mesh even when ../shared is there")
+    args = p.parse_args(argv)
+    common.setup_logging()
+    machine = common.machine_info()
+    t0 = time.perf_counter()
+    res = run(args.sites, args.quick, synthetic=args.synthetic)
+    res.update(quick=args.quick, date=common.now_iso(), machine={**machine, "loadavg_1m_end": common.loadavg_1m()},
+               elapsed_s=time.perf_counter() - t0)
+    print_results(res)
+    common.write_json(args.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
