@@ -21,7 +21,6 @@ each set of decisions runs 3 times and the least disturbed round's percentile is
 from __future__ import annotations
 
 import gc
-import heapq
 import math
 import random
 import sys
@@ -37,7 +36,7 @@ from benchmarks import common
 from gateway.config import RoutingOptions
 from gateway.core.types import Endpoint, LoadReport, RouteRequest
 from gateway.routing.framework import Profile
-from gateway.routing.latency import UNKNOWN_RTT_MS
+from gateway.routing.candidates import CandidateSet
 from gateway.routing.plugins import PROFILES, build_profile
 
 MODEL = "meshgate-tiny"
@@ -47,64 +46,6 @@ GOAL_MEMORY_MB = 50.0
 K_DEFAULT = (16, 8)  # (k_near, k_spill)
 K_SWEEP = ((8, 4), (12, 4), (16, 8), (24, 8), (32, 0))
 ROUNDS = 3
-
-
-class CandidateSet:
-    """The endpoints one routing decision considers, out of a large mesh (the proposed
-    gateway/routing/candidates.py; the simulator uses the same rule).
-
-    `refresh()` runs once per probe period, off the request path: it sorts the endpoints by
-    estimated RTT (measured EWMA, else the prior) and keeps, per country, the same order (for
-    residency), and ranks a spill list by RTT + the pool's reported queue wait, so that when the
-    nearby pools are busy a farther idle one is still a candidate. `select(req)` walks the near
-    order and takes the first `k_near` usable endpoints (healthy, circuit closed, serving the model,
-    allowed by residency), then adds up to `k_spill` from the spill list. A health change needs no
-    refresh: the walk skips it. Cost: O(k) per decision, unless most near pools are down."""
-
-    def __init__(self, endpoints: Sequence[Endpoint], k_near: int = K_DEFAULT[0], k_spill: int = K_DEFAULT[1]):
-        self.endpoints = list(endpoints)
-        self.k_near, self.k_spill = k_near, k_spill
-        self._near: list[Endpoint] = []
-        self._near_cc: dict[str, list[Endpoint]] = {}
-        self._spill: list[Endpoint] = []
-        self.refresh()
-
-    @staticmethod
-    def rtt_ms(e: Endpoint) -> float:
-        ms = e.rtt_ms if e.rtt_ms is not None else e.prior_rtt_ms
-        return ms if ms is not None else UNKNOWN_RTT_MS
-
-    def refresh(self) -> None:
-        self._near = sorted(self.endpoints, key=self.rtt_ms)
-        by_cc: dict[str, list[Endpoint]] = {}
-        for e in self._near:
-            by_cc.setdefault(e.country or "", []).append(e)
-        self._near_cc = by_cc
-        m = 2 * (self.k_near + self.k_spill)
-        self._spill = heapq.nsmallest(m, self.endpoints, key=lambda e: self.rtt_ms(e) + 1000.0 * (
-            e.load.queue_wait_s if e.load is not None else 0.0))
-
-    def select(self, req: RouteRequest) -> list[Endpoint]:
-        countries, model = req.countries, req.model
-        if countries is not None and len(countries) == 1:
-            (cc,) = countries
-            near = self._near_cc.get(cc, [])
-        else:
-            near = self._near
-        out: list[Endpoint] = []
-        for e in near:
-            if e.healthy and not e.breaker_open and model in e.models and (countries is None or e.country in countries):
-                out.append(e)
-                if len(out) == self.k_near:
-                    break
-        want = len(out) + self.k_spill
-        for e in self._spill:
-            if len(out) >= want:
-                break
-            if (e.healthy and not e.breaker_open and model in e.models and e not in out
-                    and (countries is None or e.country in countries)):
-                out.append(e)
-        return out
 
 
 # -- the view ----------------------------------------------------------------------------------

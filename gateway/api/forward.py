@@ -27,6 +27,7 @@ from gateway.api.tracing import end_request
 from gateway.core.errors import APIError, Overloaded
 from gateway.core.types import RouteRequest
 from gateway.pools.upstream import Pool, Upstreams
+from gateway.routing.candidates import CandidateSet
 from gateway.routing.framework import Profile
 
 log = logging.getLogger("meshgate.gateway")
@@ -92,7 +93,12 @@ class Call:
 
 
 class _Retry(Exception):
-    """This attempt failed before anything reached the client: try the next pool."""
+    """This attempt failed before anything reached the client: try the next pool. busy: the pool
+    refused because it is full (429/503), which is not a fault for its circuit breaker."""
+
+    def __init__(self, reason: str, busy: bool = False):
+        super().__init__(reason)
+        self.busy = busy
 
 
 class Upstream:
@@ -164,6 +170,11 @@ class Forwarder:
     def __init__(self, upstreams: Upstreams, profile: Profile, metrics: GatewayMetrics, max_attempts: int,
                  first_byte_timeout_s: float):
         self.up = upstreams
+        # Decisions consider the nearest usable pools and a spill list, not the whole mesh; the
+        # order is refreshed after each round of probes and when the pool set changes.
+        self.candidates = CandidateSet(upstreams.endpoints)
+        upstreams.on_probed.append(self.candidates.refresh)
+        upstreams.on_change.append(lambda joined: self.candidates.reset(self.up.endpoints))
         self.profile = profile
         self.m = metrics
         self.max_attempts = max_attempts
@@ -179,9 +190,7 @@ class Forwarder:
 
     async def _open(self, call: Call) -> Upstream:
         t0 = time.perf_counter()
-        for pool in self.up.pools.values():
-            pool.refresh_breaker()
-        decision = call.decision = self.profile.route(call.route, self.up.endpoints)
+        decision = call.decision = self.profile.route(call.route, self.candidates.select(call.route))
         self.m.routing.observe(time.perf_counter() - t0)
         if not decision.ranked:
             where = f" in {','.join(sorted(call.route.countries))}" if call.route.countries is not None else ""
@@ -213,6 +222,7 @@ class Forwarder:
         if remaining <= 0:
             raise Overloaded("the request deadline passed before a pool could answer")
         ep.in_flight += 1  # credited at once, so a burst spreads over pools
+        ep.sent_since_report += 1
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
@@ -220,7 +230,7 @@ class Forwarder:
                     resp = await self.up.session.post(ep.url + call.path, data=call.body, headers=call.headers)
                     pool.load_from_header(resp.headers)
                     if resp.status >= 500 or resp.status == 429:
-                        raise _Retry(f"status {resp.status}")
+                        raise _Retry(f"status {resp.status}", busy=resp.status in (429, 503))
                     if call.stream and resp.status < 400:
                         first = await resp.content.readany()
                         if not first:
@@ -237,8 +247,9 @@ class Forwarder:
             if resp is not None:
                 resp.close()
             if isinstance(e, _Retry):
-                pool.record_failure()
-                self.m.pool(ep.pool_id).attempt("error")
+                if not e.busy:
+                    pool.record_failure()
+                self.m.pool(ep.pool_id).attempt("busy" if e.busy else "error")
             raise
 
 

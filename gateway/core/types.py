@@ -53,7 +53,7 @@ class Endpoint:
     """
 
     __slots__ = ("pool_id", "url", "site", "kind", "models", "healthy", "breaker_open", "in_flight",
-                 "load", "load_at", "rtt_ms", "country", "prior_rtt_ms")
+                 "load", "load_at", "rtt_ms", "country", "prior_rtt_ms", "sent_since_report")
 
     def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str]):
         self.pool_id = pool_id
@@ -64,6 +64,7 @@ class Endpoint:
         self.healthy = True  # until probes say otherwise
         self.breaker_open = False
         self.in_flight = 0  # requests this gateway has sent and not seen finish
+        self.sent_since_report = 0  # requests sent since `load` was reported (in-flight crediting)
         self.load: LoadReport | None = None  # latest report (probe or response header)
         self.load_at = 0.0  # monotonic time of that report
         self.rtt_ms: float | None = None  # probe round trip, EWMA

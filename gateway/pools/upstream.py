@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -53,14 +54,23 @@ class Pool:
     def update_load(self, report: LoadReport) -> None:
         self.endpoint.load = report
         self.endpoint.load_at = time.monotonic()
+        self.endpoint.sent_since_report = 0  # the pool's figures now include what we sent
 
     def load_from_header(self, headers: "aiohttp.typedefs.LooseHeaders") -> None:
+        """The compact report on a response: queue and KV figures; the rates (prefill/decode speed,
+        hot prefixes) only come with probes, so they are kept from the last full report."""
         value = headers.get(LOAD_HEADER)  # type: ignore[union-attr]
-        if value:
-            try:
-                self.update_load(LoadReport.from_header(value))
-            except (ValueError, KeyError):
-                pass
+        if not value:
+            return
+        try:
+            fresh = LoadReport.from_header(value)
+        except (ValueError, KeyError):
+            return
+        prev = self.endpoint.load
+        if prev is not None:
+            fresh = dataclasses.replace(fresh, prefill_tps=prev.prefill_tps, decode_tps=prev.decode_tps,
+                                        hot_prefix_hashes=prev.hot_prefix_hashes)
+        self.update_load(fresh)
 
 
 class Upstreams:
@@ -73,6 +83,7 @@ class Upstreams:
         self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
         self._probe_task: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[list[Endpoint]], None]] = []  # told of pools that joined
+        self.on_probed: list[Callable[[], None]] = []  # after each round of probes
 
     def set_pools(self, pools: tuple[PoolConfig, ...] | list[PoolConfig]) -> None:
         """Replace the pool set (a registry watch saw pools join or leave). Pools that stay keep
@@ -125,6 +136,8 @@ class Upstreams:
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(p) for p in self.pools.values()))
+        for callback in self.on_probed:
+            callback()
 
     async def probe(self, pool: Pool) -> None:
         """One probe: our workers' GET /load (load report + handling time); a third-party OpenAI

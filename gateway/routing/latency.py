@@ -29,11 +29,12 @@ class TtftModel:
         return tps if tps > 0 else self.default_prefill_tps
 
     def queue_s(self, req: RouteRequest, e: Endpoint) -> float:
+        """The pool's own estimate from its last report, plus the prefill of what this gateway sent
+        since (the report cannot know it yet); with no report, what is in flight from here."""
         tps = self.prefill_tps(e)
         if e.load is None:
             return e.in_flight * req.prompt_tokens / tps
-        unseen = max(0, e.in_flight - (e.load.waiting + e.load.running))  # sent since the report
-        return e.load.queue_wait_s + unseen * req.prompt_tokens / tps
+        return e.load.queue_wait_s + e.sent_since_report * req.prompt_tokens / tps
 
     def predict_s(self, req: RouteRequest, e: Endpoint) -> float:
         return (req.client_rtt_ms / 1000.0 + self.rtt_s(e) + self.queue_s(req, e)

@@ -44,6 +44,7 @@ def test_in_flight_crediting_spreads_a_burst_between_reports():
     for _ in range(4):  # no new report arrives: only the gateway's own in-flight counts change
         first = build_profile("latency").route(long, [a, b]).ranked[0]
         first.in_flight += 1
+        first.sent_since_report += 1  # as the forwarder counts a send
         chosen.append(first.pool_id)
     assert chosen.count("a") == 2 and chosen.count("b") == 2
 
