@@ -79,3 +79,44 @@ def wait_until(pred, timeout_s: float = 10.0, interval_s: float = 0.05) -> bool:
             return True
         time.sleep(interval_s)
     return pred()
+
+
+# The embedded default's mesh (configs/local.yaml), for end-to-end tests of `meshgate up`.
+MESH_SITES = [
+    {"id": "fra", "name": "Frankfurt", "country": "DE", "lat": 50.1167, "lon": 8.6833},
+    {"id": "muc", "name": "Munich", "country": "DE", "lat": 48.1333, "lon": 11.5667},
+    {"id": "par", "name": "Paris", "country": "FR", "lat": 48.8742, "lon": 2.347},
+    {"id": "ams", "name": "Amsterdam", "country": "NL", "lat": 52.3, "lon": 4.7},
+]
+MESH_RTT_MS = {"fra": 1.0, "muc": 7.6, "par": 10.5, "ams": 13.7}
+
+
+def start_mesh(tmp: Path, probe_s: float) -> tuple[str, Path, Proc]:
+    """`meshgate up` on a Frankfurt gateway and four emulated sites (untrained tiny model, 2 slots
+    per pool, free ports). Returns the gateway's URL, the config path and the process."""
+    pools = []
+    for s in MESH_SITES:
+        p = tiny_pool(f"{s['id']}-1", free_port(), str(tmp / "cache"), max_num_seqs=2, num_threads=1)
+        p.update(site=s["id"], url=f"http://127.0.0.1:{free_port()}", emulate_rtt_ms=MESH_RTT_MS[s["id"]])
+        pools.append(p)
+    port = free_port()
+    cfg = tmp / "mesh.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "gateway": {"site": "fra", "port": port, "routing": "latency",
+                    "probe": {"period_s": probe_s, "timeout_s": 1.0, "down_after": 2, "up_after": 1}},
+        "sites": MESH_SITES, "pools": pools}))
+    proc = Proc(["up", "--config", str(cfg)], ready_marker="meshgate is up", timeout_s=180)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            import httpx
+
+            return httpx.get(url + "/ready").status_code == 200
+        except Exception:
+            return False
+
+    if not wait_until(ready, timeout_s=30):
+        proc.stop()
+        raise RuntimeError("the mesh did not become ready:\n" + proc.log())
+    return url, cfg, proc

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.api.auth import hash_key
 from tests.api.harness import MODEL, Harness, chat
+from tests.servers import MESH_SITES, start_mesh
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "configs" / "grafana" / "meshgate.json"
@@ -201,13 +202,6 @@ async def test_grafana_dashboard_queries_only_exported_metrics():
 
 # -- the page in a real browser, against `meshgate up` -----------------------------------
 CHROMIUM = Path("/usr/bin/chromium")
-MESH_SITES = [
-    {"id": "fra", "name": "Frankfurt", "country": "DE", "lat": 50.1167, "lon": 8.6833},
-    {"id": "muc", "name": "Munich", "country": "DE", "lat": 48.1333, "lon": 11.5667},
-    {"id": "par", "name": "Paris", "country": "FR", "lat": 48.8742, "lon": 2.347},
-    {"id": "ams", "name": "Amsterdam", "country": "NL", "lat": 52.3, "lon": 4.7},
-]
-MESH_RTT_MS = {"fra": 1.0, "muc": 7.6, "par": 10.5, "ams": 13.7}
 PROBE_S = 0.2
 
 
@@ -227,23 +221,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def up_mesh(browser, tmp_path_factory):
-    from tests.servers import Proc, free_port, tiny_pool, wait_until
-
     tmp = tmp_path_factory.mktemp("dashmesh")
-    pools = []
-    for s in MESH_SITES:
-        p = tiny_pool(f"{s['id']}-1", free_port(), str(tmp / "cache"), max_num_seqs=2, num_threads=1)
-        p.update(site=s["id"], url=f"http://127.0.0.1:{free_port()}", emulate_rtt_ms=MESH_RTT_MS[s["id"]])
-        pools.append(p)
-    port = free_port()
-    cfg = tmp / "mesh.yaml"
-    cfg.write_text(json.dumps({
-        "gateway": {"site": "fra", "port": port, "routing": "latency",
-                    "probe": {"period_s": PROBE_S, "timeout_s": 1.0, "down_after": 2, "up_after": 1}},
-        "sites": MESH_SITES, "pools": pools}))
-    proc = Proc(["up", "--config", str(cfg)], ready_marker="meshgate is up", timeout_s=180)
-    url = f"http://127.0.0.1:{port}"
-    assert wait_until(lambda: _http_status(url + "/ready") == 200, timeout_s=30), proc.log()
+    url, cfg, proc = start_mesh(tmp, PROBE_S)
     yield url, cfg, proc, tmp
     assert proc.stop() == 0, proc.log()
 

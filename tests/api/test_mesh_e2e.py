@@ -8,46 +8,17 @@ import time
 
 import httpx
 import pytest
-import yaml
 
-from tests.servers import Proc, free_port, tiny_pool, wait_until
+from tests.servers import start_mesh, wait_until
 
-SITES = [
-    {"id": "fra", "name": "Frankfurt", "country": "DE", "lat": 50.1167, "lon": 8.6833},
-    {"id": "muc", "name": "Munich", "country": "DE", "lat": 48.1333, "lon": 11.5667},
-    {"id": "par", "name": "Paris", "country": "FR", "lat": 48.8742, "lon": 2.347},
-    {"id": "ams", "name": "Amsterdam", "country": "NL", "lat": 52.3, "lon": 4.7},
-]
-RTT_MS = {"fra": 1.0, "muc": 7.6, "par": 10.5, "ams": 13.7}
 PROBE_S = 0.2
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mesh")
-    pools = []
-    for s in SITES:
-        p = tiny_pool(f"{s['id']}-1", free_port(), str(tmp / "cache"), max_num_seqs=2, num_threads=1)
-        p.update(site=s["id"], url=f"http://127.0.0.1:{free_port()}", emulate_rtt_ms=RTT_MS[s["id"]])
-        pools.append(p)
-    port = free_port()
-    cfg = tmp / "mesh.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "gateway": {"site": "fra", "port": port, "routing": "latency",
-                    "probe": {"period_s": PROBE_S, "timeout_s": 1.0, "down_after": 2, "up_after": 1}},
-        "sites": SITES, "pools": pools}))
-    proc = Proc(["up", "--config", str(cfg)], ready_marker="meshgate is up", timeout_s=180)
-    url = f"http://127.0.0.1:{port}"
-    assert wait_until(lambda: _ready(url), timeout_s=30), proc.log()
+    url, cfg, proc = start_mesh(tmp_path_factory.mktemp("mesh"), PROBE_S)
     yield url, cfg, proc
     assert proc.stop() == 0, proc.log()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/ready").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def route(url: str, headers: dict[str, str] | None = None, max_tokens: int = 4) -> str:
