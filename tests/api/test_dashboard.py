@@ -227,15 +227,6 @@ def up_mesh(browser, tmp_path_factory):
     assert proc.stop() == 0, proc.log()
 
 
-def _http_status(url: str) -> int:
-    import httpx
-
-    try:
-        return httpx.get(url).status_code
-    except httpx.TransportError:
-        return 0
-
-
 def _keep(shot: Path) -> None:
     """Screenshots are artifacts: copied to $MESHGATE_ARTIFACTS when set."""
     import os
