@@ -9,9 +9,7 @@ from tests.etcd_server import EtcdServer, etcd_binary
 _prefixes = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def etcd():
-    """One real etcd per module (tests that stop it use their own: `own_etcd`)."""
+def _run_etcd():  # type: ignore[no-untyped-def]
     if etcd_binary() is None:
         pytest.skip("etcd is not installed (apt-get install etcd-server)")
     server = EtcdServer()
@@ -20,14 +18,9 @@ def etcd():
     server.close()
 
 
-@pytest.fixture
-def own_etcd():
-    if etcd_binary() is None:
-        pytest.skip("etcd is not installed (apt-get install etcd-server)")
-    server = EtcdServer()
-    server.start()
-    yield server
-    server.close()
+# One real etcd per module; tests that stop it take their own (`own_etcd`).
+etcd = pytest.fixture(scope="module", name="etcd")(_run_etcd)
+own_etcd = pytest.fixture(name="own_etcd")(_run_etcd)
 
 
 @pytest.fixture
