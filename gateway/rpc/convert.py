@@ -97,33 +97,29 @@ def _logprobs(req: pb.GenerateRequest, body: dict[str, Any], chat: bool) -> None
 # -- answers ----------------------------------------------------------------------------------
 def whole_response(body: dict[str, Any]) -> pb.GenerateResponse:
     """A non-streamed chat.completion or text_completion body as one message."""
-    msg = pb.GenerateResponse(id=_str(body.get("id")), model=_str(body.get("model")))
+    return _fill(pb.GenerateResponse(id=_str(body.get("id")), model=_str(body.get("model"))), body, "message")
+
+
+def stream_response(event: dict[str, Any]) -> pb.GenerateStreamResponse | None:
+    """One stream chunk as a message; None for a chunk that carries nothing (a role-only delta)."""
+    msg = _fill(pb.GenerateStreamResponse(id=_str(event.get("id")), model=_str(event.get("model"))), event, "delta")
+    if not (msg.text or msg.finish_reason or msg.logprobs or msg.HasField("usage")):
+        return None
+    return msg
+
+
+def _fill(msg: Any, body: dict[str, Any], content_key: str) -> Any:
+    """Text, finish reason, logprobs and usage of a body's first choice into msg. content_key:
+    "message" (whole chat answers) or "delta" (chat chunks); completions carry `text`."""
     choice = _first_choice(body)
     if choice is not None:
-        message = choice.get("message")
-        msg.text = _str(message.get("content") if isinstance(message, dict) else choice.get("text"))
+        part = choice.get(content_key)
+        msg.text = _str(part.get("content") if isinstance(part, dict) else choice.get("text"))
         msg.finish_reason = _str(choice.get("finish_reason"))
         msg.logprobs.extend(token_logprobs(choice.get("logprobs")))
     use = body.get("usage")
     if isinstance(use, dict):
         msg.usage.CopyFrom(usage(use))
-    return msg
-
-
-def stream_response(event: dict[str, Any]) -> pb.GenerateStreamResponse | None:
-    """One stream chunk as a message; None for a chunk that carries nothing (a role-only delta)."""
-    msg = pb.GenerateStreamResponse(id=_str(event.get("id")), model=_str(event.get("model")))
-    choice = _first_choice(event)
-    if choice is not None:
-        delta = choice.get("delta")
-        msg.text = _str(delta.get("content") if isinstance(delta, dict) else choice.get("text"))
-        msg.finish_reason = _str(choice.get("finish_reason"))
-        msg.logprobs.extend(token_logprobs(choice.get("logprobs")))
-    use = event.get("usage")
-    if isinstance(use, dict):
-        msg.usage.CopyFrom(usage(use))
-    if not (msg.text or msg.finish_reason or msg.logprobs or msg.HasField("usage")):
-        return None
     return msg
 
 
