@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.config import PoolConfig
-from gateway.core.errors import BadRequest, InternalError, NotFound, Overloaded
+from gateway.core.errors import APIError, BadRequest, InternalError, NotFound, Overloaded
 from gateway.core.http import error_middleware, json_response, read_json
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.core.types import LOAD_HEADER, LoadReport
@@ -177,14 +177,18 @@ class WorkerServer:
                     ids.extend(out.token_ids)
                     lps.extend(out.logprobs)
                     last = out
-        except TimeoutError:
-            raise Overloaded(f"the request did not finish within {self.cfg.request_timeout_s:g} s") from None
-        except EngineDeadError as e:
-            raise InternalError(str(e)) from None
+        except (TimeoutError, EngineDeadError) as e:
+            raise self._failure(e) from None
         assert last is not None
         use = usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
         return json_response(builder.full("".join(text), last.finish_reason, ids,
                                           lps if g.logprobs is not None else None, use))
+
+    def _failure(self, e: Exception) -> APIError:
+        """What a client is told when its request timed out or the engine failed under it."""
+        if isinstance(e, TimeoutError):
+            return Overloaded(f"the request did not finish within {self.cfg.request_timeout_s:g} s")
+        return InternalError(str(e))
 
     async def _stream(self, request: web.Request, g: GenerationRequest, outputs: Any, builder: ResponseBuilder,
                       tracker: _Timing) -> web.StreamResponse:
@@ -210,10 +214,7 @@ class WorkerServer:
                 use = usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
                 await resp.write(b"data: " + orjson.dumps(builder.usage_chunk(use)) + b"\n\n")
         except (TimeoutError, EngineDeadError) as e:
-            msg = f"the request did not finish within {self.cfg.request_timeout_s:g} s" if isinstance(
-                e, TimeoutError) else str(e)
-            err = InternalError(msg) if isinstance(e, EngineDeadError) else Overloaded(msg)
-            await resp.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
+            await resp.write(b"data: " + orjson.dumps(self._failure(e).body()) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
