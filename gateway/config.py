@@ -54,6 +54,13 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
     max_waiting: int = 512  # queue bound: more waiting requests are refused with 503
+    # Refuse when full: a request carrying `x-meshgate-may-refuse: 1` (a gateway that has other
+    # pools left to try) gets 429 at once, without being queued, when the wait predicted for it
+    # before its first step (prefill backlog + wait for a batch slot, the load report's
+    # queue_wait_s) exceeds this. Requests without the header always queue. None: never refuse.
+    # 0.5 s: a wait of seconds (a full batch, estimated from max_tokens) is refused, a prefill
+    # backlog of a few prompts is not; a refusal costs the request one more round trip (tens of ms).
+    refuse_queue_wait_s: float | None = 0.5
     enable_prefix_caching: bool = True
     # torch intra-op threads; 0: CPUs - 1 (at least 1), so a core busy with other work (the
     # server, another worker) cannot stall OpenMP's spinning threads (measured 10x slower)
@@ -65,6 +72,8 @@ class EngineConfig:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{path}.{name}: must be positive")
+        if self.refuse_queue_wait_s is not None and not self.refuse_queue_wait_s >= 0:
+            raise ConfigError(f"{path}.refuse_queue_wait_s: must be 0 or positive (or null: never refuse)")
         if self.num_blocks * self.block_size < self.max_model_len:
             raise ConfigError(
                 f"{path}: num_blocks * block_size ({self.num_blocks * self.block_size}) must hold "

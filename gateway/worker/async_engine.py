@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from gateway.core.types import LoadReport
 from gateway.worker.engine import Engine, RequestOutput
@@ -28,6 +28,14 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class PoolFull(Exception):
+    """A request that allowed refusal was not queued: the wait predicted for it (s) was too long."""
+
+    def __init__(self, wait_s: float):
+        super().__init__(f"predicted wait {wait_s:.3f} s")
+        self.wait_s = wait_s
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -40,6 +48,7 @@ class AsyncEngine:
         self.num_preemptions = 0
         self.num_aborted = 0
         self.num_steps = 0
+        self.num_refused = 0  # requests refused as PoolFull (counted on the engine thread)
 
     @property
     def num_in_flight(self) -> int:
@@ -56,13 +65,18 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    async def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs; closing the iterator early aborts it."""
+    async def generate(self, req: Request, refuse_above_s: float | None = None
+                       ) -> AsyncGenerator[RequestOutput, None]:
+        """Submit a request and yield its outputs; closing the iterator early aborts it.
+
+        refuse_above_s: the engine thread, when it takes the request, refuses it (PoolFull, raised
+        here before any output) instead of queueing it if the wait predicted for it is longer;
+        decided there so that a burst is judged against the queue it really finds."""
         if self._thread is None or not self._thread.is_alive():
             raise EngineDeadError("the engine is not running")
         q: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._streams[req.request_id] = q
-        self._cmds.put(("add", req))
+        self._cmds.put(("add", (req, refuse_above_s)))
         finished = False
         try:
             while True:
@@ -110,17 +124,27 @@ class AsyncEngine:
             return
         while True:
             if cmd == "add":
-                try:
-                    self.engine.add_request(arg)  # type: ignore[arg-type]
-                except ValueError as e:  # the server checks lengths first; this is the backstop
-                    assert self._loop is not None
-                    self._loop.call_soon_threadsafe(self._dispatch_error, [arg.request_id], e)  # type: ignore[attr-defined]
+                self._add(*arg)  # type: ignore[misc]
             elif cmd == "abort":
                 self.engine.abort_request(arg)  # type: ignore[arg-type]
             try:
                 cmd, arg = self._cmds.get_nowait()
             except queue.Empty:
                 return
+
+    def _add(self, req: Request, refuse_above_s: float | None) -> None:
+        err: Exception | None = None
+        if refuse_above_s is not None and (wait_s := self.engine.queue_wait_s()) > refuse_above_s:
+            err = PoolFull(wait_s)  # not queued: the engine's state is as if it never came
+            self.num_refused += 1
+        else:
+            try:
+                self.engine.add_request(req)
+            except ValueError as e:  # the server checks lengths first; this is the backstop
+                err = e
+        if err is not None:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._dispatch_error, [req.request_id], err)
 
     def _fail_all(self, err: Exception) -> None:
         ids = list(self.engine.scheduler.requests)

@@ -172,10 +172,16 @@ class Engine:
             kv_blocks_total=self.kv.num_blocks,
             prefill_tps=prefill_tps,
             decode_tps=self.stats.decode_tps(),
-            queue_wait_s=(queued / prefill_tps if prefill_tps > 0 else 0.0) + self._slot_wait_s(),
+            queue_wait_s=self.queue_wait_s(queued),
             hot_prefix_hashes=tuple(self.kv.hot_prefix_hashes(MAX_HOT_PREFIXES)),
         )
 
+    def queue_wait_s(self, queued_prompt_tokens: int | None = None) -> float:
+        """The wait predicted for a request added now, before its first step: the prefill backlog
+        plus the wait for a sequence slot (the load report's queue_wait_s, and what refusal uses)."""
+        queued = self.scheduler.num_queued_prompt_tokens() if queued_prompt_tokens is None else queued_prompt_tokens
+        prefill_tps = self.stats.prefill_tps
+        return (queued / prefill_tps if prefill_tps > 0 else 0.0) + self._slot_wait_s()
 
     def _slot_wait_s(self) -> float:
         """How long a new request waits for a sequence slot when the batch is full: until enough

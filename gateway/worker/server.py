@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -19,11 +20,11 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.config import PoolConfig
-from gateway.core.errors import APIError, BadRequest, InternalError, NotFound, Overloaded
+from gateway.core.errors import APIError, BadRequest, InternalError, NotFound, Overloaded, RateLimited
 from gateway.core.http import error_middleware, json_response, read_json
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
-from gateway.core.types import LOAD_HEADER, LoadReport
-from gateway.worker.async_engine import AsyncEngine, EngineDeadError
+from gateway.core.types import LOAD_HEADER, MAY_REFUSE_HEADER, LoadReport
+from gateway.worker.async_engine import AsyncEngine, EngineDeadError, PoolFull
 from gateway.worker.engine import Engine, RequestOutput
 from gateway.worker.metrics import EngineCounters, WorkerMetrics
 from gateway.worker.request import Request, SamplingParams
@@ -34,6 +35,7 @@ log = logging.getLogger("meshgate.worker")
 PRIORITY_HEADER = "x-meshgate-priority"
 PRIORITIES = {"contracted": 0, "on-demand": 1}
 REQUEST_ID = web.RequestKey("request_id", str)
+Outputs = AsyncGenerator[RequestOutput, None]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -163,14 +165,18 @@ class WorkerServer:
             priority=PRIORITIES.get(request.headers.get(PRIORITY_HEADER, ""), 0),
         )
         builder = ResponseBuilder(g.kind, rid, self.model_name, tok)
-        outputs = engine.generate(req)
+        deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
+        refuse = ec.refuse_queue_wait_s if request.headers.get(MAY_REFUSE_HEADER) == "1" else None
+        outputs: Outputs = engine.generate(req, refuse_above_s=refuse)
+        if refuse is not None:
+            outputs = await self._admitted(outputs, deadline)
         tracker = _Timing(self.metrics, arrival)
         if g.stream:
-            return await self._stream(request, g, outputs, builder, tracker)
+            return await self._stream(request, g, outputs, builder, tracker, deadline)
         text, ids, lps = [], [], []
         last: RequestOutput | None = None
         try:
-            async with contextlib.aclosing(outputs), asyncio.timeout(self.cfg.request_timeout_s):
+            async with contextlib.aclosing(outputs), asyncio.timeout_at(deadline):
                 async for out in outputs:
                     tracker.token(out)
                     text.append(out.text)
@@ -184,6 +190,21 @@ class WorkerServer:
         return json_response(builder.full("".join(text), last.finish_reason, ids,
                                           lps if g.logprobs is not None else None, use))
 
+    async def _admitted(self, outputs: Outputs, deadline: float) -> Outputs:
+        """A request that may be refused: wait for the engine's first output before any answer
+        goes out (a stream's headers included), so that a full pool can still answer 429. Returns
+        the same outputs, the first one included."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                first = await anext(outputs)
+        except PoolFull as e:
+            raise RateLimited("the pool is full; retry on another pool", retry_after_s=e.wait_s,
+                              code="pool_full") from None
+        except (TimeoutError, EngineDeadError) as e:
+            await outputs.aclose()
+            raise self._failure(e) from None
+        return _prepend(first, outputs)
+
     def _failure(self, e: Exception) -> APIError:
         """What a client is told when its request timed out or the engine failed under it."""
         if isinstance(e, TimeoutError):
@@ -191,14 +212,14 @@ class WorkerServer:
         return InternalError(str(e))
 
     async def _stream(self, request: web.Request, g: GenerationRequest, outputs: Any, builder: ResponseBuilder,
-                      tracker: _Timing) -> web.StreamResponse:
+                      tracker: _Timing, deadline: float) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         last: RequestOutput | None = None
         ids: list[int] = []  # tokens not sent yet (their text is held back, e.g. a partial UTF-8 char)
         lps: list[Any] = []
         try:
-            async with contextlib.aclosing(outputs), asyncio.timeout(self.cfg.request_timeout_s):
+            async with contextlib.aclosing(outputs), asyncio.timeout_at(deadline):
                 async for out in outputs:
                     tracker.token(out)
                     ids.extend(out.token_ids)
@@ -218,6 +239,16 @@ class WorkerServer:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+async def _prepend(first: RequestOutput, rest: Outputs) -> Outputs:
+    """`first`, then the rest; closing it closes `rest` (which aborts an unfinished request)."""
+    try:
+        yield first
+        async for out in rest:
+            yield out
+    finally:
+        await rest.aclose()
 
 
 class _Timing:
