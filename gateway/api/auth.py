@@ -5,6 +5,10 @@ keys. A request's `Authorization: Bearer <key>` resolves to a Principal; each ke
 for requests/min and tokens/min and a concurrency cap. Tokens are charged as an estimate at admission
 and settled with the real usage when the request ends (Ticket.settle, called from the metering hook).
 Under overload, on-demand requests are shed before contracted ones.
+
+The live limits (both buckets and the requests in flight of each key) sit in a SharedTable, so
+gateway processes forked from one parent enforce each key's limits together: N processes admit a
+key's requests_per_min once, not N times. Each check-and-take holds the table's lock.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import NoReturn
 from gateway.api.metrics import GatewayMetrics
 from gateway.config import ApiKeyConfig, AuthConfig, LimitsConfig
 from gateway.core.errors import Overloaded, RateLimited, Unauthorized
+from gateway.core.shared import SharedTable
 
 PRIORITY_HEADER = "x-meshgate-priority"
 # The pool worker's scheduler admits lower numbers first; routing sees the same numbers.
@@ -49,46 +54,97 @@ class TokenBucket:
 
     The level may go below zero when a request's settled usage exceeds what it was charged: that
     debt delays the key's next requests, so the limit holds for real usage, not just estimates.
+
+    The state is two fields of a SharedTable record, so every gateway process sharing the table draws
+    from one bucket: `used` (units taken and not yet refilled: 0 is a full bucket, so a freshly
+    claimed record needs no setup) and `stamp` (the clock at the last refill; time.monotonic is one
+    clock for all processes of a Linux host). Call the methods under the table's lock.
     """
 
-    __slots__ = ("capacity", "rate_per_s", "level", "stamp")
+    __slots__ = ("capacity", "rate_per_s", "_table", "_slot", "_used", "_stamp")
 
-    def __init__(self, per_min: int, now: float):
+    def __init__(self, per_min: int, table: SharedTable | None = None, slot: int = 0, field: int = 0):
+        if table is None:  # a bucket of its own
+            table = SharedTable(num_fields=2, capacity=1)
+            slot, field = table.slot("bucket"), 0
         self.capacity = float(per_min)
         self.rate_per_s = per_min / 60.0
-        self.level = self.capacity
-        self.stamp = now
+        self._table, self._slot, self._used, self._stamp = table, slot, field, field + 1
 
-    def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate_per_s)
-        self.stamp = now
+    @property
+    def level(self) -> float:
+        return self.capacity - self._table.get(self._slot, self._used)
+
+    def _refill(self, now: float) -> float:
+        """Bring the bucket to now; returns its level."""
+        t, s = self._table, self._slot
+        stamp = t.get(s, self._stamp)
+        if now > stamp:  # not otherwise: another process may have stamped a later clock reading
+            t.set(s, self._used, max(0.0, t.get(s, self._used) - (now - stamp) * self.rate_per_s))
+            t.set(s, self._stamp, now)
+        return self.capacity - t.get(s, self._used)
 
     def wait_s(self, amount: float, now: float) -> float:
         """Seconds until `amount` can be taken (0: now)."""
-        self._refill(now)
-        return 0.0 if self.level >= amount else (amount - self.level) / self.rate_per_s
+        level = self._refill(now)
+        return 0.0 if level >= amount else (amount - level) / self.rate_per_s
 
     def take(self, amount: float, now: float) -> None:
         self._refill(now)
-        self.level -= amount
+        self._table.set(self._slot, self._used, self._table.get(self._slot, self._used) + amount)
 
     def give(self, amount: float, now: float) -> None:
         self._refill(now)
-        self.level = min(self.capacity, self.level + amount)
+        self._table.set(self._slot, self._used, max(0.0, self._table.get(self._slot, self._used) - amount))
+
+
+# A key's record in the limits table: its two buckets, its requests in flight in all processes, then
+# each worker's share of those (so a dead worker's share can be given back: release_worker).
+_REQUESTS, _TOKENS, _IN_FLIGHT, _WORKER_IN_FLIGHT = 0, 2, 4, 5
+
+
+def limit_table(cfg: AuthConfig, num_workers: int = 1) -> SharedTable:
+    """The table Admission keeps live key limits in. For N processes, make it before forking them
+    and give it to each one's Admission with its worker_index (0..num_workers-1)."""
+    # Twice the keys: open addressing stays short; records of keys dropped from config linger, harmlessly.
+    return SharedTable(num_fields=_WORKER_IN_FLIGHT + num_workers, capacity=2 * len(cfg.keys) + 1)
+
+
+def release_worker(table: SharedTable, worker_index: int) -> None:
+    """Give back the concurrency slots a dead worker held: its requests will never settle. Called
+    by a worker's Admission as it starts (a replacement takes over its index) and fit for a
+    supervisor to call when it reaps a worker."""
+    column = _WORKER_IN_FLIGHT + worker_index
+    with table.lock:
+        for s in table.claimed():
+            table.set(s, _IN_FLIGHT, table.get(s, _IN_FLIGHT) - table.get(s, column))
+            table.set(s, column, 0.0)
 
 
 class _KeyState:
-    """One key's live limits (None: unlimited)."""
+    """One key's limits (None: unlimited); the live counts are in its record of the limits table."""
 
-    __slots__ = ("principal", "digest", "requests", "tokens", "max_concurrent", "in_flight")
+    __slots__ = ("principal", "digest", "requests", "tokens", "max_concurrent", "table", "slot", "column")
 
-    def __init__(self, k: ApiKeyConfig, now: float):
+    def __init__(self, k: ApiKeyConfig, table: SharedTable, worker_index: int):
         self.digest = bytes.fromhex(k.sha256)
         self.principal = Principal(k.id, k.priority, frozenset(k.models), frozenset(c.upper() for c in k.countries))
-        self.requests = TokenBucket(k.requests_per_min, now) if k.requests_per_min else None
-        self.tokens = TokenBucket(k.tokens_per_min, now) if k.tokens_per_min else None
+        self.table = table
+        self.slot = s = table.slot(f"key:{k.id}")
+        self.requests = TokenBucket(k.requests_per_min, table, s, _REQUESTS) if k.requests_per_min else None
+        self.tokens = TokenBucket(k.tokens_per_min, table, s, _TOKENS) if k.tokens_per_min else None
         self.max_concurrent = k.max_concurrent
-        self.in_flight = 0
+        self.column = _WORKER_IN_FLIGHT + worker_index  # this process' share of in_flight
+
+    @property
+    def in_flight(self) -> float:
+        return self.table.get(self.slot, _IN_FLIGHT)
+
+    def count_in_flight(self, delta: float) -> None:
+        """Under the table's lock."""
+        t, s = self.table, self.slot
+        t.set(s, _IN_FLIGHT, t.get(s, _IN_FLIGHT) + delta)
+        t.set(s, self.column, t.get(s, self.column) + delta)
 
 
 class Ticket:
@@ -109,28 +165,39 @@ class Ticket:
         state, self._state = self._state, None
         if state is None:
             return
-        state.in_flight -= 1
-        if state.tokens is not None:
-            now = self._clock()
-            if tokens_used <= self._charged:
-                state.tokens.give(self._charged - tokens_used, now)
-            else:
-                state.tokens.take(tokens_used - self._charged, now)
+        with state.table.lock:
+            state.count_in_flight(-1)
+            if state.tokens is not None:
+                now = self._clock()
+                if tokens_used <= self._charged:
+                    state.tokens.give(self._charged - tokens_used, now)
+                else:
+                    state.tokens.take(tokens_used - self._charged, now)
 
 
 class Admission:
-    """Authentication, model visibility, shedding and per-key rate limits, in that order."""
+    """Authentication, model visibility, shedding and per-key rate limits, in that order.
+
+    Live limits (buckets, requests in flight) are kept in `shared`, a limit_table(): one per process
+    by default; with several gateway processes, one made before forking, shared by all of them, so a
+    key gets its limits once across the processes, not once per process.
+    """
 
     def __init__(self, cfg: AuthConfig, limits: LimitsConfig, metrics: GatewayMetrics,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, shared: SharedTable | None = None,
+                 worker_index: int = 0):
         self.enabled = cfg.enabled
         self.clock = clock
         self.metrics = metrics
-        now = clock()
+        table = shared if shared is not None else limit_table(cfg)
+        if not 0 <= worker_index < table.num_fields - _WORKER_IN_FLIGHT:
+            raise ValueError(f"worker_index {worker_index}: the limits table was made for "
+                             f"{table.num_fields - _WORKER_IN_FLIGHT} workers")
         # Looked up by digest: the table is keyed by SHA-256 of the secret under Python's per-process
         # random SipHash, so lookup timing tells an attacker nothing about stored keys; compare_digest
         # then makes the final equality check constant-time, without an O(number of keys) scan.
-        states = [_KeyState(k, now) for k in cfg.keys] if cfg.enabled else []
+        states = [_KeyState(k, table, worker_index) for k in cfg.keys] if cfg.enabled else []
+        release_worker(table, worker_index)  # whatever a former holder of this index left counted
         self._by_digest = {s.digest: s for s in states}
         self._by_id = {s.principal.key_id: s for s in states}
         self.shed_at = max(1, int(limits.max_in_flight * limits.shed_on_demand_at))
@@ -171,29 +238,38 @@ class Admission:
         if principal is None:
             return Ticket(None, priority, None, 0, self.clock)
         state = self._by_id[principal.key_id]
-        now = self.clock()
-        if state.max_concurrent and state.in_flight >= state.max_concurrent:
-            # A slot frees when some request of this key ends: no way to know when, so a short hint.
-            self._limited(state, "max_concurrent", f"concurrent requests (limit {state.max_concurrent})", 1.0)
         charge = float(tokens_estimate)
         if state.tokens is not None:
             # A request larger than a whole minute's tokens waits for a full bucket, then drains it;
             # settling charges the rest. Refusing it outright would make Retry-After a lie.
             charge = min(charge, state.tokens.capacity)
+        # Check and take in one hold of the lock: other processes admit against the same key.
+        with state.table.lock:
+            refused = self._take(state, charge, self.clock())
+        if refused is not None:
+            self._limited(state, *refused)
+        return Ticket(principal.key_id, priority, state, charge if state.tokens is not None else 0, self.clock)
+
+    @staticmethod
+    def _take(state: _KeyState, charge: float, now: float) -> tuple[str, str, float] | None:
+        """Under the lock: take a request's share of the key's limits, or say why not
+        (reason, what was exceeded, seconds to wait) and take nothing."""
+        if state.max_concurrent and state.in_flight >= state.max_concurrent:
+            # A slot frees when some request of this key ends: no way to know when, so a short hint.
+            return "max_concurrent", f"concurrent requests (limit {state.max_concurrent})", 1.0
         wait_tok = state.tokens.wait_s(charge, now) if state.tokens is not None else 0.0
         if state.requests is not None and (wait_req := state.requests.wait_s(1, now)) > 0:
             # Retry-After covers both buckets, so a client that waits it out is admitted.
-            self._limited(state, "requests_per_min", f"requests per min (limit {state.requests.capacity:g})",
-                          max(wait_req, wait_tok))
+            return ("requests_per_min", f"requests per min (limit {state.requests.capacity:g})",
+                    max(wait_req, wait_tok))
         if state.tokens is not None and wait_tok > 0:
-            self._limited(state, "tokens_per_min",
-                          f"tokens per min (limit {state.tokens.capacity:g}, requested {charge:g})", wait_tok)
+            return "tokens_per_min", f"tokens per min (limit {state.tokens.capacity:g}, requested {charge:g})", wait_tok
         if state.requests is not None:
             state.requests.take(1, now)
         if state.tokens is not None:
             state.tokens.take(charge, now)
-        state.in_flight += 1
-        return Ticket(principal.key_id, priority, state, charge if state.tokens is not None else 0, self.clock)
+        state.count_in_flight(1)
+        return None
 
     def _limited(self, state: _KeyState, reason: str, what: str, wait_s: float) -> NoReturn:
         self.metrics.rejected.labels(state.principal.key_id, reason).inc()

@@ -147,7 +147,7 @@ def test_token_bucket_and_retry_after_with_a_clock():
         t.settle(10)  # 90 of each estimate comes back
         t.settle(10)  # twice is once
     adm.admit(who, {}, 0, 100)
-    b = TokenBucket(60, 0.0)
+    b = TokenBucket(60)
     b.take(90, 0.0)  # settled beyond the estimate: debt
     assert b.wait_s(1, 0.0) == pytest.approx(31.0)
 
