@@ -1,10 +1,21 @@
-"""The gateway's Prometheus metrics (conventional names and units)."""
+"""The gateway's Prometheus metrics (conventional names and units).
+
+With several gateway processes (meshgate serve's forked workers), a scrape reaches one of them but
+must see the counters and histograms of all: prometheus_client's multiprocess mode. Each process
+keeps its values in a file of its own in a shared directory, and exposition merges the files
+(MultiProcessCollector). The parent calls enable_multiprocess(dir) once before forking; each worker
+then makes its GatewayMetrics as usual, and `registry` exposes the merged view. The gauges built at
+scrape time (_PoolCollector: pool health, breakers, RTT) stay this process' own view of its probes;
+the in-flight gauges read whatever callables they are given (point them at shared counts).
+"""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gateway.pools.upstream import Upstreams
@@ -14,34 +25,76 @@ _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
 _ROUTING = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
 
 
+_multiprocess_dir: Path | None = None  # set by enable_multiprocess
+
+
+def enable_multiprocess(path: Path) -> None:
+    """Put prometheus_client in multiprocess mode, keeping values in files under `path`.
+
+    Call once, in the parent, before forking the workers and before any GatewayMetrics is made
+    (metrics made earlier keep per-process values). Empties `path` of a former run's files, whose
+    counts must not add to this run's. Sets PROMETHEUS_MULTIPROC_DIR in os.environ (prometheus_client
+    names its files from it), so programs exec'd from here on inherit it: start pool workers or
+    anything else that uses prometheus_client with an environment without it.
+    """
+    global _multiprocess_dir
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.db"):
+        old.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    # prometheus_client picks its value class once, when first imported (already done: this module
+    # imports it); choosing again is how its own tests and gunicorn-style servers switch after import.
+    values.ValueClass = values.MultiProcessValue()
+    _multiprocess_dir = path
+
+
+def process_dead(pid: int) -> None:
+    """The supervisor's bookkeeping when it reaps a worker (prometheus_client's mark_process_dead).
+
+    Counters and histograms of dead processes stay in the merge on purpose (a counter that dropped
+    what a dead worker counted would go backwards); only live-gauge files go, and the gateway keeps
+    none today. No-op outside multiprocess mode.
+    """
+    if _multiprocess_dir is not None:
+        multiprocess.mark_process_dead(pid, str(_multiprocess_dir))
+
+
 class GatewayMetrics:
-    def __init__(self, upstreams: Upstreams, in_flight: "callable[[], int]"):  # type: ignore[valid-type]
-        r = self.registry = CollectorRegistry()
+    def __init__(self, upstreams: Upstreams, in_flight: Callable[[], float],
+                 pool_in_flight: Callable[[str], float] | None = None):
+        """in_flight: client requests in progress; pool_in_flight: requests sent to a pool and not
+        finished (default: this process' count on the pool's endpoint)."""
+        r = self.registry = CollectorRegistry()  # what /metrics exposes
+        # In multiprocess mode the metrics' values live in files and reach `registry` through the
+        # MultiProcessCollector; registering the metrics themselves too would expose them twice.
+        own = r if _multiprocess_dir is None else None
+        if _multiprocess_dir is not None:
+            multiprocess.MultiProcessCollector(r, path=str(_multiprocess_dir))
         self.requests = Counter("meshgate_requests", "Client requests answered, by route, status and pool.",
-                                ["route", "status", "pool"], registry=r)
+                                ["route", "status", "pool"], registry=own)
         self.attempts = Counter("meshgate_upstream_attempts", "Requests sent to pools, by pool and outcome.",
-                                ["pool", "outcome"], registry=r)
+                                ["pool", "outcome"], registry=own)
         self.failovers = Counter("meshgate_failovers", "Requests retried on another pool after a failure.",
-                                 ["from_pool"], registry=r)
+                                 ["from_pool"], registry=own)
         self.ttft = Histogram("meshgate_time_to_first_token_seconds", "Arrival to first token, by pool.",
-                              ["pool"], buckets=_LATENCY, registry=r)
+                              ["pool"], buckets=_LATENCY, registry=own)
         self.itl = Histogram("meshgate_inter_token_latency_seconds", "Gap between streamed chunks, by pool.",
-                             ["pool"], buckets=_ITL, registry=r)
+                             ["pool"], buckets=_ITL, registry=own)
         self.e2e = Histogram("meshgate_e2e_request_latency_seconds", "Arrival to last byte, by pool.",
-                             ["pool"], buckets=_LATENCY, registry=r)
+                             ["pool"], buckets=_LATENCY, registry=own)
         self.routing = Histogram("meshgate_routing_decision_seconds", "Time to pick a pool.",
-                                 buckets=_ROUTING, registry=r)
+                                 buckets=_ROUTING, registry=own)
         # Metering (per API key; key="" when auth is off). Key ids come from config, so the label set is bounded.
         self.usage_prompt = Counter("meshgate_usage_prompt_tokens", "Prompt tokens used, by key, model and pool.",
-                                    ["key", "model", "pool"], registry=r)
+                                    ["key", "model", "pool"], registry=own)
         self.usage_completion = Counter("meshgate_usage_completion_tokens",
                                         "Completion tokens used, by key, model and pool.",
-                                        ["key", "model", "pool"], registry=r)
+                                        ["key", "model", "pool"], registry=own)
         self.usage_requests = Counter("meshgate_usage_requests", "Requests metered, by key, model, pool and status "
-                                      "(complete, cut_short, error).", ["key", "model", "pool", "status"], registry=r)
+                                      "(complete, cut_short, error).", ["key", "model", "pool", "status"], registry=own)
         self.rejected = Counter("meshgate_admission_rejected", "Requests refused before routing, by key and reason.",
-                                ["key", "reason"], registry=r)
-        r.register(_PoolCollector(upstreams, in_flight))
+                                ["key", "reason"], registry=own)
+        r.register(_PoolCollector(upstreams, in_flight, pool_in_flight))
         self._pools: dict[str, PoolSeries] = {}
 
     def pool(self, pool_id: str) -> PoolSeries:
@@ -70,9 +123,13 @@ class PoolSeries:
 
 
 class _PoolCollector:
-    def __init__(self, upstreams: Upstreams, in_flight):  # type: ignore[no-untyped-def]
+    """Gauges read at scrape time from this process' view of the pools."""
+
+    def __init__(self, upstreams: Upstreams, in_flight: Callable[[], float],
+                 pool_in_flight: Callable[[str], float] | None):
         self.up = upstreams
         self.in_flight = in_flight
+        self.pool_in_flight = pool_in_flight
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("meshgate_in_flight_requests", "Client requests in progress.", value=self.in_flight())
@@ -85,7 +142,8 @@ class _PoolCollector:
             e = pool.endpoint
             healthy.add_metric([e.pool_id], float(e.healthy))
             breaker.add_metric([e.pool_id], float(pool.breaker.state))
-            pool_in_flight.add_metric([e.pool_id], e.in_flight)
+            sent = self.pool_in_flight(e.pool_id) if self.pool_in_flight is not None else e.in_flight
+            pool_in_flight.add_metric([e.pool_id], sent)
             if e.rtt_ms is not None:
                 rtt.add_metric([e.pool_id], e.rtt_ms / 1000)
         yield from (healthy, breaker, pool_in_flight, rtt)

@@ -9,6 +9,7 @@ from prometheus_client import generate_latest
 
 from gateway.core.types import LoadReport
 from tests.api.harness import Harness, chat
+from tests.api.test_metrics_multiprocess import WORK, exposition_after_two_workers, samples
 
 PROMTOOL = shutil.which("promtool")
 pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
@@ -31,6 +32,13 @@ async def test_gateway_metrics_pass_promtool():
     finally:
         await h.stop()
     assert b"meshgate_failovers_total" in text and b"meshgate_time_to_first_token_seconds_bucket" in text
+    promtool(text)
+
+
+def test_gateway_metrics_of_forked_processes_pass_promtool(tmp_path):
+    text = exposition_after_two_workers(tmp_path)  # multiprocess mode: two workers counted, merged
+    route = frozenset({("route", "/v1/chat/completions"), ("status", "200"), ("pool", "a")})
+    assert samples(text)[("meshgate_requests_total", route)] == sum(WORK)
     promtool(text)
 
 
