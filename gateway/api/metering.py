@@ -42,8 +42,8 @@ def estimate_prompt_tokens(g: GenerationRequest, prompt_chars: int) -> int:
 
 
 class Metering:
-    def __init__(self, cfg: UsageLogConfig, metrics: GatewayMetrics):
-        self.log = UsageLog(cfg)
+    def __init__(self, cfg: UsageLogConfig, metrics: GatewayMetrics, worker_index: int = 0):
+        self.log = UsageLog(cfg, worker_index)  # a file per gateway process: see usage_log
         self.m = metrics
 
     async def start(self) -> None:

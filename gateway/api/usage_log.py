@@ -6,6 +6,13 @@ seconds on a busy disk; it must never stall the loop). One thread keeps batches 
 write is truncated back to where it began and retried on the next flush, so a record is never
 written twice nor half. Closing flushes what is left; the file is opened for append, so the log
 survives restarts.
+
+With several gateway processes (meshgate serve's forked workers) each one appends to a file of its
+own, so lines are never interleaved and no process needs to lock out another: worker 0 (and a
+single process) writes `path` itself, worker k writes `path` with `.wk` before its suffix
+(`usage.jsonl`, `usage.w1.jsonl`, `usage.w2.jsonl`, ...; without a suffix, `usage.w1`). Each file
+rotates on its own (`usage.w1.jsonl.1`, ...), so all of a gateway's records are in
+`usage.jsonl*` and `usage.w*.jsonl*`; order across files is by each record's `ts`.
 """
 from __future__ import annotations
 
@@ -24,10 +31,15 @@ from gateway.config import ConfigError, UsageLogConfig
 log = logging.getLogger("meshgate.usage")
 
 
+def worker_path(path: Path, worker_index: int) -> Path:
+    """The file worker `worker_index` appends to: `path` for worker 0, `stem.wK.suffix` for the others."""
+    return path if worker_index == 0 else path.with_name(f"{path.stem}.w{worker_index}{path.suffix}")
+
+
 class UsageLog:
-    def __init__(self, cfg: UsageLogConfig):
+    def __init__(self, cfg: UsageLogConfig, worker_index: int = 0):
         self.cfg = cfg
-        self.path = Path(cfg.path).expanduser() if cfg.path else None
+        self.path = worker_path(Path(cfg.path).expanduser(), worker_index) if cfg.path else None
         self._lines: list[bytes] = []  # appended on the loop, taken whole by flush()
         self._fd: int | None = None  # touched only by the writer thread once started
         self._size = 0
