@@ -1,4 +1,4 @@
-"""meshgate command line (DESIGN.md §8): up | serve | worker."""
+"""meshgate command line (DESIGN.md §8): up | serve | worker | hash-key | build-engine."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -37,9 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--grpc-port", type=int, help="gRPC port (default: from the config; none: gRPC off)")
     worker.add_argument("--pool", help="pool id in the config (default: the first pool)")
     sub.add_parser("hash-key", help="print the sha256 of an API key read from stdin (for gateway.auth keys)")
+    build = sub.add_parser("build-engine", help="export a model's dense segments to ONNX and build TensorRT engines")
+    build.add_argument("--model", required=True, help="a Hugging Face Llama folder")
+    build.add_argument("--out", help="engine root (default: ~/.cache/meshgate/engines, where tensorrt workers look)")
+    build.add_argument("--dtype", choices=sorted(_BUILD_DTYPES), default="fp16")
+    build.add_argument("--max-tokens", type=int, help="token budget of a step: the pool's engine.max_num_batched_tokens")
+    build.add_argument("--max-seqs", type=int, help="sequences in a step: the pool's engine.max_num_seqs")
     args = parser.parse_args(argv)
     if args.command == "hash-key":
         return _hash_key()
+    if args.command == "build-engine":
+        return _build_engine(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         cfg = load_config(args.config)
@@ -76,6 +84,25 @@ def _hash_key() -> int:
     return 0
 
 
+_BUILD_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def _build_engine(args: argparse.Namespace) -> int:
+    """ONNX export on any machine, engines where there is a GPU and TensorRT; the profile is the
+    one a worker with these limits asks for, so it finds them (gateway/worker/trt_build.py)."""
+    from gateway.config import EngineConfig
+    from gateway.worker.trt_build import build_engine_command  # torch lives behind this import
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    d = EngineConfig()
+    try:
+        return build_engine_command(args.model, args.out, _BUILD_DTYPES[args.dtype],
+                                    args.max_tokens or d.max_num_batched_tokens, args.max_seqs or d.max_num_seqs)
+    except (OSError, ValueError) as e:  # no such folder, not a Llama checkpoint, ...
+        print(f"meshgate: build-engine: {e}", file=sys.stderr)
+        return 2
+
+
 def _run(coro: Awaitable[int]) -> int:
     try:
         import uvloop
@@ -84,21 +111,39 @@ def _run(coro: Awaitable[int]) -> int:
     return uvloop.run(coro)  # type: ignore[arg-type]
 
 
-async def _run_server(app: web.Application, host: str, port: int, drain_timeout_s: float, what: str,
+class _Front(Protocol):
+    """A server's listening side: bind it (OSError when the port is taken), close it (draining)."""
+
+    async def bind(self, host: str, port: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _AiohttpFront:
+    """The pool worker's aiohttp app."""
+
+    def __init__(self, app: web.Application, drain_timeout_s: float):
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_timeout_s)
+
+    async def bind(self, host: str, port: int) -> None:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port).start()
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def _run_server(front: _Front, host: str, port: int, what: str,
                       ready: Awaitable[None] | None = None, grpc: RpcFront | None = None,
                       on_ready: Callable[[], None] | None = None,
                       before_drain: Callable[[], Awaitable[None]] | None = None) -> int:
     """Bind, wait until ready, log the listening line, serve until SIGINT/SIGTERM, then drain.
     The gRPC front, when given, binds after HTTP (its calls need the upstreams HTTP's startup opens).
     on_ready / before_drain: a worker registers in etcd once ready, and leaves it before draining."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_timeout_s)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
     try:
-        await site.start()
+        await front.bind(host, port)
     except OSError as e:
         print(f"meshgate: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
-        await runner.cleanup()
         return 1
     grpc_addr = "off"
     if grpc is not None:
@@ -106,7 +151,7 @@ async def _run_server(app: web.Application, host: str, port: int, drain_timeout_
             grpc_addr = await grpc.start()
         except OSError as e:
             print(f"meshgate: cannot listen on {grpc.address} (gRPC): {e.strerror or e}", file=sys.stderr)
-            await runner.cleanup()
+            await front.close()
             return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -130,8 +175,8 @@ async def _run_server(app: web.Application, host: str, port: int, drain_timeout_
         await stop.wait()
         if before_drain is not None:
             await before_drain()
-        log.info("stopping: draining in-flight requests (up to %g s)", drain_timeout_s)
-    await runner.cleanup()
+        log.info("stopping: draining in-flight requests")
+    await front.close()
     return rc
 
 
@@ -147,7 +192,7 @@ async def _worker(cfg: Config, pool: PoolConfig, host: str, port: int) -> int:
         await reg.stop()
         await asyncio.sleep(cfg.discovery.deregister_wait_s)
 
-    return await _run_server(server.make_app(), host, port, pool.drain_timeout_s,
+    return await _run_server(_AiohttpFront(server.make_app(), pool.drain_timeout_s), host, port,
                              f"pool={pool.id} model={pool.model.name}", ready=server.start_engine(),
                              on_ready=reg.start if reg else None,
                              before_drain=leave if reg else None)
@@ -157,19 +202,18 @@ async def _serve(cfg: Config) -> int:
     from gateway.api.app import GatewayServer
     from gateway.rpc.server import RpcFront
 
-    gw = cfg.gateway
-    server = GatewayServer(cfg)
-    app = server.make_app()
     from gateway.discovery import attach_gateway
 
-    attach_gateway(server, app, cfg)  # discovery etcd: pools from the registry; static: nothing
-    front: RpcFront | None = None
+    gw = cfg.gateway
+    server = GatewayServer(cfg)
+    attach_gateway(server, cfg)  # discovery etcd: pools from the registry; static: nothing
+    rpc: RpcFront | None = None
     if gw.grpc_port is not None:
-        front = rpc = RpcFront(server, gw.host, gw.grpc_port)
+        rpc = RpcFront(server, gw.host, gw.grpc_port)
         # On shutdown, after HTTP stops listening and before the upstreams close: gRPC calls drain too.
-        app.on_shutdown.append(lambda _: rpc.stop(gw.drain_timeout_s))
-    return await _run_server(app, gw.host, gw.port, gw.drain_timeout_s,
-                             f"site={gw.site} pools={len(cfg.pools)} discovery={cfg.discovery.kind}", grpc=front)
+        server.on_shutdown.append(lambda: rpc.stop(gw.drain_timeout_s))  # type: ignore[union-attr]
+    return await _run_server(server, gw.host, gw.port,
+                             f"site={gw.site} pools={len(cfg.pools)} discovery={cfg.discovery.kind}", grpc=rpc)
 
 
 async def _up(cfg: Config, config_path: str, log_level: str) -> int:

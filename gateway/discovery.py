@@ -11,8 +11,6 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from gateway.config import Config, PoolConfig
 from gateway.registry import GatewayRecord, PoolRecord, Registrant, RegistryView, pool_record, site_of
 from gateway.registry.records import GATEWAYS, POOLS, encode
@@ -30,7 +28,7 @@ def gateway_record(cfg: Config) -> GatewayRecord:
     return GatewayRecord(id=gid, url=d.advertise_url or f"http://{host}:{gw.port}", site=site_of(cfg, gw.site))
 
 
-def attach_gateway(server: GatewayServer, app: web.Application, cfg: Config) -> RegistryView | None:
+def attach_gateway(server: GatewayServer, cfg: Config) -> RegistryView | None:
     """With discovery etcd: the gateway's pools follow the registry (the YAML's pools, if any, are
     only the view until etcd first answers); it registers itself; /metrics gains
     meshgate_registry_stale_seconds; /v1/meshgate/gateways lists the registry's gateways."""
@@ -46,19 +44,19 @@ def attach_gateway(server: GatewayServer, app: web.Application, cfg: Config) -> 
         or [dataclasses.asdict(me)]
     registrant = Registrant(d, f"{d.prefix}{GATEWAYS}{me.id}", lambda: encode(me))
 
-    async def start(_: web.Application) -> None:
+    async def start() -> None:
         await view.start(wait_s=2 * d.timeout_s)
         registrant.start()
 
-    async def deregister(_: web.Application) -> None:
+    async def deregister() -> None:
         await registrant.stop()
 
-    async def stop(_: web.Application) -> None:
+    async def stop() -> None:
         await view.stop()
 
-    app.on_startup.append(start)  # after the server's own start: probes of registry pools need its session
-    app.on_shutdown.append(deregister)
-    app.on_cleanup.append(stop)
+    server.on_start.append(start)  # after the server's own start: probes of registry pools need its client
+    server.on_shutdown.append(deregister)
+    server.on_stop.append(stop)
     return view
 
 
@@ -99,7 +97,7 @@ class _Follower:
                     log.info("registry: pool %s left (lease lapsed%s)", pid, ", answering" if answered else "")
                 continue
             alive[pid] = rec
-            if pid not in self._probed and self.server.upstreams.session is not None:
+            if pid not in self._probed and self.server.upstreams.client is not None:
                 self._probed.add(pid)
                 asyncio.ensure_future(self.server.upstreams.probe(pool))
         if alive and self._recheck is None:

@@ -12,24 +12,22 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
-
-from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.api.auth import PRIORITIES, PRIORITY_HEADER, Admission, Principal
 from gateway.api.decisions import DecisionLog
 from gateway.api.forward import Call, Forwarder, StreamBroken, Upstream
+from gateway.api.h1 import HttpServer, Request, Response, Router, Stream, json_response
 from gateway.api.metering import Metering, estimate_prompt_tokens
 from gateway.api.metrics import GatewayMetrics
 from gateway.api.operator import OperatorView
 from gateway.api.tracing import Tracing
 from gateway.config import Config, ConfigError
 from gateway.core.errors import BadRequest, InternalError, NotFound, Overloaded, PayloadTooLarge
-from gateway.core.http import error_middleware, json_response, read_json
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.core.types import RouteRequest
 from gateway.pools.upstream import Upstreams
@@ -44,10 +42,6 @@ POOL_HEADER = "x-meshgate-pool"  # the pool that answered (not the first choice 
 RESIDENCY_HEADER = "x-meshgate-residency"
 SLO_HEADER = "x-meshgate-ttft-slo-ms"
 PREFIX_CHARS = 256
-# What the gateway learns of a request as it goes, for headers, logs and metrics.
-REQUEST_ID = web.RequestKey("request_id", str)
-ROUTE = web.RequestKey("route", str)
-POOL = web.RequestKey("pool", str)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -80,98 +74,125 @@ class GatewayServer:
         self.created = int(time.time())
         # Request ids: a random per-process prefix and a counter (uuid4 costs a getrandom call).
         self._ids = (f"{uuid.uuid4().hex[:16]}{i:016x}" for i in itertools.count())
+        # Lifecycle hooks (discovery adds its own): after start, on shutdown before the drain, after it.
+        self.on_start: list[Callable[[], Awaitable[None]]] = []
+        self.on_shutdown: list[Callable[[], Awaitable[None]]] = [self.decisions.close]
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []
+        self.http: HttpServer | None = None
         if not self.cfg.auth.enabled and not _is_loopback(self.cfg.host):
             log.warning("gateway.auth is off while listening on %s: anyone who reaches it may use it", self.cfg.host)
 
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg.limits.max_body_bytes,
-                              middlewares=[error_middleware(self._count)])
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/v1/models/{model}", self.model)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/ready", self.ready)
-        app.router.add_get("/metrics", self.prometheus)
-        app.router.add_get("/v1/meshgate/gateways", self.gateways)
-        self.operator.add_routes(app)  # /v1/meshgate/mesh, /v1/meshgate/decisions/stream, /dashboard
-        app.on_startup.append(self._start)
-        app.on_cleanup.append(self._stop)
-        app.on_response_prepare.append(self._add_headers)
-        return app
+    def make_server(self) -> HttpServer:
+        """The HTTP front (gateway/api/h1.py); start() it, and call shutdown() then stop() at the end."""
+        r = Router()
+        r.add("POST", "/v1/chat/completions", self.chat)
+        r.add("POST", "/v1/completions", self.completions)
+        r.add("GET", "/v1/models", self.models)
+        r.add("GET", "/v1/models/", self.model, prefix=True)
+        r.add("GET", "/health", self.health)
+        r.add("GET", "/ready", self.ready)
+        r.add("GET", "/metrics", self.prometheus)
+        r.add("GET", "/v1/meshgate/gateways", self.gateways)
+        self.operator.add_routes(r)  # /v1/meshgate/mesh, /v1/meshgate/decisions/stream, /dashboard
+        return HttpServer(r, self.cfg.limits.max_body_bytes, on_response=self._count)
 
-    async def _start(self, app: web.Application) -> None:
+    async def bind(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Start, then accept HTTP on host:port (OSError when it is taken)."""
+        await self.start()
+        self.http = self.make_server()
+        try:
+            await self.http.start(host, port, reuse_port)
+        except OSError:
+            await self.stop()
+            raise
+
+    async def close(self) -> None:
+        """Stop accepting, run the shutdown hooks, drain in-flight requests (up to
+        gateway.drain_timeout_s), then stop."""
+        if self.http is not None:
+            self.http.stop_accepting()
+        await self.shutdown()  # leave the registry, end the decision feeds, drain gRPC calls
+        if self.http is not None:
+            await self.http.shutdown(self.cfg.drain_timeout_s)
+        await self.stop()
+
+    async def start(self) -> None:
+        """Before serving: the usage log, then the upstreams (and first probes), then any hooks."""
         await self.metering.start()  # first: a usage log it cannot open stops the start before probes run
         await self.upstreams.start()
+        for hook in self.on_start:
+            await hook()
 
-    async def _stop(self, app: web.Application) -> None:
+    async def shutdown(self) -> None:
+        """Stopping, before in-flight requests are drained: hooks (leave the registry, end feeds)."""
+        for hook in self.on_shutdown:
+            await hook()
+
+    async def stop(self) -> None:
+        """After the drain."""
+        for hook in self.on_stop:
+            await hook()
         await self.upstreams.close()
         await self.metering.close()  # last: requests ended by the shutdown are logged too
         self.tracing.shutdown()
 
-    def _count(self, request: web.Request, status: int) -> None:
-        self.metrics.requests.labels(request.path, str(status), request.get(POOL, "")).inc()
-
-    async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
-        if REQUEST_ID in request:
-            response.headers["x-request-id"] = request[REQUEST_ID]
-        if ROUTE in request:
-            response.headers[ROUTE_HEADER] = request[ROUTE]
-        if POOL in request:
-            response.headers[POOL_HEADER] = request[POOL]
+    def _count(self, request: Request, status: int) -> None:
+        self.metrics.requests.labels(request.path, str(status), request.pool or "").inc()
 
     # -- plain endpoints --------------------------------------------------------------------
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: Request) -> Response:
         if self.upstreams.any_available():
             return json_response({"status": "ready"})
         return json_response({"status": "no healthy pool"}, 503)
 
-    async def gateways(self, request: web.Request) -> web.Response:
+    async def gateways(self, request: Request) -> Response:
         self.admission.authenticate(request.headers)  # who runs where is for callers with a key
         return json_response({"object": "list", "data": self.gateway_list()})
 
-    async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def prometheus(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     def _card(self, model: str) -> dict[str, object]:
         return {"id": model, "object": "model", "created": self.created, "owned_by": "meshgate"}
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: Request) -> Response:
         who = self.admission.authenticate(request.headers)
         return json_response({"object": "list", "data": [
             self._card(m) for m in self.upstreams.models() if who is None or who.may_use(m)]})
 
-    async def model(self, request: web.Request) -> web.Response:
-        name = request.match_info["model"]
+    async def model(self, request: Request) -> Response:
+        name = request.path.removeprefix("/v1/models/")
         if name not in self.upstreams.models() or not self.admission.may_use(
                 self.admission.authenticate(request.headers), name):
             raise NotFound(f"The model '{name}' does not exist", param="model", code="model_not_found")
         return json_response(self._card(name))
 
     # -- generation -------------------------------------------------------------------------
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def chat(self, request: Request) -> Response | Stream:
         return await self._generate(request, "/v1/chat/completions", parse_chat)
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, request: Request) -> Response | Stream:
         return await self._generate(request, "/v1/completions", parse_completion)
 
-    async def _generate(self, request: web.Request, path: str, parse) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+    async def _generate(self, request: Request, path: str, parse) -> Response | Stream:  # type: ignore[no-untyped-def]
         arrival = time.monotonic()
         # Before parsing: a caller without a key learns nothing, not even whether its body is valid.
         principal = self.admission.authenticate(request.headers)
-        body = await request.read()
-        call = self.prepare(path, body, parse(await read_json(request)), request.headers, arrival, principal,
-                            request.remote)
-        request[REQUEST_ID] = call.request_id
+        try:
+            parsed = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            raise BadRequest("We could not parse the JSON body of your request. Send valid JSON.") from None
+        call = self.prepare(path, request.body, parse(parsed), request.headers, arrival, principal, request.remote)
+        request.request_id = call.request_id
         self.in_flight += 1
         try:
             up = await self.forwarder.open(call)
             try:
-                request[POOL] = up.pool_id
-                request[ROUTE] = up.route
+                request.pool = up.pool_id
+                request.route = up.route
                 return await _relay(request, up)
             finally:
                 up.close()
@@ -268,12 +289,11 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def _relay(request: web.Request, up: Upstream) -> web.StreamResponse:
+async def _relay(request: Request, up: Upstream) -> Response | Stream:
     """Hand the pool's answer to the client as it comes: whole, or as an SSE stream."""
     if not up.call.stream or up.status >= 400:
-        return web.Response(body=up.first, status=up.status, content_type="application/json")
-    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await out.prepare(request)
+        return Response(up.first, up.status)
+    out = request.start_stream(headers={"cache-control": "no-cache"})
     try:
         async for chunk in up.chunks():
             await out.write(chunk)
@@ -281,5 +301,5 @@ async def _relay(request: web.Request, up: Upstream) -> web.StreamResponse:
         err = InternalError(str(e))
         err.type = "upstream_error"
         await out.write(b"data: " + orjson.dumps(err.body()) + b"\n\ndata: [DONE]\n\n")
-    await out.write_eof()
+    await out.end()
     return out

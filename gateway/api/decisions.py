@@ -14,8 +14,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 
+from gateway.api.h1 import Request, Stream
 from gateway.core.errors import Overloaded
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class DecisionLog:
         return list(self.recent)
 
     # -- the live feed ----------------------------------------------------------------------
-    async def stream(self, request: web.Request) -> web.StreamResponse:
+    async def stream(self, request: Request) -> Stream:
         """GET /v1/meshgate/decisions/stream: one `decision` event per request as it ends, a
         comment line as heartbeat, closed by the gateway's shutdown."""
         if self._closed:
@@ -83,9 +83,7 @@ class DecisionLog:
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.queue_size)
         self._subscribers.add(q)
         try:
-            out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-            await out.prepare(request)
+            out = request.start_stream(headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
             await out.write(b"retry: 2000\n: meshgate decisions\n\n")
             while True:
                 try:
@@ -105,12 +103,12 @@ class DecisionLog:
                 await out.write(b"".join(b"event: decision\ndata: " + orjson.dumps(r) + b"\n\n" for r in batch))
                 if closing:
                     break
-            await out.write_eof()
+            await out.end()
             return out
         finally:
             self._subscribers.discard(q)
 
-    async def close(self, app: web.Application | None = None) -> None:
+    async def close(self) -> None:
         """On shutdown (before handlers are awaited): end every open stream."""
         self._closed = True
         for q in list(self._subscribers):

@@ -19,13 +19,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import aiohttp
-
 from gateway.api.auth import Principal
 from gateway.api.metrics import GatewayMetrics
 from gateway.api.tracing import end_request
 from gateway.core.errors import APIError, Overloaded
 from gateway.core.types import RouteRequest
+from gateway.pools.h1client import Response, UpstreamError
 from gateway.pools.upstream import Pool, Upstreams
 from gateway.routing.candidates import CandidateSet
 from gateway.routing.framework import Profile
@@ -104,7 +103,7 @@ class _Retry(Exception):
 class Upstream:
     """An answering pool: status, first bytes, then the rest of the stream. close() it."""
 
-    def __init__(self, fwd: Forwarder, call: Call, pool: Pool, resp: aiohttp.ClientResponse, first: bytes,
+    def __init__(self, fwd: Forwarder, call: Call, pool: Pool, resp: Response, first: bytes,
                  route: str, failovers: int):
         self.fwd = fwd
         self.call = call
@@ -134,7 +133,7 @@ class Upstream:
         last = time.monotonic()
         try:
             async with asyncio.timeout_at(_loop_time(self.call.deadline)):
-                while chunk := await self.resp.content.readany():
+                while chunk := await self.resp.readany():
                     now = time.monotonic()
                     itl.observe(now - last)
                     last = now
@@ -143,7 +142,7 @@ class Upstream:
                     yield chunk
             if meter is not None and (rest := meter.tail()):
                 yield rest
-        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+        except (UpstreamError, TimeoutError, ConnectionError) as e:
             self.outcome = "broken_stream"
             self.pool.record_failure()
             raise StreamBroken("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
@@ -215,24 +214,24 @@ class Forwarder:
             return up
         raise BadGateway(f"no pool could serve the request ({attempts} tried)")
 
-    async def _attempt(self, call: Call, pool: Pool) -> tuple[aiohttp.ClientResponse, bytes]:
-        assert self.up.session is not None
+    async def _attempt(self, call: Call, pool: Pool) -> tuple[Response, bytes]:
+        assert self.up.client is not None
         ep = pool.endpoint
         remaining = call.deadline - time.monotonic()
         if remaining <= 0:
             raise Overloaded("the request deadline passed before a pool could answer")
         ep.in_flight += 1  # credited at once, so a burst spreads over pools
         ep.sent_since_report += 1
-        resp: aiohttp.ClientResponse | None = None
+        resp: Response | None = None
         try:
             try:
                 async with asyncio.timeout(min(remaining, self.first_byte_timeout_s)):
-                    resp = await self.up.session.post(ep.url + call.path, data=call.body, headers=call.headers)
+                    resp = await self.up.client.request("POST", ep.url + call.path, call.body, call.headers)
                     pool.load_from_header(resp.headers)
                     if resp.status >= 500 or resp.status == 429:
                         raise _Retry(f"status {resp.status}", busy=resp.status in (429, 503))
                     if call.stream and resp.status < 400:
-                        first = await resp.content.readany()
+                        first = await resp.readany()
                         if not first:
                             raise _Retry("closed before the first token")
                         return resp, first
@@ -240,8 +239,8 @@ class Forwarder:
                 # nothing has reached the client yet, so a failure here is still retried.
                 async with asyncio.timeout_at(_loop_time(call.deadline)):
                     return resp, await resp.read()
-            except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
-                raise _Retry(type(e).__name__) from None
+            except (UpstreamError, TimeoutError, ConnectionError) as e:
+                raise _Retry(str(e) or type(e).__name__) from None
         except BaseException as e:
             ep.in_flight -= 1
             if resp is not None:

@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from aiohttp import web
-
+from gateway.api.h1 import Request, Response, Router, Stream, error_response, json_response
 from gateway.core.errors import APIError
-from gateway.core.http import error_response, json_response
 from gateway.core.types import Endpoint, RouteRequest
 from gateway.pools.breaker import BreakerState
 
@@ -43,30 +41,29 @@ class OperatorView:
                       for x in cfg_sites]
         self.site_ids = {x["id"] for x in self.sites}
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/v1/meshgate/mesh", self.mesh)
-        app.router.add_get("/v1/meshgate/decisions/stream", self.stream)
-        app.router.add_get("/dashboard", self.dashboard)
-        app.on_shutdown.append(self.s.decisions.close)
+    def add_routes(self, r: Router) -> None:
+        r.add("GET", "/v1/meshgate/mesh", self.mesh)
+        r.add("GET", "/v1/meshgate/decisions/stream", self.stream)
+        r.add("GET", "/dashboard", self.dashboard)
 
     # -- handlers -------------------------------------------------------------------------
-    async def mesh(self, request: web.Request) -> web.Response:
+    async def mesh(self, request: Request) -> Response:
         if (denied := self._authorize(request)) is not None:
             return denied
         return json_response(self.snapshot())
 
-    async def stream(self, request: web.Request) -> web.StreamResponse:
+    async def stream(self, request: Request) -> Response | Stream:
         if (denied := self._authorize(request)) is not None:
             return denied
         return await self.s.decisions.stream(request)
 
-    async def dashboard(self, request: web.Request) -> web.Response:
+    async def dashboard(self, request: Request) -> Response:
         if (denied := self._authorize(request)) is not None:
             return denied
-        return web.Response(body=self._page, content_type="text/html", charset="utf-8",
-                            headers={"Cache-Control": "no-cache",
-                                     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                                                "script-src 'unsafe-inline'; img-src 'self' data:"})
+        return Response(self._page, content_type="text/html; charset=utf-8",
+                        headers={"cache-control": "no-cache",
+                                 "content-security-policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                                            "script-src 'unsafe-inline'; img-src 'self' data:"})
 
     @cached_property
     def _page(self) -> bytes:
@@ -75,23 +72,23 @@ class OperatorView:
         land = (STATIC / "land.json").read_text()
         return html.replace(_LAND_MARK, land).encode()
 
-    def _authorize(self, request: web.Request) -> web.Response | None:
+    def _authorize(self, request: Request) -> Response | None:
         """None when the caller may look; else the 401 to send (asking browsers for Basic auth)."""
         if not self.s.admission.enabled:
             return None
         headers: Any = request.headers
-        scheme, _, value = headers.get("Authorization", "").partition(" ")
+        scheme, _, value = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "basic":
             try:
                 _, _, key = base64.b64decode(value.strip(), validate=True).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 key = ""
-            headers = {"Authorization": f"Bearer {key}"}
+            headers = {"authorization": f"Bearer {key}"}
         try:
             self.s.admission.authenticate(headers)
         except APIError as e:
             resp = error_response(e)
-            resp.headers["WWW-Authenticate"] = 'Basic realm="meshgate", charset="UTF-8"'
+            resp.headers = {**(resp.headers or {}), "www-authenticate": 'Basic realm="meshgate", charset="UTF-8"'}
             return resp
         return None
 

@@ -34,6 +34,10 @@ class NotFound(APIError):
     type = "not_found_error"
 
 
+class MethodNotAllowed(APIError):
+    status = 405
+
+
 class PayloadTooLarge(APIError):
     status = 413
 

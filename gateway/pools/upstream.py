@@ -8,12 +8,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import aiohttp
 import orjson
 
 from gateway.config import PoolConfig, ProbeConfig, UpstreamConfig
 from gateway.core.types import LOAD_HEADER, Endpoint, LoadReport
 from gateway.pools.breaker import BreakerState, CircuitBreaker
+from gateway.pools.h1client import HttpClient, UpstreamError
 
 log = logging.getLogger("meshgate.pools")
 
@@ -56,10 +56,10 @@ class Pool:
         self.endpoint.load_at = time.monotonic()
         self.endpoint.sent_since_report = 0  # the pool's figures now include what we sent
 
-    def load_from_header(self, headers: "aiohttp.typedefs.LooseHeaders") -> None:
+    def load_from_header(self, headers: dict[str, str]) -> None:
         """The compact report on a response: queue and KV figures; the rates (prefill/decode speed,
         hot prefixes) only come with probes, so they are kept from the last full report."""
-        value = headers.get(LOAD_HEADER)  # type: ignore[union-attr]
+        value = headers.get(LOAD_HEADER)
         if not value:
             return
         try:
@@ -79,7 +79,7 @@ class Upstreams:
         self.probe_cfg = probe
         self.pools = {p.id: Pool(p, up) for p in pools}
         self.endpoints = [p.endpoint for p in self.pools.values()]
-        self.session: aiohttp.ClientSession | None = None
+        self.client: HttpClient | None = None
         self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
         self._probe_task: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[list[Endpoint]], None]] = []  # told of pools that joined
@@ -95,20 +95,13 @@ class Upstreams:
         joined = [p.endpoint for pid, p in self.pools.items() if old.get(pid) is not p]
         for callback in self.on_change:
             callback(joined)
-        if self.session is not None and joined:
+        if self.client is not None and joined:
             for pid, p in self.pools.items():
                 if old.get(pid) is not p:
                     asyncio.ensure_future(self.probe(p))
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.up.max_connections, keepalive_timeout=60,
-                                         enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(
-            connector=connector, json_serialize=lambda o: orjson.dumps(o).decode(),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.up.connect_timeout_s,
-                                          sock_read=self.up.idle_timeout_s),
-            auto_decompress=False,
-        )
+        self.client = HttpClient(self.up.max_connections, self.up.connect_timeout_s, self.up.idle_timeout_s)
         await self.probe_all()
         self._probe_task = asyncio.create_task(self._probe_loop())
 
@@ -116,8 +109,8 @@ class Upstreams:
         if self._probe_task is not None:
             self._probe_task.cancel()
             await asyncio.gather(self._probe_task, return_exceptions=True)
-        if self.session is not None:
-            await self.session.close()
+        if self.client is not None:
+            await self.client.close()
 
     def models(self) -> list[str]:
         """Every model some pool serves (sorted)."""
@@ -142,33 +135,21 @@ class Upstreams:
     async def probe(self, pool: Pool) -> None:
         """One probe: our workers' GET /load (load report + handling time); a third-party OpenAI
         server's GET /metrics (queue gauges of vLLM, SGLang, TGI), or /health where it has none."""
-        assert self.session is not None
-        e = pool.endpoint
+        assert self.client is not None
         native = pool.cfg.kind == "meshgate"
         path = "/load" if native else ("/metrics" if pool.has_metrics else "/health")
         t0 = time.perf_counter()
-        ok = False
         try:
-            async with self.session.get(e.url + path,
-                                        timeout=aiohttp.ClientTimeout(total=self.probe_cfg.timeout_s)) as r:
-                body = await r.read()
-                rtt_ms = (time.perf_counter() - t0) * 1000
-                ok = r.status == 200
-                if native and ok:
-                    d = orjson.loads(body)
-                    ok = bool(d.get("ready", True))
-                    rtt_ms -= 1000 * float(d.get("handling_s", 0.0))
-                    d.pop("ready", None)
-                    d["hot_prefix_hashes"] = tuple(d.get("hot_prefix_hashes", ()))
-                    pool.update_load(LoadReport(**{k: v for k, v in d.items() if k in LoadReport.__slots__}))
-                elif path == "/metrics":
-                    report = parse_openai_metrics(body.decode(errors="replace")) if ok else None
-                    if report is not None:
-                        pool.update_load(report)
-                    elif r.status in (404, 405) or ok:  # no metrics, or none we know: /health from now on
-                        pool.has_metrics = False
-                        ok = ok or r.status in (404, 405)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TypeError):
+            async with asyncio.timeout(self.probe_cfg.timeout_s):
+                r = await self.client.request("GET", pool.endpoint.url + path)
+                try:
+                    body = await r.read()
+                finally:
+                    r.close()
+            rtt_ms = (time.perf_counter() - t0) * 1000
+            ok, handling_s = self._probe_answer(pool, path, r.status, body)
+            rtt_ms -= 1000 * handling_s
+        except (UpstreamError, TimeoutError, ValueError, TypeError):
             ok = False
         e = pool.endpoint
         if ok:
@@ -186,6 +167,27 @@ class Upstreams:
                 e.healthy = False
                 log.warning("pool %s is down (%d probes missed)", e.pool_id, pool.probe_misses)
         pool.refresh_breaker()
+
+    @staticmethod
+    def _probe_answer(pool: Pool, path: str, status: int, body: bytes) -> tuple[bool, float]:
+        """Whether the probe found the pool up, and the handling time it reported (seconds)."""
+        ok = status == 200
+        if path == "/load" and ok:
+            d = orjson.loads(body)
+            if not d.pop("ready", True):  # up, but still loading its model
+                return False, 0.0
+            handling_s = float(d.get("handling_s", 0.0))
+            d["hot_prefix_hashes"] = tuple(d.get("hot_prefix_hashes", ()))
+            pool.update_load(LoadReport(**{k: v for k, v in d.items() if k in LoadReport.__slots__}))
+            return True, handling_s
+        if path == "/metrics":
+            report = parse_openai_metrics(body.decode(errors="replace")) if ok else None
+            if report is not None:
+                pool.update_load(report)
+            elif status in (404, 405) or ok:  # no metrics, or none we know: /health from now on
+                pool.has_metrics = False
+                ok = ok or status in (404, 405)
+        return ok, 0.0
 
 
 # Queue gauges of OpenAI-compatible servers: name -> LoadReport field (summed over label sets).

@@ -5,7 +5,6 @@ import json
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from gateway.api.app import GatewayServer
 from gateway.config import config_from_dict
@@ -18,7 +17,7 @@ MODEL = "stub-model"
 class Harness:
     def __init__(self) -> None:
         self.stubs: dict[str, StubPool] = {}
-        self.runner: web.AppRunner | None = None
+        self.serving = False
         self.server: GatewayServer | None = None
         self.url = ""
         self.session: aiohttp.ClientSession | None = None
@@ -42,9 +41,8 @@ class Harness:
             gw[k] = {**gw[k], **v} if isinstance(v, dict) and k in gw else v  # type: ignore[dict-item]
         site_list = list({s["id"]: s for s in (sites or {}).values()}.values())
         self.server = GatewayServer(config_from_dict({"gateway": gw, "pools": pools, "sites": site_list}))
-        self.runner = web.AppRunner(self.server.make_app(), handler_cancellation=True)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        await self.server.bind("127.0.0.1", port)
+        self.serving = True
         self.url = f"http://127.0.0.1:{port}"
         self.session = aiohttp.ClientSession()
 
@@ -52,9 +50,9 @@ class Harness:
         if self.session:
             await self.session.close()
             self.session = None
-        if self.runner:
-            await self.runner.cleanup()
-            self.runner = None
+        if self.serving and self.server is not None:
+            self.serving = False
+            await self.server.close()
         for s in self.stubs.values():
             await s.stop()
 

@@ -99,12 +99,12 @@ async def test_decision_stream_sends_live_decisions_and_ends_on_shutdown(h):
                     events.append(json.loads(block.split("data: ", 1)[1]))
         assert events[0]["request_id"] == "live-1" and events[0]["measured_ttft_ms"] > 0
         # Shutdown ends the stream promptly instead of waiting out the drain timeout.
-        stopping = asyncio.ensure_future(h.runner.cleanup())
+        h.serving = False
+        stopping = asyncio.ensure_future(h.server.close())
         async with asyncio.timeout(5):
             rest = await r.content.read()
         assert b"event: decision" not in rest
         await stopping
-        h.runner = None
     assert not h.server.decisions._subscribers
 
 

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from gateway.api.app import GatewayServer
 from gateway.config import Config, config_from_dict
@@ -47,21 +46,19 @@ class Gateway:
         self.url = f"http://127.0.0.1:{cfg.gateway.port}"
         self.server: GatewayServer | None = None
         self.view: RegistryView | None = None
-        self._runner: web.AppRunner | None = None
+        self._serving = False
 
     async def start(self) -> Gateway:
         self.server = GatewayServer(self.cfg)
-        app = self.server.make_app()
-        self.view = attach_gateway(self.server, app, self.cfg)
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.cfg.gateway.port).start()
+        self.view = attach_gateway(self.server, self.cfg)
+        await self.server.bind("127.0.0.1", self.cfg.gateway.port)
+        self._serving = True
         return self
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._serving and self.server is not None:
+            self._serving = False
+            await self.server.close()
 
     def pool_ids(self) -> set[str]:
         assert self.server is not None
