@@ -61,7 +61,7 @@ class TokenBucket:
     clock for all processes of a Linux host). Call the methods under the table's lock.
     """
 
-    __slots__ = ("capacity", "rate_per_s", "_table", "_slot", "_used", "_stamp")
+    __slots__ = ("capacity", "rate_per_s", "_rec", "_used", "_stamp")
 
     def __init__(self, per_min: int, table: SharedTable | None = None, slot: int = 0, field: int = 0):
         if table is None:  # a bucket of its own
@@ -69,20 +69,20 @@ class TokenBucket:
             slot, field = table.slot("bucket"), 0
         self.capacity = float(per_min)
         self.rate_per_s = per_min / 60.0
-        self._table, self._slot, self._used, self._stamp = table, slot, field, field + 1
+        self._rec = table.record(slot)
+        self._used, self._stamp = field, field + 1
 
     @property
     def level(self) -> float:
-        return self.capacity - self._table.get(self._slot, self._used)
+        return self.capacity - self._rec[self._used]
 
     def _refill(self, now: float) -> float:
         """Bring the bucket to now; returns its level."""
-        t, s = self._table, self._slot
-        stamp = t.get(s, self._stamp)
-        if now > stamp:  # not otherwise: another process may have stamped a later clock reading
-            t.set(s, self._used, max(0.0, t.get(s, self._used) - (now - stamp) * self.rate_per_s))
-            t.set(s, self._stamp, now)
-        return self.capacity - t.get(s, self._used)
+        rec, used, stamp = self._rec, self._used, self._stamp
+        if now > rec[stamp]:  # not otherwise: another process may have stamped a later clock reading
+            rec[used] = max(0.0, rec[used] - (now - rec[stamp]) * self.rate_per_s)
+            rec[stamp] = now
+        return self.capacity - rec[used]
 
     def wait_s(self, amount: float, now: float) -> float:
         """Seconds until `amount` can be taken (0: now)."""
@@ -91,11 +91,11 @@ class TokenBucket:
 
     def take(self, amount: float, now: float) -> None:
         self._refill(now)
-        self._table.set(self._slot, self._used, self._table.get(self._slot, self._used) + amount)
+        self._rec[self._used] += amount
 
     def give(self, amount: float, now: float) -> None:
         self._refill(now)
-        self._table.set(self._slot, self._used, max(0.0, self._table.get(self._slot, self._used) - amount))
+        self._rec[self._used] = max(0.0, self._rec[self._used] - amount)
 
 
 # A key's record in the limits table: its two buckets, its requests in flight in all processes, then
@@ -124,13 +124,14 @@ def release_worker(table: SharedTable, worker_index: int) -> None:
 class _KeyState:
     """One key's limits (None: unlimited); the live counts are in its record of the limits table."""
 
-    __slots__ = ("principal", "digest", "requests", "tokens", "max_concurrent", "table", "slot", "column")
+    __slots__ = ("principal", "digest", "requests", "tokens", "max_concurrent", "table", "rec", "column")
 
     def __init__(self, k: ApiKeyConfig, table: SharedTable, worker_index: int):
         self.digest = bytes.fromhex(k.sha256)
         self.principal = Principal(k.id, k.priority, frozenset(k.models), frozenset(c.upper() for c in k.countries))
         self.table = table
-        self.slot = s = table.slot(f"key:{k.id}")
+        s = table.slot(f"key:{k.id}")
+        self.rec = table.record(s)
         self.requests = TokenBucket(k.requests_per_min, table, s, _REQUESTS) if k.requests_per_min else None
         self.tokens = TokenBucket(k.tokens_per_min, table, s, _TOKENS) if k.tokens_per_min else None
         self.max_concurrent = k.max_concurrent
@@ -138,13 +139,12 @@ class _KeyState:
 
     @property
     def in_flight(self) -> float:
-        return self.table.get(self.slot, _IN_FLIGHT)
+        return self.rec[_IN_FLIGHT]
 
     def count_in_flight(self, delta: float) -> None:
         """Under the table's lock."""
-        t, s = self.table, self.slot
-        t.set(s, _IN_FLIGHT, t.get(s, _IN_FLIGHT) + delta)
-        t.set(s, self.column, t.get(s, self.column) + delta)
+        self.rec[_IN_FLIGHT] += delta
+        self.rec[self.column] += delta
 
 
 class Ticket:

@@ -18,7 +18,8 @@ def test_worker_paths():
     assert worker_path(Path("/var/log/usage.jsonl"), 3) == Path("/var/log/usage.w3.jsonl")
     assert worker_path(Path("logs/usage"), 1) == Path("logs/usage.w1")
     metrics = GatewayMetrics(Upstreams((), UpstreamConfig(), ProbeConfig()), lambda: 0)
-    assert Metering(UsageLogConfig(path="/x/usage.jsonl"), metrics, worker_index=2).log.path == Path("/x/usage.w2.jsonl")
+    metering = Metering(UsageLogConfig(path="/x/usage.jsonl"), metrics, worker_index=2)
+    assert metering.log.path == Path("/x/usage.w2.jsonl")
     assert Metering(UsageLogConfig(), metrics, worker_index=2).log.path is None
 
 
