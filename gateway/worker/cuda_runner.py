@@ -55,15 +55,38 @@ class CudaAttention:
         return min(self.max_model_len, max(r.num_tokens for r in requests))
 
 
-class CudaRunner:
+def require_cuda(runner: str, cfg: EngineConfig) -> None:
+    """The GPU runners' first check: a clear error instead of a failure deep in CUDA code."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"engine.runner {runner!r} needs a CUDA GPU, and torch.cuda.is_available() is False "
+            "on this machine; use runner 'torch'"
+        )
+    if not cfg.device.startswith("cuda"):
+        raise ValueError(f"engine.device: runner {runner!r} needs a CUDA device, got {cfg.device!r}")
+
+
+class GraphedRunner:
+    """A runner whose decode-only steps may replay CUDA graphs of its forward (DecodeGraphs)."""
+
+    device: torch.device
+    graphs: DecodeGraphs | None
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch) -> torch.Tensor:
+        if self.graphs is not None:
+            logits = self.graphs.run(batch)
+            if logits is not None:
+                return logits
+        return self.forward(batch)
+
+
+class CudaRunner(GraphedRunner):
     def __init__(self, folder: str | Path, cfg: EngineConfig, use_cuda_graphs: bool = True):
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "engine.runner 'cuda' needs a CUDA GPU, and torch.cuda.is_available() is False "
-                "on this machine; use runner 'torch'"
-            )
-        if not cfg.device.startswith("cuda"):
-            raise ValueError(f"engine.device: runner 'cuda' needs a CUDA device, got {cfg.device!r}")
+        require_cuda("cuda", cfg)
         self._setup(TorchRunner(folder, cfg), cfg, use_cuda_graphs)  # weights on the GPU, KV caches
 
     def _setup(self, base: TorchRunner, cfg: EngineConfig, use_cuda_graphs: bool) -> None:
@@ -84,14 +107,6 @@ class CudaRunner:
             a, m = layer.self_attn, layer.mlp
             self.qkv.append(_cat(a.q_proj, a.k_proj, a.v_proj))
             self.gate_up.append(_cat(m.gate_proj, m.up_proj))
-
-    @torch.inference_mode()
-    def execute(self, batch: Batch) -> torch.Tensor:
-        if self.graphs is not None:
-            logits = self.graphs.run(batch)
-            if logits is not None:
-                return logits
-        return self.forward(batch)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits (S, vocab) fp32, as LlamaForCausalLM.forward with our kernels."""
@@ -141,7 +156,7 @@ def graph_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """CUDA graphs of decode-only steps over static input buffers, one per padded batch size."""
 
-    def __init__(self, runner: CudaRunner, cfg: EngineConfig):
+    def __init__(self, runner: GraphedRunner, cfg: EngineConfig):
         self.runner = runner
         self.sizes = graph_sizes(cfg.max_num_seqs)
         n, dev = self.sizes[-1], runner.device

@@ -16,7 +16,11 @@ from gateway.worker.batch import Batch
 from gateway.worker.model import LlamaConfig, LlamaForCausalLM, load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RUNNERS = {"torch": "gateway.worker.runner:TorchRunner", "cuda": "gateway.worker.cuda_runner:CudaRunner"}
+RUNNERS = {
+    "torch": "gateway.worker.runner:TorchRunner",
+    "cuda": "gateway.worker.cuda_runner:CudaRunner",
+    "tensorrt": "gateway.worker.trt_runner:TrtRunner",
+}
 
 
 class Runner(Protocol):
@@ -37,12 +41,16 @@ class TorchRunner:
         load_weights(model, folder)
         self.model = model.to(self.device, self.dtype).eval()
         self.model.cos_sin = _cos_sin(mc).to(self.device)  # rotary tables stay fp32
-        shape = (2, cfg.num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
-        # (2, num_blocks, block_size, KVH, D) per layer
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
+        self.kv_caches = make_kv_caches(mc, cfg, self.dtype, self.device)
 
     def execute(self, batch: Batch) -> torch.Tensor:
         return self.model(batch, self.kv_caches)
+
+
+def make_kv_caches(mc: LlamaConfig, cfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """One (2, num_blocks, block_size, KVH, D) cache per layer, zeroed."""
+    shape = (2, cfg.num_blocks, cfg.block_size, mc.num_key_value_heads, mc.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(mc.num_hidden_layers)]
 
 
 def _cos_sin(mc: LlamaConfig) -> torch.Tensor:
