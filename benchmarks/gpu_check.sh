@@ -2,6 +2,9 @@
 # GPU check of the cuda runner (DESIGN.md §6): the gpu-marked kernel tests, then kernel and engine
 # timings (benchmarks/gpu_check.py). Writes OUTDIR/{env.txt,tests.log,tests.xml,bench.log,gpu_check.json,summary.txt}.
 # Finishes in under 5 minutes on an H100; needs torch and cuda-python (cuda.core), pytest if present.
+# Where tensorrt, onnx and onnxscript import, a separate step (at most 90 s, its own log) builds the
+# tiny model's TensorRT engines and compares the tensorrt runner with the torch runner
+# (tests/kernels/test_trt_runner_gpu.py -> OUTDIR/{trt_tests.log,trt_tests.xml}); else it is skipped.
 #
 #   benchmarks/gpu_check.sh OUTDIR          PYTHON=/path/to/python to choose the interpreter
 set -uo pipefail
@@ -19,6 +22,7 @@ export PYTHONUNBUFFERED=1
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())'
   "$PY" -c 'import cuda.core as c; print("cuda.core", getattr(c, "__version__", "?"))' 2>&1 | tail -1
   "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1 | tail -1
+  "$PY" -c 'import tensorrt; print("tensorrt", tensorrt.__version__)' 2>&1 | tail -1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -35,11 +39,21 @@ else
 fi
 cat "$OUT/tests.log"
 
+trt_rc=0
+if "$PY" -c 'import pytest, tensorrt, onnx, onnxscript' 2>/dev/null; then
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu -o addopts="" --junitxml="$OUT/trt_tests.xml" \
+    tests/kernels/test_trt_runner_gpu.py 2>&1 | tail -n 40 > "$OUT/trt_tests.log"
+  trt_rc=${PIPESTATUS[0]}
+else
+  echo "tensorrt, onnx or onnxscript not installed: TensorRT runner check skipped" > "$OUT/trt_tests.log"
+fi
+cat "$OUT/trt_tests.log"
+
 timeout 150 "$PY" -m benchmarks.gpu_check --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 {
-  echo "tests rc=$tests_rc (0 ok, 3 no pytest, 124 timeout)  bench rc=$bench_rc (0 ok, 124 timeout)"
-  grep -E "goal|tok/s|GB/s|ERROR|passed|failed" "$OUT/bench.log" "$OUT/tests.log" | tail -n 20
+  echo "tests rc=$tests_rc (0 ok, 3 no pytest, 124 timeout)  trt rc=$trt_rc  bench rc=$bench_rc (0 ok, 124 timeout)"
+  grep -E "goal|tok/s|GB/s|ERROR|passed|failed" "$OUT/bench.log" "$OUT/tests.log" "$OUT/trt_tests.log" | tail -n 20
 } | tee "$OUT/summary.txt"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$tests_rc" = 0 ] && [ "$trt_rc" = 0 ] && [ "$bench_rc" = 0 ]
