@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway.config import Config, ConfigError, PoolConfig, load_config
 
 if TYPE_CHECKING:
+    from gateway.api.app import SharedState
     from gateway.rpc.server import RpcFront
 
 log = logging.getLogger("meshgate")
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--host", help="listen address (default: from the config)")
     for p in (up, serve):
         p.add_argument("--grpc-port", type=int, help="gRPC port (default: from the config; none: gRPC off)")
+    serve.add_argument("--workers", type=int, help="gateway processes sharing the port, e.g. one per core "
+                                                   "(default: gateway.workers in the config, 1)")
     worker.add_argument("--pool", help="pool id in the config (default: the first pool)")
     sub.add_parser("hash-key", help="print the sha256 of an API key read from stdin (for gateway.auth keys)")
     build = sub.add_parser("build-engine", help="export a model's dense segments to ONNX and build TensorRT engines")
@@ -59,7 +62,17 @@ def main(argv: list[str] | None = None) -> int:
                                                                    port=args.port or gw.port,
                                                                    grpc_port=_given(args.grpc_port, gw.grpc_port)))
         if args.command == "serve":
+            if args.workers is not None:
+                if not 1 <= args.workers <= 256:
+                    raise ConfigError(f"--workers: expected 1..256, got {args.workers}")
+                cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, workers=args.workers))
+            if cfg.gateway.workers > 1:
+                from gateway.supervisor import serve_workers
+
+                return serve_workers(cfg, lambda c, shared, i: _run(_serve(c, shared, i)))  # type: ignore[arg-type]
             return _run(_serve(cfg))
+        # The embedded default runs one gateway process beside its pool workers.
+        cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, workers=1))
         return _run(_up(cfg, args.config, args.log_level))
     except ConfigError as e:
         print(f"meshgate: config error: {e}", file=sys.stderr)
@@ -198,17 +211,17 @@ async def _worker(cfg: Config, pool: PoolConfig, host: str, port: int) -> int:
                              before_drain=leave if reg else None)
 
 
-async def _serve(cfg: Config) -> int:
+async def _serve(cfg: Config, shared: SharedState | None = None, index: int = 0) -> int:
+    """One gateway process; with gateway.workers > 1, worker `index` of them (gateway/supervisor.py)."""
     from gateway.api.app import GatewayServer
+    from gateway.discovery import attach_gateway
     from gateway.rpc.server import RpcFront
 
-    from gateway.discovery import attach_gateway
-
     gw = cfg.gateway
-    server = GatewayServer(cfg)
-    attach_gateway(server, cfg)  # discovery etcd: pools from the registry; static: nothing
+    server = GatewayServer(cfg, shared, index)
+    attach_gateway(server, cfg, register=index == 0)  # discovery etcd: pools from the registry; static: nothing
     rpc: RpcFront | None = None
-    if gw.grpc_port is not None:
+    if gw.grpc_port is not None and index == 0:
         rpc = RpcFront(server, gw.host, gw.grpc_port)
         # On shutdown, after HTTP stops listening and before the upstreams close: gRPC calls drain too.
         server.on_shutdown.append(lambda: rpc.stop(gw.drain_timeout_s))  # type: ignore[union-attr]

@@ -263,6 +263,9 @@ class GatewayConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     usage_log: UsageLogConfig = field(default_factory=UsageLogConfig)
     drain_timeout_s: float = 30.0
+    # Processes accepting on the port (SO_REUSEPORT), one per core is the rule; per-key limits, load
+    # tracking and metrics are shared between them, and the usage log is a file per process.
+    workers: int = 1
     tracing: TracingConfig = field(default_factory=TracingConfig)
     access_log: bool = True  # one JSON line per request on the meshgate.access logger
 
@@ -348,6 +351,8 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     """base_dir: where relative file paths in the config (gateway.auth.keys_file) start; default the cwd."""
     cfg = _build(Config, data, "")
     cfg = _with_key_file(cfg, base_dir or Path.cwd())
+    if not 1 <= cfg.gateway.workers <= 256:
+        raise ConfigError(f"gateway.workers: expected 1..256, got {cfg.gateway.workers}")
     cfg.gateway.limits.validate("gateway.limits")
     cfg.gateway.auth.validate("gateway.auth")
     cfg.gateway.usage_log.validate("gateway.usage_log")

@@ -28,10 +28,11 @@ def gateway_record(cfg: Config) -> GatewayRecord:
     return GatewayRecord(id=gid, url=d.advertise_url or f"http://{host}:{gw.port}", site=site_of(cfg, gw.site))
 
 
-def attach_gateway(server: GatewayServer, cfg: Config) -> RegistryView | None:
+def attach_gateway(server: GatewayServer, cfg: Config, register: bool = True) -> RegistryView | None:
     """With discovery etcd: the gateway's pools follow the registry (the YAML's pools, if any, are
     only the view until etcd first answers); it registers itself; /metrics gains
-    meshgate_registry_stale_seconds; /v1/meshgate/gateways lists the registry's gateways."""
+    meshgate_registry_stale_seconds; /v1/meshgate/gateways lists the registry's gateways.
+    register: False for all but one of several processes of one gateway (they are one gateway)."""
     d = cfg.discovery
     if d.kind != "etcd":
         return None
@@ -46,10 +47,12 @@ def attach_gateway(server: GatewayServer, cfg: Config) -> RegistryView | None:
 
     async def start() -> None:
         await view.start(wait_s=2 * d.timeout_s)
-        registrant.start()
+        if register:
+            registrant.start()
 
     async def deregister() -> None:
-        await registrant.stop()
+        if register:
+            await registrant.stop()
 
     async def stop() -> None:
         await view.stop()

@@ -13,12 +13,13 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import orjson
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway.api.auth import PRIORITIES, PRIORITY_HEADER, Admission, Principal
+from gateway.api.auth import PRIORITIES, PRIORITY_HEADER, Admission, Principal, limit_table
 from gateway.api.decisions import DecisionLog
 from gateway.api.forward import Call, Forwarder, StreamBroken, Upstream
 from gateway.api.h1 import HttpServer, Request, Response, Router, Stream, json_response
@@ -30,6 +31,8 @@ from gateway.config import Config, ConfigError
 from gateway.core.errors import BadRequest, InternalError, NotFound, Overloaded, PayloadTooLarge
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.core.types import RouteRequest
+from gateway.core.shared import SharedTable
+from gateway.pools.load import GATEWAY, InFlight, load_table
 from gateway.pools.upstream import Upstreams
 from gateway.routing.geo_view import GeoView
 from gateway.routing.plugins import build_profile
@@ -45,12 +48,31 @@ PREFIX_CHARS = 256
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+@dataclass(frozen=True)
+class SharedState:
+    """What forked gateway processes share (make it before forking): per-key limits, and the
+    requests in flight per pool and in the gateway."""
+
+    num_workers: int
+    limits: SharedTable
+    load: SharedTable
+
+    @classmethod
+    def make(cls, cfg: Config, num_workers: int) -> SharedState:
+        return cls(num_workers, limit_table(cfg.gateway.auth, num_workers),
+                   load_table(num_workers, capacity=max(8192, 4 * len(cfg.pools))))
+
+
 class GatewayServer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, shared: SharedState | None = None, worker_index: int = 0):
+        """shared, worker_index: one of several forked gateway processes (`meshgate serve --workers`)."""
         self.cfg = cfg.gateway
-        self.upstreams = Upstreams(cfg.pools, self.cfg.upstream, self.cfg.probe)
-        self.in_flight = 0
-        self.metrics = GatewayMetrics(self.upstreams, lambda: self.in_flight)
+        shared = shared or SharedState.make(cfg, 1)
+        self.worker_index = worker_index
+        self.upstreams = Upstreams(cfg.pools, self.cfg.upstream, self.cfg.probe, shared.load, worker_index)
+        self.requests = InFlight(shared.load, GATEWAY, worker_index)  # client requests, all processes
+        self.metrics = GatewayMetrics(self.upstreams, lambda: self.in_flight,
+                                      lambda pool_id: self.upstreams.pools[pool_id].requests.count)
         try:
             profile = build_profile(self.cfg.routing, self.cfg.routing_options)
             self.geo = GeoView(cfg)
@@ -60,8 +82,9 @@ class GatewayServer:
         self.upstreams.on_change.append(self.geo.attach)  # pools that join get their geography too
         self.forwarder = Forwarder(self.upstreams, profile, self.metrics,
                                    self.cfg.upstream.max_attempts, self.cfg.upstream.first_byte_timeout_s)
-        self.admission = Admission(self.cfg.auth, self.cfg.limits, self.metrics)
-        self.metering = Metering(self.cfg.usage_log, self.metrics)
+        self.admission = Admission(self.cfg.auth, self.cfg.limits, self.metrics, shared=shared.limits,
+                                   worker_index=worker_index)
+        self.metering = Metering(self.cfg.usage_log, self.metrics, worker_index)
         self.tracing = Tracing(self.cfg.tracing)
         self.decisions = DecisionLog()  # recent routing decisions, for the operator's view
         self.operator = OperatorView(self, cfg.sites)
@@ -96,12 +119,13 @@ class GatewayServer:
         self.operator.add_routes(r)  # /v1/meshgate/mesh, /v1/meshgate/decisions/stream, /dashboard
         return HttpServer(r, self.cfg.limits.max_body_bytes, on_response=self._count)
 
-    async def bind(self, host: str, port: int, reuse_port: bool = False) -> None:
-        """Start, then accept HTTP on host:port (OSError when it is taken)."""
+    async def bind(self, host: str, port: int) -> None:
+        """Start, then accept HTTP on host:port (OSError when it is taken); with several gateway
+        processes, each binds it with SO_REUSEPORT and the kernel spreads connections over them."""
         await self.start()
         self.http = self.make_server()
         try:
-            await self.http.start(host, port, reuse_port)
+            await self.http.start(host, port, reuse_port=self.cfg.workers > 1)
         except OSError:
             await self.stop()
             raise
@@ -187,17 +211,22 @@ class GatewayServer:
             raise BadRequest("We could not parse the JSON body of your request. Send valid JSON.") from None
         call = self.prepare(path, request.body, parse(parsed), request.headers, arrival, principal, request.remote)
         request.request_id = call.request_id
-        self.in_flight += 1
+        up = await self.forwarder.open(call)
         try:
-            up = await self.forwarder.open(call)
-            try:
-                request.pool = up.pool_id
-                request.route = up.route
-                return await _relay(request, up)
-            finally:
-                up.close()
+            request.pool = up.pool_id
+            request.route = up.route
+            return await _relay(request, up)
         finally:
-            self.in_flight -= 1
+            up.close()
+
+    @property
+    def in_flight(self) -> int:
+        """Client requests in progress, over both fronts and every gateway process."""
+        return self.requests.count
+
+    def _ended(self, call: Call, up: Upstream | None, status: int) -> None:
+        self.requests.end()
+        self.decisions.record(call, up, status)
 
     def prepare(self, path: str, body: bytes, g: GenerationRequest, headers: Mapping[str, str],
                 arrival: float, principal: Principal | None = None, client_ip: str | None = None) -> Call:
@@ -237,9 +266,11 @@ class GatewayServer:
                              countries=_countries(headers, principal), ttft_slo_s=_slo_s(headers),
                              prefix_key=_prefix_key(g))
         span = self.tracing.start(f"POST {path}", headers, up_headers)
-        return Call(path=path, body=up_body, stream=g.stream, route=route, headers=up_headers, request_id=rid,
+        call = Call(path=path, body=up_body, stream=g.stream, route=route, headers=up_headers, request_id=rid,
                     arrival=arrival, deadline=deadline, principal=principal, priority=ticket.priority, meter=meter,
-                    span=span, client=loc, on_finish=self.decisions.record)
+                    span=span, client=loc, on_finish=self._ended)
+        self.requests.start()  # counted from here until Call.finish (both fronts end every Call there)
+        return call
 
     def _deadline_s(self, headers: Mapping[str, str]) -> float:
         ms = _ms_header(headers, DEADLINE_HEADER)

@@ -155,7 +155,7 @@ class Upstream:
             return
         self._closed = True
         self.resp.close()
-        self.pool.endpoint.in_flight -= 1
+        self.pool.done()
         if self.outcome != "broken_stream":
             self.pool.record_success()
         m = self.fwd.m
@@ -189,7 +189,11 @@ class Forwarder:
 
     async def _open(self, call: Call) -> Upstream:
         t0 = time.perf_counter()
-        decision = call.decision = self.profile.route(call.route, self.candidates.select(call.route))
+        candidates = self.candidates.select(call.route)
+        if self.up.shared:  # other gateway processes send to these pools too
+            for ep in candidates:
+                self.up.pools[ep.pool_id].sync()
+        decision = call.decision = self.profile.route(call.route, candidates)
         self.m.routing.observe(time.perf_counter() - t0)
         if not decision.ranked:
             where = f" in {','.join(sorted(call.route.countries))}" if call.route.countries is not None else ""
@@ -220,8 +224,7 @@ class Forwarder:
         remaining = call.deadline - time.monotonic()
         if remaining <= 0:
             raise Overloaded("the request deadline passed before a pool could answer")
-        ep.in_flight += 1  # credited at once, so a burst spreads over pools
-        ep.sent_since_report += 1
+        pool.sent()
         resp: Response | None = None
         try:
             try:
@@ -242,7 +245,7 @@ class Forwarder:
             except (UpstreamError, TimeoutError, ConnectionError) as e:
                 raise _Retry(str(e) or type(e).__name__) from None
         except BaseException as e:
-            ep.in_flight -= 1
+            pool.done()
             if resp is not None:
                 resp.close()
             if isinstance(e, _Retry):

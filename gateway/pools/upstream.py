@@ -11,9 +11,11 @@ from collections.abc import Callable
 import orjson
 
 from gateway.config import PoolConfig, ProbeConfig, UpstreamConfig
+from gateway.core.shared import SharedTable
 from gateway.core.types import LOAD_HEADER, Endpoint, LoadReport
 from gateway.pools.breaker import BreakerState, CircuitBreaker
 from gateway.pools.h1client import HttpClient, UpstreamError
+from gateway.pools.load import SHARE, InFlight, load_table
 
 log = logging.getLogger("meshgate.pools")
 
@@ -24,9 +26,12 @@ RTT_WINDOW = 20  # probe RTTs behind the windowed p90
 class Pool:
     """One upstream pool: its routing view (endpoint), breaker and probe state."""
 
-    def __init__(self, cfg: PoolConfig, up: UpstreamConfig):
+    def __init__(self, cfg: PoolConfig, up: UpstreamConfig, load: SharedTable, worker_index: int = 0):
         self.cfg = cfg
         self.endpoint = Endpoint(cfg.id, cfg.base_url, cfg.site, cfg.kind, frozenset(cfg.served_models))
+        self.requests = InFlight(load, f"pool:{cfg.id}", worker_index)  # across every gateway process
+        self._sent_at_report = self.requests.sent
+        self.sync()
         self.breaker = CircuitBreaker(up.breaker_failures, up.breaker_cooldown_s)
         self.probe_misses = 0
         self.probe_hits = 0
@@ -51,10 +56,25 @@ class Pool:
         self.breaker.failure()
         self.refresh_breaker()
 
+    def sent(self) -> None:
+        """A request went to the pool: credited at once, so a burst spreads over pools."""
+        self.requests.start()
+        self.sync()
+
+    def done(self) -> None:
+        self.requests.end()
+        self.endpoint.in_flight = self.requests.count
+
+    def sync(self) -> None:
+        """The endpoint's in-flight figures from the shared counts (other processes send too)."""
+        self.endpoint.in_flight = self.requests.count
+        self.endpoint.sent_since_report = int(self.requests.sent - self._sent_at_report)
+
     def update_load(self, report: LoadReport) -> None:
         self.endpoint.load = report
         self.endpoint.load_at = time.monotonic()
-        self.endpoint.sent_since_report = 0  # the pool's figures now include what we sent
+        self._sent_at_report = self.requests.sent  # the pool's figures now include what was sent
+        self.endpoint.sent_since_report = 0
 
     def load_from_header(self, headers: dict[str, str]) -> None:
         """The compact report on a response: queue and KV figures; the rates (prefill/decode speed,
@@ -74,10 +94,17 @@ class Pool:
 
 
 class Upstreams:
-    def __init__(self, pools: tuple[PoolConfig, ...], up: UpstreamConfig, probe: ProbeConfig):
+    def __init__(self, pools: tuple[PoolConfig, ...], up: UpstreamConfig, probe: ProbeConfig,
+                 load: SharedTable | None = None, worker_index: int = 0):
+        """load: a load_table() shared by forked gateway processes (worker_index: this one's); by
+        default, one of this process' own."""
         self.up = up
         self.probe_cfg = probe
-        self.pools = {p.id: Pool(p, up) for p in pools}
+        self.load = load if load is not None else load_table()
+        self.worker_index = worker_index
+        # Several processes: endpoints' in-flight figures are refreshed before each decision.
+        self.shared = self.load.num_fields - SHARE > 1
+        self.pools = {p.id: self._pool(p) for p in pools}
         self.endpoints = [p.endpoint for p in self.pools.values()]
         self.client: HttpClient | None = None
         self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
@@ -89,7 +116,7 @@ class Upstreams:
         """Replace the pool set (a registry watch saw pools join or leave). Pools that stay keep
         their state (load, RTT, breaker); requests in flight to a removed pool finish normally."""
         old = self.pools
-        self.pools = {p.id: old[p.id] if p.id in old and old[p.id].cfg == p else Pool(p, self.up) for p in pools}
+        self.pools = {p.id: old[p.id] if p.id in old and old[p.id].cfg == p else self._pool(p) for p in pools}
         self.endpoints = [p.endpoint for p in self.pools.values()]
         self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
         joined = [p.endpoint for pid, p in self.pools.items() if old.get(pid) is not p]
@@ -99,6 +126,9 @@ class Upstreams:
             for pid, p in self.pools.items():
                 if old.get(pid) is not p:
                     asyncio.ensure_future(self.probe(p))
+
+    def _pool(self, cfg: PoolConfig) -> Pool:
+        return Pool(cfg, self.up, self.load, self.worker_index)
 
     async def start(self) -> None:
         self.client = HttpClient(self.up.max_connections, self.up.connect_timeout_s, self.up.idle_timeout_s)

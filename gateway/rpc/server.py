@@ -75,8 +75,6 @@ class Admission(Protocol):
 
 
 class Gateway(Protocol):
-    in_flight: int  # requests in progress on either front (its limit is checked in prepare)
-
     @property
     def cfg(self) -> GatewayConfig: ...
     @property
@@ -183,18 +181,13 @@ class GenerationService(pb_grpc.GenerationServicer):
         remaining = context.time_remaining()
         if remaining is not None:  # the client's deadline bounds the request like x-meshgate-deadline-ms
             call.deadline = min(call.deadline, arrival + remaining)
-        self.gw.in_flight += 1
+        up = await self.gw.forwarder.open(call)
         try:
-            up = await self.gw.forwarder.open(call)
-            try:
-                tally.pool = up.pool_id
-                await context.send_initial_metadata((("x-request-id", call.request_id),
-                                                     ("x-meshgate-route", up.route)))
-                return await relay(up, call)
-            finally:
-                up.close()  # an unfinished answer: drops the pool connection, so the pool aborts it
+            tally.pool = up.pool_id
+            await context.send_initial_metadata((("x-request-id", call.request_id), ("x-meshgate-route", up.route)))
+            return await relay(up, call)
         finally:
-            self.gw.in_flight -= 1
+            up.close()  # an unfinished answer: drops the pool connection, so the pool aborts it
 
 
 def _headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
