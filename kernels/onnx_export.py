@@ -91,12 +91,18 @@ class DenseWeights:
     def to(self, dtype: torch.dtype) -> DenseWeights:
         """Every weight in dtype: the exported graphs compute in the weights' dtype (RMSNorm in fp32)."""
 
-        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.detach().to(dtype)
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(dtype)
 
-        layers = [LayerWeights(**{f.name: cast(getattr(w, f.name)) for f in dataclasses.fields(w)})
-                  for w in self.layers]
-        return dataclasses.replace(self, embed=cast(self.embed), layers=layers,
+        def cast_opt(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else cast(t)
+
+        def cast_layer(w: LayerWeights) -> LayerWeights:
+            return LayerWeights(cast(w.input_norm), cast(w.qkv), cast(w.o_proj), cast(w.post_norm),
+                                cast(w.gate_up), cast(w.down), cast_opt(w.qkv_bias), cast_opt(w.o_bias),
+                                cast_opt(w.gate_up_bias), cast_opt(w.down_bias))
+
+        return dataclasses.replace(self, embed=cast(self.embed), layers=[cast_layer(w) for w in self.layers],
                                    final_norm=cast(self.final_norm), lm_head=cast(self.lm_head))
 
 

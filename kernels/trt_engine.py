@@ -156,9 +156,12 @@ def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
 
 
 class Engine:
-    """One deserialized engine and its execution context. Its activation scratch memory is given
-    from outside (set_scratch): the segments of a step run one after another on one stream, so a
-    single buffer serves them all instead of one per engine."""
+    """One deserialized engine and its execution contexts, one per `slot`: None for eager steps and
+    one per captured CUDA graph. A graph replays what an enqueue recorded, and an enqueue may read
+    the context's shape state from memory; a context that a graph was captured with therefore never
+    sees another shape. Activation scratch memory is given from outside (set_scratch): the
+    segments of a step run one after another on one stream, so one buffer serves every context of
+    every engine instead of one allocation each."""
 
     def __init__(self, plan: bytes, spec: SegmentSpec):
         trt = tensorrt()
@@ -167,8 +170,9 @@ class Engine:
         if self.engine is None:
             raise RuntimeError(f"{spec.name}: TensorRT could not load the engine (built by another version?)")
         self._check_io()
-        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         self.scratch_bytes = int(self.engine.device_memory_size_v2)  # the profile's largest shapes
+        self.scratch: torch.Tensor | None = None
+        self.contexts: dict[int | None, Any] = {}
 
     def _check_io(self) -> None:
         """The engine's tensors are the spec's, with its dtypes: a stale or foreign plan fails here."""
@@ -183,13 +187,22 @@ class Engine:
 
     def set_scratch(self, scratch: torch.Tensor) -> None:
         assert scratch.numel() * scratch.element_size() >= self.scratch_bytes
-        self.context.set_device_memory(scratch.data_ptr(), self.scratch_bytes)
+        self.scratch = scratch
 
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def context(self, slot: int | None) -> Any:
+        ctx = self.contexts.get(slot)
+        if ctx is None:  # made on the warm-up run before a capture, never inside one
+            assert self.scratch is not None, "set_scratch first"
+            ctx = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            ctx.set_device_memory(self.scratch.data_ptr(), self.scratch_bytes)
+            self.contexts[slot] = ctx
+        return ctx
+
+    def __call__(self, *inputs: torch.Tensor, slot: int | None = None) -> tuple[torch.Tensor, ...]:
         """Enqueue on torch's current stream (so CUDA-graph capture records it); outputs are fresh
         tensors from torch's allocator, shaped by the spec for this call's row count."""
         n = int(inputs[0].shape[0])
-        ctx = self.context
+        ctx = self.context(slot)
         for spec, t in zip(self.spec.inputs, inputs, strict=True):
             assert t.dtype == spec.dtype and tuple(t.shape) == spec.shape(n) and t.is_contiguous(), spec
             ctx.set_input_shape(spec.name, tuple(t.shape))

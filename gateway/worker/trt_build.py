@@ -21,10 +21,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
-from gateway.worker.model import LlamaConfig, LlamaForCausalLM, load_weights
+from gateway.worker.model import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, load_weights
 from gateway.worker.runner import DTYPES
 from kernels import onnx_export as ox
 from kernels import trt_engine as te
@@ -38,7 +39,7 @@ def dense_weights(model: LlamaForCausalLM) -> ox.DenseWeights:
     """The checkpoint's tensors in the segments' layout: q/k/v and gate/up concatenated."""
     c, inner = model.config, model.model
 
-    def cat(*ms: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fuse(*ms: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = torch.cat([m.weight.detach() for m in ms])
         b = torch.cat([m.bias.detach() for m in ms]) if ms[0].bias is not None else None
         return w, b
@@ -47,10 +48,10 @@ def dense_weights(model: LlamaForCausalLM) -> ox.DenseWeights:
         return None if m.bias is None else m.bias.detach()
 
     layers = []
-    for layer in inner.layers:
+    for layer in cast(list[LlamaDecoderLayer], list(inner.layers)):
         a, m = layer.self_attn, layer.mlp
-        qkv, qkv_b = cat(a.q_proj, a.k_proj, a.v_proj)
-        gate_up, gate_up_b = cat(m.gate_proj, m.up_proj)
+        qkv, qkv_b = fuse(a.q_proj, a.k_proj, a.v_proj)
+        gate_up, gate_up_b = fuse(m.gate_proj, m.up_proj)
         layers.append(ox.LayerWeights(
             input_norm=layer.input_layernorm.weight.detach(), qkv=qkv, o_proj=a.o_proj.weight.detach(),
             post_norm=layer.post_attention_layernorm.weight.detach(), gate_up=gate_up,

@@ -62,7 +62,8 @@ class TrtRunner(GraphedRunner):
         self.kv_caches = make_kv_caches(mc, cfg, self.dtype, self.device)
         self.attn = CudaAttention(cfg.max_model_len)
         self.scale = mc.head_dim**-0.5
-        self.graphs = DecodeGraphs(self, cfg) if use_cuda_graphs else None
+        self.slot: int | None = None  # which engine contexts a forward uses: None, or a graph's size
+        self.graphs = _SlotGraphs(self, cfg) if use_cuda_graphs else None
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits (S, vocab) fp32, as LlamaForCausalLM.forward."""
@@ -71,14 +72,29 @@ class TrtRunner(GraphedRunner):
         if t > self.max_tokens or rows > self.max_rows:  # the engines' profile ends there
             raise ValueError(f"step of {t} tokens / {rows} rows exceeds the TensorRT profile "
                              f"({self.max_tokens} tokens, {self.max_rows} rows): rebuild with a larger budget")
+        slot = self.slot
         rope = self.cos_sin.index_select(0, batch.positions)  # (T, D) fp32: one gather for all layers
-        (h,) = e["embed"](batch.input_ids)  # (T, E)
+        (h,) = e["embed"](batch.input_ids, slot=slot)  # (T, E)
         for i, kv in enumerate(self.kv_caches):
-            q, k, v = e[f"pre.{i}"](h, rope)  # (T, H, D), (T, KVH, D), (T, KVH, D)
+            q, k, v = e[f"pre.{i}"](h, rope, slot=slot)  # (T, H, D), (T, KVH, D), (T, KVH, D)
             K.write_kv(k, v, kv, batch.slot_mapping)
             o = self.attn(q, kv, batch, self.scale)  # (T, H, D), contiguous
-            (h,) = e[f"post.{i}"](o.view(t, -1), h)  # (T, E): the residual stream through layer i
+            (h,) = e[f"post.{i}"](o.view(t, -1), h, slot=slot)  # (T, E): the residual stream through layer i
         if rows == 0:  # a step of prompt chunks that sample nothing; the profile starts at 1 row
             return torch.empty((0, self.config.vocab_size), dtype=torch.float32, device=self.device)
-        (logits,) = e["final"](h.index_select(0, batch.logits_indices))  # (S, E) -> (S, V) fp32
+        (logits,) = e["final"](h.index_select(0, batch.logits_indices), slot=slot)  # (S, E) -> (S, V) fp32
         return logits
+
+
+class _SlotGraphs(DecodeGraphs):
+    """The cuda runner's decode graphs, each warmed up and captured with engine contexts of its own
+    (kernels.trt_engine.Engine: a captured context must keep its shapes)."""
+
+    runner: TrtRunner
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self.runner.slot = size
+        try:
+            return super()._capture(size)
+        finally:
+            self.runner.slot = None

@@ -26,9 +26,11 @@ class OrtEngine:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.spec = spec
         self.calls: list[int] = []  # rows per call
+        self.slots: set[int | None] = set()  # the contexts a TensorRT engine would have used
 
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(self, *inputs: torch.Tensor, slot: int | None = None) -> tuple[torch.Tensor, ...]:
         feed = {s.name: t.contiguous().numpy() for s, t in zip(self.spec.inputs, inputs, strict=True)}
         outs = self.session.run([s.name for s in self.spec.outputs], feed)
         self.calls.append(int(inputs[0].shape[0]))
+        self.slots.add(slot)
         return tuple(torch.from_numpy(o) for o in outs)

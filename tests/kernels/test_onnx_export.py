@@ -9,10 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.ort import TINY, OrtEngine
-
-import onnx  # noqa: E402  (after ort's importorskip of onnxruntime/onnxscript)
-
 from gateway.config import ModelConfig
 from gateway.worker import trt_build
 from gateway.worker.batch import Batch
@@ -20,6 +16,9 @@ from gateway.worker.engine import model_folder
 from gateway.worker.model import LlamaConfig, LlamaForCausalLM, load_weights
 from kernels import onnx_export as ox
 from kernels import reference as ref
+from tests.kernels.ort import TINY, OrtEngine  # skips the module without onnxruntime/onnxscript
+
+onnx = pytest.importorskip("onnx")
 
 SIZES = (1, 7, 64)
 

@@ -1,5 +1,5 @@
-"""TensorRT engine cache keys, profiles and the lazy import (kernels/trt_engine.py), without a GPU
-or the tensorrt package."""
+"""TensorRT engine cache keys, profiles and the lazy import (kernels/trt_engine.py), and the
+`tensorrt` runner's selection and errors, without a GPU or the tensorrt package."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gateway.worker import trt_build
+from gateway.config import EngineConfig
+from gateway.worker import trt_build, trt_runner
+from gateway.worker.runner import RUNNERS, make_runner
 from kernels import onnx_export as ox
 from kernels import trt_engine as te
 
@@ -91,3 +93,28 @@ def test_a_cached_engine_is_loaded_not_rebuilt(tmp_path: Path, monkeypatch: pyte
 def test_missing_tensorrt_names_the_extra() -> None:
     with pytest.raises(RuntimeError, match=r"pip install 'meshgate\[tensorrt\]'"):
         te.tensorrt()
+
+
+def test_tensorrt_is_registered() -> None:
+    assert RUNNERS["tensorrt"] == "gateway.worker.trt_runner:TrtRunner"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_tensorrt_runner_without_cuda_says_so(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="'tensorrt' needs a CUDA GPU.*use runner 'torch'"):
+        make_runner(tmp_path, EngineConfig(runner="tensorrt", device="cuda"))
+
+
+def test_tensorrt_runner_needs_a_cuda_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="engine.device: runner 'tensorrt' needs a CUDA device, got 'cpu'"):
+        make_runner(tmp_path, EngineConfig(runner="tensorrt", device="cpu"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_missing_tensorrt_is_reported_before_any_export(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    root = tmp_path / "engines"
+    with pytest.raises(RuntimeError, match=r"needs NVIDIA's TensorRT.*pip install 'meshgate\[tensorrt\]'"):
+        trt_runner.TrtRunner(tmp_path, EngineConfig(runner="tensorrt", device="cuda"), engine_root=root)
+    assert not root.exists()

@@ -1,18 +1,15 @@
-"""The tensorrt runner without a GPU: its selection and errors, and its forward with onnxruntime
-running the exported ONNX segments in place of the TensorRT engines and the kernels' launches
-replaced by kernels/reference.py (after the launcher's real argument checks), against the torch
-runner on the engine's real steps (chunked prefill, mixed steps, decode through padded graph
-buffers). What stays unproven here is TensorRT itself: building and running the engines."""
+"""The tensorrt runner's forward without a GPU: onnxruntime runs the exported ONNX segments in
+place of the TensorRT engines, and the kernels' launches are replaced by kernels/reference.py
+(after the launcher's real argument checks); compared with the torch runner on the engine's real
+steps (chunked prefill, mixed steps, decode through padded graph buffers). What stays unproven
+here is TensorRT itself: building and running the engines (test_trt_runner_gpu.py)."""
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
 
 import pytest
 import torch
-
-from tests.kernels.ort import TINY, OrtEngine
 
 from gateway.config import EngineConfig, ModelConfig
 from gateway.worker import cuda_runner, trt_build, trt_runner
@@ -20,38 +17,14 @@ from gateway.worker.batch import Batch
 from gateway.worker.engine import Engine, model_folder
 from gateway.worker.model import LlamaConfig
 from gateway.worker.request import Request, SamplingParams
-from gateway.worker.runner import RUNNERS, TorchRunner, make_runner
+from gateway.worker.runner import TorchRunner
 from kernels import launcher as K
 from kernels import trt_engine as te
+from tests.kernels.ort import TINY, OrtEngine  # skips the module without onnxruntime/onnxscript
 from tests.kernels.test_cuda_runner_cpu import Both, _eager_capture, _NoLaunch, _ref_ops
 
 CFG = EngineConfig(block_size=8, num_blocks=128, max_num_seqs=8, max_num_batched_tokens=48,
                    max_model_len=600, num_threads=1)
-
-
-def test_tensorrt_is_registered() -> None:
-    assert RUNNERS["tensorrt"] == "gateway.worker.trt_runner:TrtRunner"
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-def test_tensorrt_runner_without_cuda_says_so(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="'tensorrt' needs a CUDA GPU.*use runner 'torch'"):
-        make_runner(tmp_path, EngineConfig(runner="tensorrt", device="cuda"))
-
-
-def test_tensorrt_runner_needs_a_cuda_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(ValueError, match="engine.device: runner 'tensorrt' needs a CUDA device, got 'cpu'"):
-        make_runner(tmp_path, EngineConfig(runner="tensorrt", device="cpu"))
-
-
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
-def test_missing_tensorrt_is_reported_before_any_export(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    root = tmp_path / "engines"
-    with pytest.raises(RuntimeError, match=r"needs NVIDIA's TensorRT.*pip install 'meshgate\[tensorrt\]'"):
-        trt_runner.TrtRunner(tmp_path, EngineConfig(runner="tensorrt", device="cuda"), engine_root=root)
-    assert not root.exists()
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +72,12 @@ def test_trt_runner_wiring_on_cpu(exported: tuple[Path, trt_build.ExportedModel]
     assert both.num_checked >= 6
     calls = runner.engines["pre.0"].calls  # type: ignore[attr-defined]
     assert 1 in calls and max(calls) > 8  # decode steps and prefill chunks went through the segments
-    if graphs:  # decode steps of 1..6 sequences went through padded sizes
+    slots = runner.engines["final"].slots  # type: ignore[attr-defined]
+    if graphs:  # decode steps of 1..6 sequences went through padded sizes, each with its contexts
         assert runner.graphs is not None and len(runner.graphs.graphs) >= 2
+        assert slots == {None, *runner.graphs.graphs}
+    else:
+        assert slots == {None}
 
 
 def _one_sequence(n: int) -> Batch:
