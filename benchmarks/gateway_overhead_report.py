@@ -129,7 +129,7 @@ def print_report(res: dict[str, Any]) -> None:
         ["target mode", "+TTFT p50", "+TTFT p99", "+E2E p50", "+E2E p99", "E2E p50", "E2E p99",
          "direct E2E p50/p99", "err", "CPU ms/req", "gen lag p99"], rows)
     if "goals" in res:
-        common.print_table("meshgate vs the goal", ["goal", "value", "target", "met"],
+        common.print_table(f"{res.get('goals_target', 'meshgate')} vs the goal", ["goal", "value", "target", "met"],
                            [[k, g["value"], g["target"], g["met"]] for k, g in res["goals"].items()])
 
 

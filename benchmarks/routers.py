@@ -223,10 +223,11 @@ class Target:
             self.profiler.stop()
 
 
-def start_meshgate(workdir: Path, stub_url: str, profile: str | None = None, log_level: str = "WARNING") -> Target:
+def start_meshgate(workdir: Path, stub_url: str, profile: str | None = None, log_level: str = "WARNING",
+                   workers: int = 1) -> Target:
     """`python -m gateway serve` with the stub as its only pool. profile: None, "cprofile" (stats
     written at exit to workdir/meshgate.prof) or "py-spy" (attached once it serves, collapsed stacks
-    in workdir/meshgate.pyspy.txt)."""
+    in workdir/meshgate.pyspy.txt); workers > 1: that many processes (`--workers`), not profiled."""
     port = free_port()
     cfg = workdir / "meshgate.yaml"
     cfg.write_text(
@@ -238,9 +239,13 @@ def start_meshgate(workdir: Path, stub_url: str, profile: str | None = None, log
     # WARNING by default: at INFO the gateway writes an access-log line per request, and the peers
     # run without one (their per-request logging off too), so like is compared with like.
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--log-level", log_level]
+    name = "meshgate"
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+        name, profile = "meshgate-workers", None
     if profile == "cprofile":
         argv = [sys.executable, "-m", "cProfile", "-o", str(workdir / "meshgate.prof"), "-m", "gateway", *argv[3:]]
-    proc = Proc("meshgate", argv, workdir / "meshgate.log").start()
+    proc = Proc(name, argv, workdir / f"{name}.log").start()
     url = f"http://{HOST}:{port}"
     try:
         wait_serving(proc, url, 30)
@@ -258,7 +263,7 @@ def start_meshgate(workdir: Path, stub_url: str, profile: str | None = None, log
         spy = Proc("py-spy", [exe, "record", "--pid", str(proc.pid), "--rate", "250",
                               "--format", "raw", "--output", str(workdir / "meshgate.pyspy.txt")],
                    workdir / "py-spy.log").start()
-    return Target("meshgate", proc, url, _meshgate_version(), " ".join(argv), spy)
+    return Target(name, proc, url, _meshgate_version(), " ".join(argv), spy)
 
 
 def _meshgate_version() -> str:

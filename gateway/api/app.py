@@ -96,7 +96,8 @@ class GatewayServer:
             logging.getLogger("meshgate.access").setLevel(logging.WARNING)
         self.created = int(time.time())
         # Request ids: a random per-process prefix and a counter (uuid4 costs a getrandom call).
-        self._ids = (f"{uuid.uuid4().hex[:16]}{i:016x}" for i in itertools.count())
+        prefix = uuid.uuid4().hex[:16]
+        self._ids = (f"{prefix}{i:016x}" for i in itertools.count())
         # Lifecycle hooks (discovery adds its own): after start, on shutdown before the drain, after it.
         self.on_start: list[Callable[[], Awaitable[None]]] = []
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = [self.decisions.close]
@@ -117,15 +118,16 @@ class GatewayServer:
         r.add("GET", "/metrics", self.prometheus)
         r.add("GET", "/v1/meshgate/gateways", self.gateways)
         self.operator.add_routes(r)  # /v1/meshgate/mesh, /v1/meshgate/decisions/stream, /dashboard
-        return HttpServer(r, self.cfg.limits.max_body_bytes, on_response=self._count)
+        self.http = HttpServer(r, self.cfg.limits.max_body_bytes, on_response=self._count)
+        return self.http
 
     async def bind(self, host: str, port: int) -> None:
         """Start, then accept HTTP on host:port (OSError when it is taken); with several gateway
         processes, each binds it with SO_REUSEPORT and the kernel spreads connections over them."""
         await self.start()
-        self.http = self.make_server()
+        http = self.make_server()
         try:
-            await self.http.start(host, port, reuse_port=self.cfg.workers > 1)
+            await http.start(host, port, reuse_port=self.cfg.workers > 1)
         except OSError:
             await self.stop()
             raise
@@ -161,7 +163,8 @@ class GatewayServer:
         self.tracing.shutdown()
 
     def _count(self, request: Request, status: int) -> None:
-        self.metrics.requests.labels(request.path, str(status), request.pool or "").inc()
+        assert self.http is not None
+        self.metrics.request(self.http.router.label(request.path), status, request.pool or "").inc()
 
     # -- plain endpoints --------------------------------------------------------------------
     async def health(self, request: Request) -> Response:

@@ -228,7 +228,7 @@ class Forwarder:
         resp: Response | None = None
         try:
             try:
-                async with asyncio.timeout(min(remaining, self.first_byte_timeout_s)):
+                async with asyncio.timeout(min(remaining, self.first_byte_timeout_s)) as timer:
                     resp = await self.up.client.request("POST", ep.url + call.path, call.body, call.headers)
                     pool.load_from_header(resp.headers)
                     if resp.status >= 500 or resp.status == 429:
@@ -238,9 +238,9 @@ class Forwarder:
                         if not first:
                             raise _Retry("closed before the first token")
                         return resp, first
-                # A whole answer (or an error body) may take the rest of the deadline to arrive;
-                # nothing has reached the client yet, so a failure here is still retried.
-                async with asyncio.timeout_at(_loop_time(call.deadline)):
+                    # A whole answer (or an error body) may take the rest of the deadline to arrive;
+                    # nothing has reached the client yet, so a failure here is still retried.
+                    timer.reschedule(_loop_time(call.deadline))
                     return resp, await resp.read()
             except (UpstreamError, TimeoutError, ConnectionError) as e:
                 raise _Retry(str(e) or type(e).__name__) from None

@@ -163,6 +163,12 @@ class Router:
         else:
             self._exact.setdefault(path, {})[method] = handler
 
+    def label(self, path: str) -> str:
+        """The route a path falls under, for metric labels (bounded: client paths are not)."""
+        if path in self._exact:
+            return path
+        return next((p + "{param}" for p, _ in self._prefix if path.startswith(p) and len(path) > len(p)), "other")
+
     def resolve(self, method: str, path: str) -> Handler:
         methods = self._exact.get(path)
         if methods is None:

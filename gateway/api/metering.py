@@ -67,12 +67,12 @@ class Metering:
         return body, RequestMeter(self, ticket, g.model, request_id, prompt_estimate, strip)
 
     def record(self, meter: RequestMeter, pool: str, status: str, prompt: int, completion: int) -> None:
-        key = meter.ticket.key_id or ""
+        key, m = meter.ticket.key_id or "", self.m
         if prompt:
-            self.m.usage_prompt.labels(key, meter.model, pool).inc(prompt)
+            m.child(m.usage_prompt, key, meter.model, pool).inc(prompt)
         if completion:
-            self.m.usage_completion.labels(key, meter.model, pool).inc(completion)
-        self.m.usage_requests.labels(key, meter.model, pool, status).inc()
+            m.child(m.usage_completion, key, meter.model, pool).inc(completion)
+        m.child(m.usage_requests, key, meter.model, pool, status).inc()
         self.log.append({"ts": round(time.time(), 3), "request_id": meter.request_id, "key": meter.ticket.key_id,
                          "model": meter.model, "pool": pool or None, "prompt_tokens": prompt,
                          "completion_tokens": completion, "status": status})

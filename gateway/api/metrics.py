@@ -96,6 +96,19 @@ class GatewayMetrics:
                                 ["key", "reason"], registry=own)
         r.register(_PoolCollector(upstreams, in_flight, pool_in_flight))
         self._pools: dict[str, PoolSeries] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), resolved once per label set (labels() takes a lock per call).
+        Label values must come from bounded sets (routes, statuses, pools, keys, models)."""
+        key = (metric, labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def request(self, route: str, status: int, pool: str) -> Any:
+        return self.child(self.requests, route, str(status), pool)
 
     def pool(self, pool_id: str) -> PoolSeries:
         """The per-pool series, resolved once (labels() costs a locked lookup per call)."""
@@ -111,15 +124,11 @@ class PoolSeries:
         self.itl = m.itl.labels(pool_id)
         self.e2e = m.e2e.labels(pool_id)
         self.failovers = m.failovers.labels(pool_id)
-        self._attempts = m.attempts
+        self._m = m
         self._pool_id = pool_id
-        self._outcomes: dict[str, Any] = {}
 
     def attempt(self, outcome: str) -> None:
-        c = self._outcomes.get(outcome)
-        if c is None:
-            c = self._outcomes[outcome] = self._attempts.labels(self._pool_id, outcome)
-        c.inc()
+        self._m.child(self._m.attempts, self._pool_id, outcome).inc()
 
 
 class _PoolCollector:

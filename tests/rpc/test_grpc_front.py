@@ -177,8 +177,15 @@ async def test_requests_are_counted_with_the_http_front(h):
     with pytest.raises(grpc.aio.AioRpcError):
         await h.stub.Generate(pb.GenerateRequest(model="nope", prompt="x"))
     counter = h.server.metrics.requests
-    assert counter.labels("/meshgate.v1.Generation/Generate", "200", "a")._value.get() == 1
-    assert counter.labels("/meshgate.v1.Generation/Generate", "404", "")._value.get() == 1
+
+    def counted(status: str, pool: str) -> float:
+        return counter.labels("/meshgate.v1.Generation/Generate", status, pool)._value.get()
+
+    # The server counts a call as its handler returns, which may be just after the client has the answer.
+    async with asyncio.timeout(5):
+        while counted("200", "a") < 1 or counted("404", "") < 1:
+            await asyncio.sleep(0.01)
+    assert counted("200", "a") == 1 and counted("404", "") == 1
 
 
 async def test_reflection_lists_and_describes_the_services(h):
