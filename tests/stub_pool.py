@@ -1,7 +1,8 @@
 """A stub OpenAI-compatible pool for gateway tests: answers instantly, or fails on command.
 
 mode: "ok" | "error" (HTTP 500) | "stall" (never answers) | "drop" (streams some tokens then cuts
-the connection) | "slow" (each token after delay_s).
+the connection) | "slow" (each token after delay_s) | "full" (refuses with 429 when the gateway says
+it may: x-meshgate-may-refuse: 1, as a full pool worker does; else answers).
 Like OpenAI, a stream with `stream_options.include_usage` carries `"usage": null` in every chunk
 and ends with a usage-only chunk. Received headers and bodies are kept for assertions.
 """
@@ -13,7 +14,7 @@ import time
 import orjson
 from aiohttp import web
 
-from gateway.core.types import LOAD_HEADER, LoadReport
+from gateway.core.types import LOAD_HEADER, MAY_REFUSE_HEADER, LoadReport
 
 
 class StubPool:
@@ -66,6 +67,9 @@ class StubPool:
         if self.mode == "error":
             return web.json_response({"error": {"message": "boom", "type": "x", "param": None, "code": None}},
                                      status=500)
+        if self.mode == "full" and request.headers.get(MAY_REFUSE_HEADER) == "1":
+            return web.json_response({"error": {"message": "full", "type": "service_unavailable", "param": None,
+                                                "code": None}}, status=429, headers={"Retry-After": "1"})
         if self.mode == "stall":
             try:
                 await asyncio.sleep(3600)

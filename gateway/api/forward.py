@@ -23,7 +23,7 @@ from gateway.api.auth import Principal
 from gateway.api.metrics import GatewayMetrics
 from gateway.api.tracing import end_request
 from gateway.core.errors import APIError, Overloaded
-from gateway.core.types import RouteRequest
+from gateway.core.types import MAY_REFUSE_HEADER, RouteRequest
 from gateway.pools.h1client import Response, UpstreamError
 from gateway.pools.upstream import Pool, Upstreams
 from gateway.routing.candidates import CandidateSet
@@ -199,26 +199,34 @@ class Forwarder:
             where = f" in {','.join(sorted(call.route.countries))}" if call.route.countries is not None else ""
             raise Overloaded(f"no healthy pool serves the model '{call.route.model}'{where} right now",
                              retry_after_s=2)
-        attempts = 0
-        for ep in decision.ranked:
-            if attempts >= self.max_attempts:
-                break
-            pool = self.up.pools[ep.pool_id]
-            if not pool.breaker.allow():
+        # A full pool may refuse (429) while attempts are left, so the request goes where it starts
+        # sooner; the last attempt always queues. If the candidates run out first, the first pool
+        # that refused is asked again, told it may not refuse.
+        pools = (self.up.pools[ep.pool_id] for ep in decision.ranked)
+        attempts, refused = 0, None
+        while attempts < self.max_attempts:
+            pool, final = next(pools, None), False
+            if pool is None:
+                if refused is None:
+                    break
+                pool, refused, final = refused, None, True
+            elif not pool.breaker.allow():
                 continue
             attempts += 1
             try:
-                resp, first = await self._attempt(call, pool)
+                resp, first = await self._attempt(call, pool, may_refuse=not final and attempts < self.max_attempts)
             except _Retry as e:
-                self.m.pool(ep.pool_id).failovers.inc()
-                log.warning("request %s: pool %s failed before the first token (%s)", call.request_id, ep.pool_id, e)
+                refused = refused or (pool if e.busy else None)
+                self.m.pool(pool.endpoint.pool_id).failovers.inc()
+                log.warning("request %s: pool %s %s before the first token (%s)", call.request_id,
+                            pool.endpoint.pool_id, "refused" if e.busy else "failed", e)
                 continue
             up = Upstream(self, call, pool, resp, first, decision.explain(), attempts - 1)
-            self.m.pool(ep.pool_id).ttft.observe(up.ttft_s)
+            self.m.pool(pool.endpoint.pool_id).ttft.observe(up.ttft_s)
             return up
         raise BadGateway(f"no pool could serve the request ({attempts} tried)")
 
-    async def _attempt(self, call: Call, pool: Pool) -> tuple[Response, bytes]:
+    async def _attempt(self, call: Call, pool: Pool, may_refuse: bool) -> tuple[Response, bytes]:
         assert self.up.client is not None
         ep = pool.endpoint
         remaining = call.deadline - time.monotonic()
@@ -229,7 +237,8 @@ class Forwarder:
         try:
             try:
                 async with asyncio.timeout(min(remaining, self.first_byte_timeout_s)) as timer:
-                    resp = await self.up.client.request("POST", ep.url + call.path, call.body, call.headers)
+                    headers = {**call.headers, MAY_REFUSE_HEADER: "1"} if may_refuse else call.headers
+                    resp = await self.up.client.request("POST", ep.url + call.path, call.body, headers)
                     pool.load_from_header(resp.headers)
                     if resp.status >= 500 or resp.status == 429:
                         raise _Retry(f"status {resp.status}", busy=resp.status in (429, 503))

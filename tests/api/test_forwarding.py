@@ -42,6 +42,25 @@ async def test_failover_before_first_token_and_breaker_opens(h):
     assert "a" in served
 
 
+async def test_a_full_pool_refuses_while_attempts_are_left_and_the_request_goes_elsewhere(h):
+    await h.start(["a", "b"])  # round-robin: a is the first choice of every other request
+    h.stubs["a"].mode = "full"
+    for _ in range(4):
+        status, body = await h.post(chat())
+        assert status == 200 and body["served_by"] == "b"
+    assert h.stubs["a"].requests == 2
+    assert all(hd.get("x-meshgate-may-refuse") == "1" for hd, _ in h.stubs["a"].received)
+    assert not h.server.upstreams.pools["a"].endpoint.breaker_open  # full is not broken
+
+
+async def test_a_full_pool_with_nowhere_else_to_go_is_asked_again_and_queues(h):
+    await h.start(["a"])
+    h.stubs["a"].mode = "full"
+    status, body = await h.post(chat())
+    assert status == 200 and body["served_by"] == "a"
+    assert [hd.get("x-meshgate-may-refuse") for hd, _ in h.stubs["a"].received] == ["1", None]
+
+
 async def test_stalled_pool_times_out_and_fails_over(h):
     await h.start(["a", "b"], upstream={"first_byte_timeout_s": 0.3})
     h.stubs["a"].mode = "stall"
