@@ -125,6 +125,10 @@ class ProbeConfig:
     timeout_s: float = 1.0
     down_after: int = 2  # consecutive misses that mark a pool down
     up_after: int = 1  # consecutive answers that mark it up again
+    # Large meshes: each period probes the k_nearest pools by estimated RTT plus num_rotating others
+    # in turn (geo.probing.CandidateSelector), so probe traffic is O(k), not O(pools).
+    k_nearest: int = 32
+    num_rotating: int = 8
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,7 @@ class GatewayServer:
         except ValueError as e:
             raise ConfigError(f"gateway.routing: {e}") from None
         self.geo.attach(self.upstreams.endpoints)
+        self.upstreams.probe_targets = self.geo.probe_targets
         self.upstreams.on_change.append(self.geo.attach)  # pools that join get their geography too
         self.forwarder = Forwarder(self.upstreams, profile, self.metrics,
                                    self.cfg.upstream.max_attempts, self.cfg.upstream.first_byte_timeout_s)

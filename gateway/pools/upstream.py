@@ -109,6 +109,8 @@ class Upstreams:
         self.client: HttpClient | None = None
         self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
         self._probe_task: asyncio.Task[None] | None = None
+        # Whom to probe each round (pool ids); the gateway sets it from its geography. Default: all.
+        self.probe_targets: Callable[[list[Endpoint]], list[str]] = lambda eps: [e.pool_id for e in eps]
         self.on_change: list[Callable[[list[Endpoint]], None]] = []  # told of pools that joined
         self.on_probed: list[Callable[[], None]] = []  # after each round of probes
 
@@ -158,7 +160,8 @@ class Upstreams:
             await self.probe_all()
 
     async def probe_all(self) -> None:
-        await asyncio.gather(*(self.probe(p) for p in self.pools.values()))
+        """One round: every pool in a small mesh; the nearest and a rotating sample in a large one."""
+        await asyncio.gather(*(self.probe(self.pools[pid]) for pid in self.probe_targets(self.endpoints)))
         for callback in self.on_probed:
             callback()
 

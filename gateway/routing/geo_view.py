@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from gateway.config import Config, SiteConfig
 from gateway.core.types import Endpoint
 from geo.client import ClientLocation, PrefixTable, resolve_client_location
+from geo.probing import CandidateSelector
 from geo.sites import DistancePrior, Site
 
 
@@ -20,6 +21,13 @@ class GeoView:
         self.prior = DistancePrior(opts.rtt_inflation, opts.rtt_intercept_ms)
         self.here = self.sites.get(cfg.gateway.site)
         self.prefixes = PrefixTable.from_config(opts.client_prefixes, self.sites) if opts.client_prefixes else None
+        self._probe_set = CandidateSelector(cfg.gateway.probe.k_nearest, cfg.gateway.probe.num_rotating)
+
+    def probe_targets(self, endpoints: Iterable[Endpoint]) -> list[str]:
+        """The pools to probe this period: all in a small mesh; in a large one the nearest by
+        measured (else prior) RTT plus a rotating sample, so every pool is measured now and then."""
+        return self._probe_set.select({e.pool_id: e.rtt_ms if e.rtt_ms is not None else e.prior_rtt_ms
+                                       for e in endpoints})
 
     def attach(self, endpoints: Iterable[Endpoint]) -> None:
         """Give each endpoint its country and the RTT the distance prior expects from here."""
