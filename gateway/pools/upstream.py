@@ -113,6 +113,7 @@ class Upstreams:
         self.probe_targets: Callable[[list[Endpoint]], list[str]] = lambda eps: [e.pool_id for e in eps]
         self.on_change: list[Callable[[list[Endpoint]], None]] = []  # told of pools that joined
         self.on_probed: list[Callable[[], None]] = []  # after each round of probes
+        self.on_rtt: list[Callable[[Endpoint, float], None]] = []  # each probe RTT sample (ms), as measured
 
     def set_pools(self, pools: tuple[PoolConfig, ...] | list[PoolConfig]) -> None:
         """Replace the pool set (a registry watch saw pools join or leave). Pools that stay keep
@@ -186,6 +187,8 @@ class Upstreams:
             ok = False
         e = pool.endpoint
         if ok:
+            for callback in self.on_rtt:
+                callback(e, rtt_ms)
             e.rtt_ms = rtt_ms if e.rtt_ms is None else (1 - RTT_ALPHA) * e.rtt_ms + RTT_ALPHA * rtt_ms
             pool.rtt_window.append(rtt_ms)
             pool.probe_hits += 1
