@@ -15,7 +15,7 @@ from gateway.core.shared import SharedTable
 from gateway.core.types import LOAD_HEADER, Endpoint, LoadReport
 from gateway.pools.breaker import BreakerState, CircuitBreaker
 from gateway.pools.h1client import HttpClient, UpstreamError
-from gateway.pools.load import SHARE, InFlight, load_table
+from gateway.pools.load import InFlight, load_table, num_workers
 
 log = logging.getLogger("meshgate.pools")
 
@@ -103,7 +103,7 @@ class Upstreams:
         self.load = load if load is not None else load_table()
         self.worker_index = worker_index
         # Several processes: endpoints' in-flight figures are refreshed before each decision.
-        self.shared = self.load.num_fields - SHARE > 1
+        self.shared = num_workers(self.load) > 1
         self.pools = {p.id: self._pool(p) for p in pools}
         self.endpoints = [p.endpoint for p in self.pools.values()]
         self.client: HttpClient | None = None
