@@ -27,7 +27,7 @@ _CLOSE = None  # queued to a subscriber on shutdown: end the stream
 class DecisionLog:
     def __init__(self, size: int = 200, max_subscribers: int = 32, queue_size: int = 256,
                  heartbeat_s: float = 10.0):
-        self.recent: deque[dict[str, Any]] = deque(maxlen=size)
+        self.recent: deque[tuple[Any, ...]] = deque(maxlen=size)
         self.max_subscribers = max_subscribers
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
@@ -37,40 +37,26 @@ class DecisionLog:
 
     # -- the hook -------------------------------------------------------------------------
     def record(self, call: Call, up: Upstream | None, status: int) -> None:
-        """Call.finish's hook: one record per request that reached routing."""
+        """Call.finish's hook: one record per request that reached routing. Kept as a tuple; the
+        dict is made when someone looks (a subscriber, or the snapshot)."""
         decision = call.decision
         if decision is None:  # refused before routing (limits, auth): not a routing decision
             return
-        ranked = decision.ranked
-        chosen = ranked[0].pool_id if ranked else None
-        runner_up = ranked[1].pool_id if len(ranked) > 1 else None
-        loc = call.client
-        rec = {
-            "time": time.time(),
-            "request_id": call.request_id,
-            "path": call.path,
-            "client": {"source": loc.source, "site": loc.site_id, "lat": round(loc.lat, 3),
-                       "lon": round(loc.lon, 3)} if loc is not None else None,
-            "profile": decision.profile,
-            "pool": chosen,
-            "predicted_ttft_ms": _ms(decision.predicted_ms.get(chosen or "")),
-            "runner_up": runner_up,
-            "runner_up_predicted_ttft_ms": _ms(decision.predicted_ms.get(runner_up or "")),
-            "answered_by": up.pool_id if up is not None else None,
-            "failovers": up.failovers if up is not None else None,
-            "measured_ttft_ms": _ms(1000 * up.ttft_s) if up is not None else None,
-            "status": status,
-        }
-        self.recent.append(rec)
-        for q in self._subscribers:
-            try:
-                q.put_nowait(rec)
-            except asyncio.QueueFull:
-                self.dropped += 1
+        raw = (time.time(), call.request_id, call.path, call.client, decision,
+               up.pool_id if up is not None else None, up.failovers if up is not None else None,
+               up.ttft_s if up is not None else None, status)
+        self.recent.append(raw)
+        if self._subscribers:
+            rec = _as_dict(raw)
+            for q in self._subscribers:
+                try:
+                    q.put_nowait(rec)
+                except asyncio.QueueFull:
+                    self.dropped += 1
 
     def snapshot(self) -> list[dict[str, Any]]:
         """The recent decisions, newest last."""
-        return list(self.recent)
+        return [_as_dict(raw) for raw in self.recent]
 
     # -- the live feed ----------------------------------------------------------------------
     async def stream(self, request: Request) -> Stream:
@@ -118,6 +104,29 @@ class DecisionLog:
                     break
                 except asyncio.QueueFull:
                     q.get_nowait()  # drop the oldest: the stream is ending anyway
+
+
+def _as_dict(raw: tuple[Any, ...]) -> dict[str, Any]:
+    at, request_id, path, loc, decision, answered_by, failovers, ttft_s, status = raw
+    ranked = decision.ranked
+    chosen = ranked[0].pool_id if ranked else None
+    runner_up = ranked[1].pool_id if len(ranked) > 1 else None
+    return {
+        "time": at,
+        "request_id": request_id,
+        "path": path,
+        "client": {"source": loc.source, "site": loc.site_id, "lat": round(loc.lat, 3),
+                   "lon": round(loc.lon, 3)} if loc is not None else None,
+        "profile": decision.profile,
+        "pool": chosen,
+        "predicted_ttft_ms": _ms(decision.predicted_ms.get(chosen or "")),
+        "runner_up": runner_up,
+        "runner_up_predicted_ttft_ms": _ms(decision.predicted_ms.get(runner_up or "")),
+        "answered_by": answered_by,
+        "failovers": failovers,
+        "measured_ttft_ms": _ms(1000 * ttft_s) if ttft_s is not None else None,
+        "status": status,
+    }
 
 
 def _ms(v: float | None) -> float | None:

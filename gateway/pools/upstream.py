@@ -37,6 +37,8 @@ class Pool:
         self.probe_hits = 0
         self.has_metrics = True  # third-party pools: until /metrics proves useless
         self.rtt_window: deque[float] = deque(maxlen=RTT_WINDOW)  # recent probe RTTs, ms
+        self._last_header = ""  # the last load header parsed, and the report made of it
+        self._header_report: LoadReport | None = None
 
     def rtt_p90_ms(self) -> float | None:
         """The 90th percentile of the recent probe RTTs (nearest rank); None before any."""
@@ -82,6 +84,9 @@ class Pool:
         value = headers.get(LOAD_HEADER)
         if not value:
             return
+        if value == self._last_header and self.endpoint.load is self._header_report:
+            self.update_load(self._header_report)  # the same figures again (no probe since): fresh, not new
+            return
         try:
             fresh = LoadReport.from_header(value)
         except (ValueError, KeyError):
@@ -90,6 +95,7 @@ class Pool:
         if prev is not None:
             fresh = dataclasses.replace(fresh, prefill_tps=prev.prefill_tps, decode_tps=prev.decode_tps,
                                         hot_prefix_hashes=prev.hot_prefix_hashes)
+        self._last_header, self._header_report = value, fresh
         self.update_load(fresh)
 
 
