@@ -32,6 +32,7 @@ from gateway.core.errors import APIError, BadRequest, InternalError, MethodNotAl
 log = logging.getLogger("meshgate.http")
 
 MAX_PIPELINED = 16  # requests read ahead of the one being answered, per connection
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers (llhttp sets no bound of its own)
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
@@ -262,6 +263,7 @@ class _Conn(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
+        self._head_size = 0
         self._keep_alive = True
 
     # -- connection events ------------------------------------------------------------------
@@ -333,11 +335,23 @@ class _Conn(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._size = 0
+        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._count_head(len(url))
+
+    def _count_head(self, n: int) -> None:
+        self._head_size += n
+        if self._head_size > MAX_HEAD_BYTES and not self._refused:
+            e = BadRequest(f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes")
+            e.status = 431
+            self._refuse(e)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
+        if self._refused:
+            return
         key = name.decode("latin-1").lower()
         v = value.decode("latin-1")
         self._headers[key] = f"{self._headers[key]}, {v}" if key in self._headers else v

@@ -123,6 +123,11 @@ async def test_too_large_body_is_413_before_it_is_read(app: App) -> None:
     assert out.startswith(b"HTTP/1.1 413")
 
 
+async def test_oversized_headers_are_431(app: App) -> None:
+    out = await _raw(app.server.port, b"GET /items/a HTTP/1.1\r\nHost: x\r\n" + b"x-pad: " + b"a" * 70000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 431")
+
+
 async def test_malformed_request_is_400_and_server_keeps_serving(app: App) -> None:
     out = await _raw(app.server.port, b"NOT HTTP AT ALL\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400") and b"malformed HTTP request" in out
