@@ -69,9 +69,10 @@ class GeoView:
 
     def _seed(self, vcfg: VivaldiConfig) -> Coord | None:
         """Start at our geographic place (the prior's picture, projected): nearer our final place
-        than the origin, so the node needs fewer samples. The projection centre must be the same on every gateway of the mesh: the centroid of the
-        configured sites is, when the mesh shares its site table. Where it does not, seeds start in
-        different frames; they carry error 1.0, so the first samples move them into one."""
+        than the origin, so the node needs fewer samples. The projection centre must be the same on
+        every gateway of the mesh: the centroid of the configured sites is, when the mesh shares its
+        site table. Where it does not, seeds start in different frames; they carry error 1.0, so
+        the first samples move them into one."""
         if self.here is None:
             return None
         centre = centroid_latlon([s.lat for s in self.sites.values()], [s.lon for s in self.sites.values()])
