@@ -38,12 +38,18 @@ def attach_gateway(server: GatewayServer, cfg: Config, register: bool = True) ->
         return None
     view = RegistryView(d)
     me = gateway_record(cfg)
-    follow = _Follower(server, view, cfg)
+
+    def current() -> GatewayRecord:
+        # Our network coordinate as it stands: re-read at every (re)publish, so the entry follows
+        # the node as probes move it.
+        return dataclasses.replace(me, coords=server.geo.coord().to_dict())
+
+    follow = _Follower(server, view, cfg, me.id)
     view.on_change.append(follow)
     server.metrics.registry.register(view.collector())  # type: ignore[arg-type]
     server.gateway_list = lambda: [dataclasses.asdict(g) for g in sorted(view.gateways.values(), key=lambda g: g.id)] \
-        or [dataclasses.asdict(me)]
-    registrant = Registrant(d, f"{d.prefix}{GATEWAYS}{me.id}", lambda: encode(me))
+        or [dataclasses.asdict(current())]
+    registrant = Registrant(d, f"{d.prefix}{GATEWAYS}{me.id}", lambda: encode(current()))
 
     async def start() -> None:
         await view.start(wait_s=2 * d.timeout_s)
@@ -70,20 +76,34 @@ class _Follower:
     probed at once; it stays while it answers after the lapse, for up to `grace_s`, unless it
     registers again (then it is simply back)."""
 
-    def __init__(self, server: GatewayServer, view: RegistryView, cfg: Config):
+    def __init__(self, server: GatewayServer, view: RegistryView, cfg: Config, me: str):
         self.server = server
         self.view = view
+        self.me = me  # our own gateway entry: its coordinate is ours, not a neighbour's
         probe = cfg.gateway.probe
         self.check_s = probe.timeout_s + 0.1  # time for the probe fired at the lapse to answer
         self.grace_s = 2 * cfg.discovery.lease_ttl_s + cfg.discovery.backoff_max_s
         self._probed: set[str] = set()
+        self._routable: dict[str, PoolRecord] | None = None  # the pool set last given to Upstreams
         self._recheck: asyncio.TimerHandle | None = None
 
     def __call__(self, pools: dict[str, PoolRecord] | None = None) -> None:
+        geo = self.server.geo
+        # Gateways' coordinates: a pool stands at its site's gateway's (gateway/routing/geo_view.py).
+        geo.set_remote_coords((g.id, g.site.id if g.site else None, g.coords)
+                              for g in self.view.gateways.values() if g.id != self.me)
+        # A gateway describes its site from its own config: it places the site even where a
+        # worker's entry only names it.
+        geo.add_sites([g.site for g in self.view.gateways.values() if g.site is not None])
         routable = dict(self.view.pools)
         for pid, rec in self._lapsed_alive().items():
             routable.setdefault(pid, rec)
-        self.server.geo.add_sites([r.site for r in routable.values() if r.site is not None])
+        if routable == self._routable:
+            # Only a gateway entry changed (every republish carries a fresh coordinate): the pool
+            # set is the same, and set_pools would only re-sort the candidate order for nothing.
+            return
+        self._routable = routable
+        geo.add_sites([r.site for r in routable.values() if r.site is not None])
         self.server.upstreams.set_pools([r.pool_config() for r in routable.values()])
 
     def _lapsed_alive(self) -> dict[str, PoolRecord]:

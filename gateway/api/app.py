@@ -81,6 +81,10 @@ class GatewayServer:
         self.geo.attach(self.upstreams.endpoints)
         self.upstreams.probe_targets = self.geo.probe_targets
         self.upstreams.on_change.append(self.geo.attach)  # pools that join get their geography too
+        # Network coordinates learn from every probe sample; estimates for pools not measured are
+        # refreshed after each round, before the Forwarder's candidate order (appended below) is.
+        self.upstreams.on_rtt.append(self.geo.on_rtt)
+        self.upstreams.on_probed.append(lambda: self.geo.refresh(self.upstreams.endpoints))
         self.forwarder = Forwarder(self.upstreams, profile, self.metrics,
                                    self.cfg.upstream.max_attempts, self.cfg.upstream.first_byte_timeout_s)
         self.admission = Admission(self.cfg.auth, self.cfg.limits, self.metrics, shared=shared.limits,

@@ -22,7 +22,9 @@ class PoolRecord:
     models: tuple[str, ...] = ()
     capacity: int = 0  # sequences it runs at once (engine.max_num_seqs); 0: unknown (third-party)
     kind: str = "meshgate"
-    coords: dict[str, Any] | None = None  # network coordinates (geo.vivaldi.Coord.to_dict), when known
+    # Network coordinates (geo.vivaldi.Coord.to_dict). Workers leave it empty: they do not probe, so
+    # they have no coordinate; a pool stands at its site's gateway's (GatewayRecord.coords).
+    coords: dict[str, Any] | None = None
     # Written just before a draining pool deletes its key: gateways then drop it at once, while a
     # key that vanishes without it (a lease that lapsed) may be a live pool cut off from etcd.
     draining: bool = False
@@ -38,6 +40,8 @@ class GatewayRecord:
     id: str
     url: str
     site: SiteConfig | None = None
+    # The gateway's Vivaldi coordinate (geo.vivaldi.Coord.to_dict, update-filtered), rewritten at
+    # every republish; it stands for every pool at the gateway's site. Readers must validate it.
     coords: dict[str, Any] | None = None
 
 
