@@ -25,6 +25,10 @@ class LoadReport:
     queue_wait_s: float = 0.0  # estimated wait before a new request's first step
     hot_prefix_hashes: tuple[int, ...] = field(default_factory=tuple)
     handling_s: float = 0.0  # the pool's own time to answer this report
+    # Headroom, for gateways to judge how likely a pool is to be full by the time a request gets
+    # there (gateway/routing/latency.py); 0: not reported (third-party pools, older workers)
+    max_num_seqs: int = 0  # sequence slots of the running batch
+    mean_request_s: float = 0.0  # how long a request holds a slot, first token to finish (EWMA)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,12 +36,14 @@ class LoadReport:
     def to_header(self) -> str:
         return (
             f"w={self.waiting};r={self.running};q={self.queued_prompt_tokens};"
-            f"kv={self.kv_blocks_used}/{self.kv_blocks_total};qw={self.queue_wait_s:.4f}"
+            f"kv={self.kv_blocks_used}/{self.kv_blocks_total};qw={self.queue_wait_s:.4f};"
+            f"s={self.max_num_seqs};d={self.mean_request_s:.3f}"
         )
 
     @classmethod
     def from_header(cls, value: str) -> LoadReport:
-        """Parse LOAD_HEADER; raises ValueError on a malformed value."""
+        """Parse LOAD_HEADER; raises ValueError on a malformed value. s= and d= are optional (a
+        worker older than them does not send them)."""
         parts = dict(p.split("=", 1) for p in value.split(";") if p)
         used, total = parts["kv"].split("/", 1)
         return cls(
@@ -47,6 +53,8 @@ class LoadReport:
             kv_blocks_used=int(used),
             kv_blocks_total=int(total),
             queue_wait_s=float(parts["qw"]),
+            max_num_seqs=int(parts.get("s", 0)),
+            mean_request_s=float(parts.get("d", 0.0)),
         )
 
 
@@ -70,7 +78,7 @@ class Endpoint:
         self.in_flight = 0  # requests this gateway has sent and not seen finish
         self.sent_since_report = 0  # requests sent since `load` was reported (in-flight crediting)
         self.load: LoadReport | None = None  # latest report (probe or response header)
-        self.load_at = 0.0  # monotonic time of that report
+        self.load_at = 0.0  # monotonic time of that report (0: unknown; routing takes it as fresh)
         self.rtt_ms: float | None = None  # probe round trip, EWMA
         self.country: str | None = None  # ISO-2 of its site, for residency
         self.prior_rtt_ms: float | None = None  # RTT estimated from geography, until probes measure it

@@ -27,6 +27,7 @@ from gateway.worker.tokenizer import Detokenizer, Tokenizer
 log = logging.getLogger("meshgate.worker")
 
 MAX_HOT_PREFIXES = 64
+REQUEST_S_ALPHA = 0.05  # EWMA weight of one finished request in mean_request_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,7 @@ class Engine:
         self.detoks: dict[str, Detokenizer] = {}
         self.stats = _StepStats()
         self.num_aborted = 0
+        self.mean_request_s = 0.0  # how long a finished request held its slot (EWMA); 0: none yet
 
     def warm_up(self, num_tokens: int = 256) -> None:
         """Run one prefill and a few decode steps before serving: the first steps pay one-off costs
@@ -84,6 +86,7 @@ class Engine:
         while self.has_work():
             self.step()
         self.kv.reset_prefix_cache()
+        self.mean_request_s = 0.0  # the warm-up's 4 tokens say nothing about real requests
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -144,6 +147,7 @@ class Engine:
                 self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         if req.finished:
             req.finish_s = now
+            self._record_duration(req, now)
             if detok.stopped_by is None:
                 text += detok.flush()
             self._forget(req)
@@ -158,6 +162,14 @@ class Engine:
             num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens,
         )
+
+    def _record_duration(self, req: Request, now: float) -> None:
+        """Time in the batch: first token to finish, plus the prefill (at the measured speed)."""
+        assert req.first_token_s is not None
+        tps = self.stats.prefill_tps
+        d = now - req.first_token_s + (req.num_prompt_tokens / tps if tps > 0 else 0.0)
+        m = self.mean_request_s
+        self.mean_request_s = d if m == 0.0 else m + REQUEST_S_ALPHA * (d - m)
 
     # -- load -------------------------------------------------------------------------------
     def load_report(self) -> LoadReport:
@@ -174,6 +186,8 @@ class Engine:
             decode_tps=self.stats.decode_tps(),
             queue_wait_s=self.queue_wait_s(queued),
             hot_prefix_hashes=tuple(self.kv.hot_prefix_hashes(MAX_HOT_PREFIXES)),
+            max_num_seqs=self.cfg.max_num_seqs,
+            mean_request_s=self.mean_request_s,
         )
 
     def queue_wait_s(self, queued_prompt_tokens: int | None = None) -> float:
