@@ -3,22 +3,49 @@
     expected_ttft = rtt(client -> gateway) + rtt(gateway -> pool) + queue_wait(pool) + prefill(pool)
 
 rtt(gateway -> pool) is the probes' EWMA when measured, else the distance prior. queue_wait is
-the pool's own estimate from its last load report plus what this gateway sent since (in-flight
-crediting), so a burst spreads instead of piling on the pool that looked best a moment ago.
+the prefill backlog the pool last reported plus the prefill of what this gateway sent since
+(in-flight crediting), plus the wait for a batch slot, weighted by how likely the pool is to have
+none left when the request gets there. That likelihood is what a stale report hides: a pool that
+said "one slot free" a second ago has most likely been filled since by other gateways, while one
+that said "full" may have freed several. From the report's headroom (slots - running - waiting),
+less what this gateway sent since, and the report's age, the occupancy now is taken as normal
+around the reported one with the variance of the departures since (slot turnover x age): P(full)
+follows, and a full pool's wait is a slot's turnover time per request ahead (mean request duration
+/ slots). Pools that do not report their slots (third-party servers) keep their own queue_wait_s,
+counted down by the report's age.
 """
 from __future__ import annotations
 
 import hashlib
+import math
+import time
+from collections.abc import Callable
 
 from gateway.core.errors import RateLimited
-from gateway.core.types import Endpoint, RouteRequest
+from gateway.core.types import Endpoint, LoadReport, RouteRequest
 
 UNKNOWN_RTT_MS = 100.0  # a pool with no measurement and no coordinates: assume far
+# The spread of the slot count at a report's own moment (it is at least an RTT old, and its count
+# is a sample): a fresh report of one free slot is full with probability ~0.16, of none ~0.84.
+BASE_SPREAD_SLOTS = 0.5
+
+
+def full_probability(load: LoadReport, headroom: int, age_s: float) -> float:
+    """P(no free slot now) for a pool that reported `headroom` free slots age_s ago: the occupancy
+    is taken as normal around the reported one, with the variance of the slots freed since (a
+    Poisson count at the pool's turnover rate) and BASE_SPREAD_SLOTS at the report itself."""
+    turnover = max(min(load.running, load.max_num_seqs), 1) / load.mean_request_s  # slots freed per second
+    spread = math.sqrt(turnover * age_s + BASE_SPREAD_SLOTS**2)
+    return 0.5 * math.erfc((headroom - 0.5) / (spread * math.sqrt(2.0)))
 
 
 class TtftModel:
-    def __init__(self, default_prefill_tps: float):
+    """clock: the time base of Endpoint.load_at (time.monotonic in the gateway; the simulator's
+    clock in benchmarks/mesh_sim.py)."""
+
+    def __init__(self, default_prefill_tps: float, clock: Callable[[], float] = time.monotonic):
         self.default_prefill_tps = default_prefill_tps
+        self.clock = clock
 
     def rtt_s(self, e: Endpoint) -> float:
         ms = e.rtt_ms if e.rtt_ms is not None else e.prior_rtt_ms
@@ -29,12 +56,20 @@ class TtftModel:
         return tps if tps > 0 else self.default_prefill_tps
 
     def queue_s(self, req: RouteRequest, e: Endpoint) -> float:
-        """The pool's own estimate from its last report, plus the prefill of what this gateway sent
-        since (the report cannot know it yet); with no report, what is in flight from here."""
+        """Expected wait before the request's first step: prefill backlog + P(no slot) x slot wait.
+        With no report, the prefill of what is in flight from here."""
         tps = self.prefill_tps(e)
-        if e.load is None:
+        load = e.load
+        if load is None:
             return e.in_flight * req.prompt_tokens / tps
-        return e.load.queue_wait_s + e.sent_since_report * req.prompt_tokens / tps
+        mine = e.sent_since_report * req.prompt_tokens / tps  # sent since the report: it cannot know them
+        age = max(0.0, self.clock() - e.load_at) if e.load_at > 0 else 0.0  # 0: when unknown
+        if load.max_num_seqs <= 0 or load.mean_request_s <= 0:
+            return max(0.0, load.queue_wait_s - age) + mine
+        headroom = load.max_num_seqs - load.running - load.waiting - e.sent_since_report
+        slot_s = load.mean_request_s / load.max_num_seqs  # one slot frees this often when all are busy
+        wait_if_full = max(1, 1 - headroom) * slot_s
+        return load.queued_prompt_tokens / tps + mine + full_probability(load, headroom, age) * wait_if_full
 
     def predict_s(self, req: RouteRequest, e: Endpoint) -> float:
         return (req.client_rtt_ms / 1000.0 + self.rtt_s(e) + self.queue_s(req, e)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
+from collections.abc import Callable
 
 from gateway.config import RoutingOptions
 from gateway.core.types import Endpoint, RouteRequest
@@ -94,8 +96,10 @@ BUILTIN: dict[str, tuple[tuple[str, ...], dict[str, float], str]] = {
 PROFILES = tuple(BUILTIN)
 
 
-def build_profile(name: str, options: RoutingOptions | None = None, rng: random.Random | None = None) -> Profile:
-    """The named profile: built in, or defined in options.profiles (which may override one)."""
+def build_profile(name: str, options: RoutingOptions | None = None, rng: random.Random | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> Profile:
+    """The named profile: built in, or defined in options.profiles (which may override one). clock:
+    the time base of the endpoints' load_at (the age of a load report matters to the TTFT model)."""
     options = options or RoutingOptions()
     if name in options.profiles:
         pc = options.profiles[name]
@@ -104,7 +108,7 @@ def build_profile(name: str, options: RoutingOptions | None = None, rng: random.
         filters, scorers, picker = BUILTIN[name]
     else:
         raise ValueError(f"unknown routing profile {name!r} (known: {', '.join([*BUILTIN, *options.profiles])})")
-    model = TtftModel(options.default_prefill_tps)
+    model = TtftModel(options.default_prefill_tps, clock)
     make_filter = {"serves-model": ServesModel, "available": Available, "residency": Residency,
                    "slo": lambda: SloFilter(model, options.slo_policy)}
     make_scorer = {"latency": lambda: LatencyScorer(model), "nearest": lambda: NearestScorer(model),
