@@ -7,10 +7,14 @@ spill list of farther ones ranked by RTT plus queue wait for when the near ones 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
+from gateway.config import RoutingOptions
 from gateway.core.types import Endpoint, RouteRequest
-from gateway.routing.latency import UNKNOWN_RTT_MS
+from gateway.routing.latency import UNKNOWN_RTT_MS, TtftModel
+
+_PROBE_REQUEST = RouteRequest(model="", prompt_chars=0)  # the wait a pool predicts for any request
 
 
 class CandidateSet:
@@ -18,15 +22,21 @@ class CandidateSet:
 
     `refresh()` runs once per probe period, off the request path: it sorts the endpoints by
     estimated RTT (measured EWMA, else the prior) and keeps, per country, the same order (for
-    residency), and ranks a spill list by RTT + the pool's reported queue wait, so that when the
-    nearby pools are busy a farther idle one is still a candidate. `select(req)` walks the near
+    residency), and ranks a spill list by RTT + the wait the latency model expects there (the
+    reported prefill backlog, plus a slot's wait weighted by how likely the pool is to be full by
+    now, from its reported headroom and the report's age), so that when the nearby pools are busy a
+    farther one with room is still a candidate, and one that had a slot or two free a while ago,
+    likely taken since, is not preferred for it. `select(req)` walks the near
     order and takes the first `k_near` usable endpoints (healthy, circuit closed, serving the model,
     allowed by residency), then adds up to `k_spill` from the spill list. A health change needs no
     refresh: the walk skips it. Cost: O(k) per decision, unless most near pools are down."""
 
-    def __init__(self, endpoints: Sequence[Endpoint], k_near: int = 16, k_spill: int = 8):
+    def __init__(self, endpoints: Sequence[Endpoint], k_near: int = 16, k_spill: int = 8,
+                 clock: Callable[[], float] = time.monotonic):
+        """clock: the time base of the endpoints' load_at."""
         self.endpoints: list[Endpoint] = list(endpoints)
         self.k_near, self.k_spill = k_near, k_spill
+        self.model = TtftModel(RoutingOptions().default_prefill_tps, clock)
         self._near: list[Endpoint] = []
         self._near_cc: dict[str, list[Endpoint]] = {}
         self._spill: list[Endpoint] = []
@@ -49,8 +59,12 @@ class CandidateSet:
             by_cc.setdefault(e.country or "", []).append(e)
         self._near_cc = by_cc
         m = 2 * (self.k_near + self.k_spill)
-        self._spill = heapq.nsmallest(m, self.endpoints, key=lambda e: self.rtt_ms(e) + 1000.0 * (
-            e.load.queue_wait_s if e.load is not None else 0.0))
+        self._spill = heapq.nsmallest(m, self.endpoints, key=self.spill_key_ms)
+
+    def spill_key_ms(self, e: Endpoint) -> float:
+        """RTT + the expected wait before a request's first step (none known: no wait)."""
+        wait_s = self.model.queue_s(_PROBE_REQUEST, e) if e.load is not None else 0.0
+        return self.rtt_ms(e) + 1000.0 * wait_s
 
     def select(self, req: RouteRequest) -> list[Endpoint]:
         countries, model = req.countries, req.model

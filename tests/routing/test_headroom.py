@@ -9,6 +9,7 @@ import pytest
 
 from gateway.config import RoutingOptions
 from gateway.core.types import Endpoint, LoadReport, RouteRequest
+from gateway.routing.candidates import CandidateSet
 from gateway.routing.latency import TtftModel, full_probability
 from gateway.routing.plugins import build_profile
 
@@ -87,3 +88,16 @@ def test_the_load_header_carries_slots_and_mean_duration() -> None:
     assert (back.max_num_seqs, back.mean_request_s, back.waiting, back.running) == (12, 3.25, 1, 7)
     old = LoadReport.from_header("w=1;r=7;q=30;kv=9/64;qw=0.2500")  # a worker from before the fields
     assert (old.max_num_seqs, old.mean_request_s) == (0, 0.0)
+
+
+def test_spill_list_prefers_room_that_is_still_likely_there() -> None:
+    """Beyond the nearest, the spill candidate is the pool expected to start the request first: not
+    the nearer one that had one slot free a second ago, but the one with room to spare."""
+    near = [ep(f"n{i}", 1.0 + i, slots(running=12)) for i in range(2)]  # the nearest: full
+    tight = ep("tight", 10.0, slots(running=11), age_s=1.0)
+    roomy = ep("roomy", 14.0, slots(running=4), age_s=1.0)
+    cs = CandidateSet([*near, tight, roomy], k_near=2, k_spill=1, clock=lambda: NOW)
+    assert [e.pool_id for e in cs.select(REQ)] == ["n0", "n1", "roomy"]
+    tight.load = slots(running=4)  # now with as much room: the nearer one wins again
+    cs.refresh()
+    assert [e.pool_id for e in cs.select(REQ)][2] == "tight"
