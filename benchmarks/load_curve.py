@@ -1,11 +1,12 @@
 """Throughput and latency against offered load: meshgate in front of the stub upstream.
 
-    python -m benchmarks.load_curve [--quick] [--json PATH]
+    python -m benchmarks.load_curve [--quick] [--json PATH] [--workers N]
 
 An open-loop sweep (benchmarks/openloop.py) at rising request rates, non-streaming, the stub
 itself interleaved at the same rate as the paired baseline (as in gateway_overhead). For each
 rate: achieved req/s, errors, and meshgate's E2E p50/p99 against the stub's. The knee of the
 curve is where meshgate stops keeping up (the machine's 2 CPUs also run generator and stub).
+--workers: gateway processes (`serve --workers`; default 1).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ RATES_FULL = (100, 250, 500, 1000, 1500, 2000, 2500, 3000)
 RATES_QUICK = (100, 500, 1500)
 
 
-def sweep(rates: tuple[int, ...], seconds: float) -> list[dict[str, Any]]:
+def sweep(rates: tuple[int, ...], seconds: float, workers: int = 1) -> list[dict[str, Any]]:
     plan = replace(FULL, open_loop_s=seconds, peers=False)
     points = []
     with tempfile.TemporaryDirectory(prefix="meshgate-load-") as tmp:
@@ -31,7 +32,7 @@ def sweep(rates: tuple[int, ...], seconds: float) -> list[dict[str, Any]]:
         stub, stub_url = start_stub(workdir, plan.tokens)
         target = None
         try:
-            target = start_meshgate(workdir, stub_url)
+            target = start_meshgate(workdir, stub_url, workers=workers)
             with Progress(len(rates), "load curve", unit="rate") as bar:
                 bench = Bench(plan, workdir, stub, stub_url, bar)
                 for rate in rates:
@@ -72,11 +73,13 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.arg_parser("load_curve", __doc__.split("\n")[0]).parse_args(argv)
+    p = common.arg_parser("load_curve", __doc__.split("\n")[0])
+    p.add_argument("--workers", type=int, default=1, help="gateway processes (serve --workers)")
+    args = p.parse_args(argv)
     common.setup_logging()
     machine = common.machine_info()
     rates, seconds = (RATES_QUICK, 3.0) if args.quick else (RATES_FULL, 6.0)
-    points = sweep(rates, seconds)
+    points = sweep(rates, seconds, args.workers)
     common.print_table(
         "meshgate vs offered load (non-streaming, open loop; the stub direct as paired baseline)",
         ["offered req/s", "achieved req/s", "errors", "E2E p50 ms", "E2E p99 ms", "stub p50 ms", "stub p99 ms",
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [[p["offered_rps"], p["achieved_rps"], f"{100 * p['error_rate']:.1f}%", p["e2e_p50_ms"], p["e2e_p99_ms"],
           p["baseline_e2e_p50_ms"], p["baseline_e2e_p99_ms"], p["cpu_ms_per_req"]] for p in points])
     res = {"benchmark": "load_curve", "machine": machine, "date": common.now_iso(), "quick": bool(args.quick),
-           "seconds_per_rate": seconds, "points": points}
+           "seconds_per_rate": seconds, "workers": args.workers, "points": points}
     out = common.write_json(args.json, res)
     png = common.png_path(out)
     plot(points, png)
