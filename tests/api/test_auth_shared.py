@@ -1,7 +1,6 @@
 """Per-key limits across forked gateway processes sharing one limits table (meshgate serve's workers)."""
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from gateway.config import ProbeConfig, UpstreamConfig, config_from_dict
 from gateway.core.errors import RateLimited
 from gateway.core.shared import SharedTable
 from gateway.pools.upstream import Upstreams
+from tests.forking import run_forked
 
 SECRET = "sk-shared-0123456789"
 HEADERS = {"Authorization": f"Bearer {SECRET}"}
@@ -30,20 +30,7 @@ def admission(table: SharedTable, worker_index: int, **limits: int) -> Admission
 
 def in_workers(num: int, tmp: Path, body: Callable[[int], int]) -> list[int]:
     """body(worker_index) in `num` forked processes at once; the ints they return."""
-    pids = []
-    for i in range(num):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                (tmp / f"w{i}").write_text(str(body(i)))
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+    run_forked([lambda i=i: (tmp / f"w{i}").write_text(str(body(i))) for i in range(num)])  # type: ignore[misc]
     return [int((tmp / f"w{i}").read_text()) for i in range(num)]
 
 

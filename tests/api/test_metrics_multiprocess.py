@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.api.metrics import GatewayMetrics
 from gateway.config import config_from_dict
 from gateway.pools.upstream import Upstreams
+from tests.forking import run_forked
 
 WORK = (100, 250)  # what each forked worker counts
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,20 +80,7 @@ def _main(path: Path) -> None:
     from gateway.api import metrics
 
     metrics.enable_multiprocess(path)  # the supervisor, before forking
-    pids = []
-    for n in WORK:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                count(GatewayMetrics(upstreams(), lambda: 0), n)
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+    for pid in run_forked([lambda n=n: count(GatewayMetrics(upstreams(), lambda: 0), n) for n in WORK]):
         metrics.process_dead(pid)
     m = GatewayMetrics(upstreams(), lambda: 0, pool_in_flight=lambda pool: 2.0)
     sys.stdout.buffer.write(generate_latest(m.registry))

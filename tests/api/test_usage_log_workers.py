@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
 from gateway.api.metering import Metering
@@ -11,6 +10,7 @@ from gateway.api.metrics import GatewayMetrics
 from gateway.api.usage_log import UsageLog, worker_path
 from gateway.config import ProbeConfig, UpstreamConfig, UsageLogConfig
 from gateway.pools.upstream import Upstreams
+from tests.forking import run_forked
 
 
 def test_worker_paths():
@@ -36,20 +36,7 @@ def test_forked_workers_write_a_file_each_and_lose_nothing(tmp_path):
                 await ulog.flush()
         await ulog.close()
 
-    pids = []
-    for worker in (0, 1):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                asyncio.run(write(worker))
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+    run_forked([lambda w=w: asyncio.run(write(w)) for w in (0, 1)])
 
     for worker, base in ((0, "usage.jsonl"), (1, "usage.w1.jsonl")):
         rotated = sorted(tmp_path.glob(f"{base}.*"), key=lambda p: -int(p.suffix[1:]))  # oldest first

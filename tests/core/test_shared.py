@@ -8,24 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from gateway.core.shared import SharedTable, SharedTableFull, key_hash
-
-
-def run_forked(children: list[Callable[[], None]]) -> None:
-    """Run each callable in a forked child at the same time; fail if any child fails."""
-    pids = []
-    for fn in children:
-        pid = os.fork()
-        if pid == 0:  # the child: never return into pytest
-            code = 1
-            try:
-                fn()
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+from tests.forking import run_forked
 
 
 def test_fields_start_at_zero_and_add_returns_the_new_value():
