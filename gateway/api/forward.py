@@ -218,8 +218,10 @@ class Forwarder:
             except _Retry as e:
                 refused = refused or (pool if e.busy else None)
                 self.m.pool(pool.endpoint.pool_id).failovers.inc()
-                log.warning("request %s: pool %s %s before the first token (%s)", call.request_id,
-                            pool.endpoint.pool_id, "refused" if e.busy else "failed", e)
+                # A full pool turning a request away is routine under load; a failure is not.
+                (log.debug if e.busy else log.warning)("request %s: pool %s %s before the first token (%s)",
+                                                       call.request_id, pool.endpoint.pool_id,
+                                                       "refused" if e.busy else "failed", e)
                 continue
             up = Upstream(self, call, pool, resp, first, decision.explain(), attempts - 1)
             self.m.pool(pool.endpoint.pool_id).ttft.observe(up.ttft_s)
