@@ -121,7 +121,10 @@ class UpstreamConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProbeConfig:
-    period_s: float = 1.0
+    # Between rounds (a round lasts as long as its slowest probe). 0.25 s: load reports go stale in
+    # well under a second on a busy pool (benchmarks/RESULTS.md, mesh_sim: p99 TTFT 0.32 s against
+    # 0.70 s at 1 s), and a round is at most k_nearest + num_rotating GET /load whatever the mesh.
+    period_s: float = 0.25
     timeout_s: float = 1.0
     down_after: int = 2  # consecutive misses that mark a pool down
     up_after: int = 1  # consecutive answers that mark it up again
