@@ -126,18 +126,18 @@ class MeshView:
         self.est_ms = est
         phases = np.random.default_rng(s.seed + 4).uniform(0, s.probe_period_s, len(mesh.gateways))
         self.rot_slot, self.pass_rounds = probe_rotation(est, s, np.random.default_rng(s.seed + 7))
-        # Upstreams._probe_loop sleeps a period, then waits for the whole round: rounds start a
-        # period plus the round's slowest probe apart (the farthest pool of the rotating sample)
+        # Upstreams._probe_loop starts a round every period, or when the last one ends if that took
+        # longer (a round waits for its slowest probe: the farthest pool of the rotating sample)
         self.round_s = round_duration_s(mesh.rtt_ms, self.rot_slot, s, np.random.default_rng(s.seed + 8))
-        self.gws = [GatewaySim(n, float(phases[g]), s.probe_period_s + float(self.round_s[g]), mesh.rtt_ms[g], est[g],
-                               mesh.prior_ms[g], self.rot_slot[g]) for g in range(len(mesh.gateways))]
+        self.gws = [GatewaySim(n, float(phases[g]), max(s.probe_period_s, float(self.round_s[g])), mesh.rtt_ms[g],
+                               est[g], mesh.prior_ms[g], self.rot_slot[g]) for g in range(len(mesh.gateways))]
         # every pool's report at each spill refresh (queue_wait_s, prefill backlog s, running, running +
         # waiting), for the gateways that hold it from a rotation turn
         self.hist, self.hist_tau, self.num_ticks = np.zeros((4, 64, n)), np.zeros(64), 0
         self.slots = np.array([p.slots if p.report_slots else 0 for p in pools], dtype=np.float64)
         self.mean_s = np.array([p.mean_service_s if p.report_slots else 0.0 for p in pools])
         # the spill list is refreshed after each round: at the median gateway's pace for all of them
-        self.period, self.fresh = s.probe_period_s + float(np.median(self.round_s)), s.fresh_reports
+        self.period, self.fresh = max(s.probe_period_s, float(np.median(self.round_s))), s.fresh_reports
         self.track_load = track_load  # load-blind profiles: skipping their reports saves time, changes no choice
         self.mean_wait = s.report == "mean"
         nrng = np.random.default_rng(s.seed + 6)

@@ -162,8 +162,13 @@ class Upstreams:
 
     # -- probes -----------------------------------------------------------------------------
     async def _probe_loop(self) -> None:
+        """A round every period_s (or, when one takes longer, as soon as it ends): a round waits for
+        its slowest probe, and the report ages of the nearest pools must not pay for that."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()  # of the round start() made
         while True:
-            await asyncio.sleep(self.probe_cfg.period_s)
+            await asyncio.sleep(max(0.0, self.probe_cfg.period_s - (loop.time() - start)))
+            start = loop.time()
             await self.probe_all()
 
     async def probe_all(self) -> None:
