@@ -81,7 +81,7 @@ class Endpoint:
         self.load_at = 0.0  # monotonic time of that report (0: unknown; routing takes it as fresh)
         self.rtt_ms: float | None = None  # probe round trip, EWMA
         self.country: str | None = None  # ISO-2 of its site, for residency
-        self.prior_rtt_ms: float | None = None  # RTT estimated from geography, until probes measure it
+        self.prior_rtt_ms: float | None = None  # RTT estimated (network coordinates, else distance) until probes measure it
 
     def __repr__(self) -> str:
         return f"Endpoint({self.pool_id}, healthy={self.healthy}, in_flight={self.in_flight})"

@@ -2,7 +2,7 @@
 
     expected_ttft = rtt(client -> gateway) + rtt(gateway -> pool) + queue_wait(pool) + prefill(pool)
 
-rtt(gateway -> pool) is the probes' EWMA when measured, else the distance prior. queue_wait is
+rtt(gateway -> pool) is the probes' EWMA when measured, else the estimate (coordinates, else distance). queue_wait is
 the prefill backlog the pool last reported plus the prefill of what this gateway sent since
 (in-flight crediting), plus the wait for a batch slot, weighted by how likely the pool is to have
 none left when the request gets there. That likelihood is what a stale report hides: a pool that
