@@ -28,6 +28,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -248,8 +249,30 @@ def main(argv: list[str] | None = None) -> int:
     res.update(quick=args.quick, date=common.now_iso(), machine={**machine, "loadavg_1m_end": common.loadavg_1m()},
                elapsed_s=time.perf_counter() - t0)
     print_results(res)
-    common.write_json(args.json, res)
+    path = common.write_json(args.json, res)
+    plot(res, common.png_path(path))
     return 0
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Decision time per profile, over every endpoint and over the candidate set (log scale)."""
+    plt = common.pyplot()
+    names = [n for n in res["profiles"] if "all" in res["profiles"][n] and "p99_us" in res["profiles"][n]["all"]]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.2
+    for j, (scope, stat) in enumerate((("all", "p50_us"), ("all", "p99_us"), ("candidates", "p50_us"),
+                                       ("candidates", "p99_us"))):
+        ax.bar([i + (j - 1.5) * width for i in range(len(names))],
+               [res["profiles"][n][scope][stat] for n in names], width,
+               label=f"{'all endpoints' if scope == 'all' else 'candidate set'} {stat[:3]}")
+    ax.axhline(100, color="red", ls=":", label="goal: p99 <= 100 us")
+    ax.set_xticks(range(len(names)), names)
+    ax.set(yscale="log", ylabel="one decision, us (log)",
+           title=f"routing decision time, {res['num_sites']:,} pools in the registry")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
