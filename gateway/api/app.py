@@ -19,7 +19,13 @@ import orjson
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway.api.auth import PRIORITIES, PRIORITY_HEADER, Admission, Principal, limit_table
+from gateway.api.auth import (
+    PRIORITIES,
+    PRIORITY_HEADER,
+    Admission,
+    Principal,
+    limit_table,
+)
 from gateway.api.decisions import DecisionLog
 from gateway.api.forward import Call, Forwarder, StreamBroken, Upstream
 from gateway.api.h1 import HttpServer, Request, Response, Router, Stream, json_response
@@ -28,10 +34,16 @@ from gateway.api.metrics import GatewayMetrics
 from gateway.api.operator import OperatorView
 from gateway.api.tracing import Tracing
 from gateway.config import Config, ConfigError
-from gateway.core.errors import BadRequest, InternalError, NotFound, Overloaded, PayloadTooLarge
+from gateway.core.errors import (
+    BadRequest,
+    InternalError,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+)
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
-from gateway.core.types import RouteRequest
 from gateway.core.shared import SharedTable
+from gateway.core.types import RouteRequest
 from gateway.pools.load import GATEWAY, InFlight, load_table
 from gateway.pools.upstream import Upstreams
 from gateway.routing.geo_view import GeoView

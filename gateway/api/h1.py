@@ -27,7 +27,14 @@ from typing import Any
 import httptools
 import orjson
 
-from gateway.core.errors import APIError, BadRequest, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge
+from gateway.core.errors import (
+    APIError,
+    BadRequest,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
 
 log = logging.getLogger("meshgate.http")
 
@@ -37,8 +44,20 @@ _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
 class Request:
-    __slots__ = ("method", "path", "query", "headers", "body", "remote", "keep_alive", "conn",
-                 "request_id", "route", "pool", "stream")
+    __slots__ = (
+        "body",
+        "conn",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "pool",
+        "query",
+        "remote",
+        "request_id",
+        "route",
+        "stream",
+    )
 
     def __init__(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
                  remote: str | None, keep_alive: bool, conn: _Conn | None = None):
@@ -72,7 +91,7 @@ class Request:
 
 
 class Response:
-    __slots__ = ("status", "body", "content_type", "headers")
+    __slots__ = ("body", "content_type", "headers", "status")
 
     def __init__(self, body: bytes = b"", status: int = 200, content_type: str = "application/json",
                  headers: dict[str, str] | None = None):
@@ -121,7 +140,7 @@ class Stream:
     """A chunked answer in progress. write() waits while the client reads slowly; it raises
     ConnectionResetError once the client is gone."""
 
-    __slots__ = ("conn", "_head", "ended")
+    __slots__ = ("_head", "conn", "ended")
 
     def __init__(self, conn: _Conn, head_bytes: bytes):
         self.conn = conn
@@ -191,7 +210,7 @@ class HttpServer:
         self.on_response = on_response  # every answer's status (metrics)
         self.conns: set[_Conn] = set()
         self.closing = False
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()

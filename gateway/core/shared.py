@@ -151,7 +151,7 @@ class SharedTable:
             self._f[at] = value
         return value
 
-    def record(self, slot: int) -> memoryview:
+    def record(self, slot: int) -> memoryview[float]:
         """The slot's fields as a float64 view (rec[field]), for code that reads and writes one record
         many times: indexing it costs a fraction of a get()/set() call. The same rules: reads
         anywhere, writes under `lock`."""

@@ -104,13 +104,13 @@ class _Origin:
             fut: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
             self.waiters.append(fut)
             try:
-                conn = await fut
+                handed = await fut
             except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled() and fut.result() is not None:
-                    self.release(fut.result())  # handed over just as we gave up: pass it on
+                if fut.done() and not fut.cancelled() and (late := fut.result()) is not None:
+                    self.release(late)  # handed over just as we gave up: pass it on
                 raise
-            if conn is not None:
-                return conn
+            if handed is not None:
+                return handed
         self.count += 1
         try:
             loop = asyncio.get_running_loop()
@@ -159,7 +159,7 @@ class _Origin:
 class Response:
     """A response whose head has arrived. Read the body (read / readany), then close()."""
 
-    __slots__ = ("status", "headers", "_conn")
+    __slots__ = ("_conn", "headers", "status")
 
     def __init__(self, conn: _Conn):
         self._conn = conn

@@ -39,7 +39,7 @@ def release_worker(table: SharedTable, worker_index: int) -> None:
 class InFlight:
     """One record: requests in flight and sent in total, summed over the processes."""
 
-    __slots__ = ("_rec", "_mine", "_n")
+    __slots__ = ("_mine", "_n", "_rec")
 
     def __init__(self, table: SharedTable, key: str, worker_index: int):
         self._n = num_workers(table)

@@ -84,7 +84,7 @@ class Pool:
         value = headers.get(LOAD_HEADER)
         if not value:
             return
-        if value == self._last_header and self.endpoint.load is self._header_report:
+        if value == self._last_header and self._header_report is not None and self.endpoint.load is self._header_report:
             self.update_load(self._header_report)  # the same figures again (no probe since): fresh, not new
             return
         try:

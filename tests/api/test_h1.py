@@ -153,7 +153,7 @@ async def test_chunked_stream(app: App) -> None:
 
 
 async def test_client_gone_cancels_its_handler(app: App) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", app.server.port)
+    _, writer = await asyncio.open_connection("127.0.0.1", app.server.port)
     writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(5):
         await app.started.wait()
@@ -170,7 +170,7 @@ async def test_idle_connection_is_closed_after_keepalive_timeout(app: App) -> No
 
 async def test_shutdown_waits_for_running_requests_then_cancels(app: App) -> None:
     port = app.server.port
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     await asyncio.wait_for(app.started.wait(), 5)
     await app.server.shutdown(0.2)
