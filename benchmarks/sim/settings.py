@@ -73,7 +73,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "latency/no-slot-figures": ("latency", {"report_slots": False}),  # routing without the headroom model
     "latency/refuse>0.1s": ("latency", {"refuse_queue_wait_s": 0.1}),
     "latency/refuse>2s": ("latency", {"refuse_queue_wait_s": 2.0}),
-    "latency/attempts5": ("latency", {"max_attempts": 5}),
+    "latency/attempts3": ("latency", {"max_attempts": 3}),  # the former default
     "latency/probe1s": ("latency", {"probe_period_s": 1.0}),  # the probe period before 2026-11-28
     "latency/probe-all": ("latency", {"probe_nearest": None}),  # every pool every round (before ee1a0f0)
     "latency/near-only": ("latency", {"candidates": "near"}),  # no spill candidates
