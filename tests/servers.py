@@ -96,7 +96,10 @@ def start_mesh(tmp: Path, probe_s: float) -> tuple[str, Path, Proc]:
     per pool, free ports). Returns the gateway's URL, the config path and the process."""
     pools = []
     for s in MESH_SITES:
-        p = tiny_pool(f"{s['id']}-1", free_port(), str(tmp / "cache"), max_num_seqs=2, num_threads=1)
+        # A pool refuses a request (the gateway then tries the next) past 50 ms of predicted wait:
+        # the tiny model decodes fast, so a "saturated" pool frees within a second.
+        p = tiny_pool(f"{s['id']}-1", free_port(), str(tmp / "cache"), max_num_seqs=2, num_threads=1,
+                      refuse_queue_wait_s=0.05)
         p.update(site=s["id"], url=f"http://127.0.0.1:{free_port()}", emulate_rtt_ms=MESH_RTT_MS[s["id"]])
         pools.append(p)
     port = free_port()
