@@ -55,15 +55,18 @@ class TtftModel:
         tps = e.load.prefill_tps if e.load is not None else 0.0
         return tps if tps > 0 else self.default_prefill_tps
 
-    def queue_s(self, req: RouteRequest, e: Endpoint) -> float:
+    def queue_s(self, req: RouteRequest, e: Endpoint, now: float | None = None) -> float:
         """Expected wait before the request's first step: prefill backlog + P(no slot) x slot wait.
-        With no report, the prefill of what is in flight from here."""
+        With no report, the prefill of what is in flight from here. now: the clock, when the caller
+        read it once for many endpoints."""
         tps = self.prefill_tps(e)
         load = e.load
         if load is None:
             return e.in_flight * req.prompt_tokens / tps
         mine = e.sent_since_report * req.prompt_tokens / tps  # sent since the report: it cannot know them
-        age = max(0.0, self.clock() - e.load_at) if e.load_at > 0 else 0.0  # 0: when unknown
+        if now is None:
+            now = self.clock()
+        age = max(0.0, now - e.load_at) if e.load_at > 0 else 0.0  # 0: when unknown
         if load.max_num_seqs <= 0 or load.mean_request_s <= 0:
             return max(0.0, load.queue_wait_s - age) + mine
         headroom = load.max_num_seqs - load.running - load.waiting - e.sent_since_report
@@ -71,9 +74,14 @@ class TtftModel:
         wait_if_full = max(1, 1 - headroom) * slot_s
         return load.queued_prompt_tokens / tps + mine + full_probability(load, headroom, age) * wait_if_full
 
-    def predict_s(self, req: RouteRequest, e: Endpoint) -> float:
-        return (req.client_rtt_ms / 1000.0 + self.rtt_s(e) + self.queue_s(req, e)
+    def predict_s(self, req: RouteRequest, e: Endpoint, now: float | None = None) -> float:
+        return (req.client_rtt_ms / 1000.0 + self.rtt_s(e) + self.queue_s(req, e, now)
                 + req.prompt_tokens / self.prefill_tps(e))
+
+    def predict_all_s(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[float]:
+        """predict_s for each endpoint, at one reading of the clock."""
+        now = self.clock()
+        return [self.predict_s(req, e, now) for e in endpoints]
 
 
 class LatencyScorer:
@@ -85,7 +93,7 @@ class LatencyScorer:
         self.model = model
 
     def score(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[float]:
-        pred = [self.model.predict_s(req, e) for e in endpoints]
+        pred = self.model.predict_all_s(req, endpoints)
         best = min(pred)
         return [best / p if p > 0 else 1.0 for p in pred]
 
@@ -111,13 +119,38 @@ class PrefixAffinity:
 
     name = "prefix-affinity"
 
+    def __init__(self) -> None:
+        self._pool_hash: dict[str, int] = {}  # pool id -> its 64-bit hash (pools are few, ids stable)
+
     def score(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[float]:
         if not req.prefix_key or len(endpoints) < 2:
             return [0.0] * len(endpoints)
-        key = req.prefix_key.encode()
-        weights = [hashlib.blake2b(key + e.pool_id.encode(), digest_size=8).digest() for e in endpoints]
+        # One keyed hash of the prefix, then a cheap mix with each pool's: the same on every gateway
+        # (no per-process hash seed), so a prefix prefers the same pool wherever it arrives.
+        key = _hash64(req.prefix_key)
+        weights = [_mix64(key ^ self._pool(e.pool_id)) for e in endpoints]
         top = max(weights)
         return [1.0 if w == top else 0.0 for w in weights]
+
+    def _pool(self, pool_id: str) -> int:
+        h = self._pool_hash.get(pool_id)
+        if h is None:
+            h = self._pool_hash[pool_id] = _hash64(pool_id)
+        return h
+
+
+_M64 = (1 << 64) - 1
+
+
+def _hash64(s: str) -> int:
+    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: spreads every input bit over the output (rendezvous weights)."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
 
 
 class Residency:
@@ -144,7 +177,7 @@ class SloFilter:
     def filter(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         if req.ttft_slo_s is None or not endpoints:
             return endpoints
-        pred = [self.model.predict_s(req, e) for e in endpoints]
+        pred = self.model.predict_all_s(req, endpoints)
         meet = [e for e, p in zip(endpoints, pred) if p <= req.ttft_slo_s]
         if meet or self.policy == "spill":
             return meet or endpoints

@@ -108,3 +108,19 @@ def test_profiles_from_config_and_unknown_names():
         build_profile("fastest")
     with pytest.raises(ValueError, match="unknown scorer"):
         build_profile("x", RoutingOptions(profiles={"x": ProfileConfig(scorers={"magic": 1.0})}))
+
+
+def test_prefix_affinity_is_the_same_in_every_process_and_spreads_prefixes_evenly():
+    import subprocess
+    import sys
+
+    code = ("from gateway.core.types import Endpoint, RouteRequest; from gateway.routing.latency import PrefixAffinity;"
+            "eps = [Endpoint(f'p{i}', 'http://x', None, 'meshgate', frozenset({'m'})) for i in range(8)];"
+            "a = PrefixAffinity();"
+            "print([a.score(RouteRequest(model='m', prefix_key=f'k{j}'), eps).index(1.0) for j in range(200)])")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
+    assert len(runs) == 1  # gateways (separate processes, hash seeds) agree on each prefix's pool
+    winners = eval(runs.pop())  # noqa: S307 (our own printed list)
+    counts = [winners.count(i) for i in range(8)]
+    assert min(counts) >= 10 and max(counts) <= 45  # 200 prefixes over 8 pools: ~25 each
