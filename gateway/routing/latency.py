@@ -55,17 +55,28 @@ class TtftModel:
         tps = e.load.prefill_tps if e.load is not None else 0.0
         return tps if tps > 0 else self.default_prefill_tps
 
-    def queue_s(self, req: RouteRequest, e: Endpoint, now: float | None = None) -> float:
+    def queue_s(self, req: RouteRequest, e: Endpoint) -> float:
         """Expected wait before the request's first step: prefill backlog + P(no slot) x slot wait.
-        With no report, the prefill of what is in flight from here. now: the clock, when the caller
-        read it once for many endpoints."""
+        With no report, the prefill of what is in flight from here."""
+        return self._queue_s(e, req.prompt_tokens, self.prefill_tps(e), self.clock())
+
+    def predict_s(self, req: RouteRequest, e: Endpoint) -> float:
+        return self._predict_s(e, req.prompt_tokens, req.client_rtt_ms / 1000.0, self.clock())
+
+    def predict_all_s(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[float]:
+        """predict_s for each endpoint; what depends only on the request is worked out once."""
+        tokens, base_s, now = req.prompt_tokens, req.client_rtt_ms / 1000.0, self.clock()
+        return [self._predict_s(e, tokens, base_s, now) for e in endpoints]
+
+    def _predict_s(self, e: Endpoint, tokens: int, client_rtt_s: float, now: float) -> float:
         tps = self.prefill_tps(e)
+        return client_rtt_s + self.rtt_s(e) + self._queue_s(e, tokens, tps, now) + tokens / tps
+
+    def _queue_s(self, e: Endpoint, tokens: int, tps: float, now: float) -> float:
         load = e.load
         if load is None:
-            return e.in_flight * req.prompt_tokens / tps
-        mine = e.sent_since_report * req.prompt_tokens / tps  # sent since the report: it cannot know them
-        if now is None:
-            now = self.clock()
+            return e.in_flight * tokens / tps
+        mine = e.sent_since_report * tokens / tps  # sent since the report: it cannot know them
         age = max(0.0, now - e.load_at) if e.load_at > 0 else 0.0  # 0: when unknown
         if load.max_num_seqs <= 0 or load.mean_request_s <= 0:
             return max(0.0, load.queue_wait_s - age) + mine
@@ -73,15 +84,6 @@ class TtftModel:
         slot_s = load.mean_request_s / load.max_num_seqs  # one slot frees this often when all are busy
         wait_if_full = max(1, 1 - headroom) * slot_s
         return load.queued_prompt_tokens / tps + mine + full_probability(load, headroom, age) * wait_if_full
-
-    def predict_s(self, req: RouteRequest, e: Endpoint, now: float | None = None) -> float:
-        return (req.client_rtt_ms / 1000.0 + self.rtt_s(e) + self.queue_s(req, e, now)
-                + req.prompt_tokens / self.prefill_tps(e))
-
-    def predict_all_s(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[float]:
-        """predict_s for each endpoint, at one reading of the clock."""
-        now = self.clock()
-        return [self.predict_s(req, e, now) for e in endpoints]
 
 
 class LatencyScorer:
