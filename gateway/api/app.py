@@ -13,7 +13,6 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 
 import orjson
 from prometheus_client import generate_latest
@@ -60,7 +59,7 @@ PREFIX_CHARS = 256
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SharedState:
     """What forked gateway processes share (make it before forking): per-key limits, and the
     requests in flight per pool and in the gateway."""

@@ -1,4 +1,5 @@
-"""HTTP helpers both servers share: JSON responses, OpenAI-shaped errors, the error middleware."""
+"""The pool worker's aiohttp helpers: JSON responses, OpenAI-shaped errors, the error middleware.
+(The gateway serves with its own server, gateway/api/h1.py, which has the same two response helpers.)"""
 from __future__ import annotations
 
 import asyncio
