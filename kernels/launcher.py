@@ -26,6 +26,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 NUM_WARPS = 4  # paged_attention.cu's NUM_WARPS
 PARTITION_SIZE = 512  # tokens per split-context partition
+HEAD_GROUPS = (8, 4, 2, 1)  # query heads per attention block (paged_attention.cu's instantiations)
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
 
 
@@ -140,6 +141,13 @@ def check_attention(
 def num_partitions(max_seq_len: int, partition_size: int = PARTITION_SIZE) -> int:
     """Split the context when it is long: one partition per partition_size tokens."""
     return max(1, -(-max_seq_len // partition_size)) if max_seq_len > partition_size else 1
+
+
+def head_group(num_heads: int, num_kv_heads: int) -> int:
+    """Query heads one attention block computes: the most of HEAD_GROUPS that share a KV head, so
+    each K/V row is read once for all of them."""
+    ratio = num_heads // num_kv_heads
+    return next(g for g in HEAD_GROUPS if ratio % g == 0)
 
 
 # -- cuda.core (lazy) -------------------------------------------------------------------------
@@ -279,9 +287,13 @@ def paged_attention(
     query_start_loc: torch.Tensor | None = None,  # (B+1,) int32 for prefill; None: decode
     out: torch.Tensor | None = None,
     partition_size: int = PARTITION_SIZE,
+    group: int | None = None,  # query heads per block; None: head_group (tests and benchmarks force one)
 ) -> torch.Tensor:
     """reference.paged_attention_decode (query_start_loc None) or reference.paged_attention_prefill."""
     check_attention(q, kv_cache, block_table, seq_lens, query_start_loc)
+    g = head_group(q.shape[1], kv_cache.shape[3]) if group is None else group
+    if g not in HEAD_GROUPS or (q.shape[1] // kv_cache.shape[3]) % g:
+        _fail(f"group {g}: must be one of {HEAD_GROUPS} and divide num_heads / kv_heads")
     if out is None:
         out = torch.empty_like(q)
     check_shape("out", out, tuple(q.shape))
@@ -298,7 +310,7 @@ def paged_attention(
         tmp_ml = torch.empty((rows, heads, parts, 2), dtype=torch.float32, device=q.device)
     lib, name = library(q.device), f"{DTYPE_NAMES[q.dtype]}_d{d}"
     lib.launch(
-        "paged_attention.cu", f"paged_attention_{name}", (heads, rows, parts), NUM_WARPS * 32,
+        "paged_attention.cu", f"paged_attention_{name}_g{g}", (heads // g, rows, parts), NUM_WARPS * 32,
         _p(out), _p(tmp_out), _p(tmp_ml), _p(q), _p(kv_cache), _p(block_table), _p(seq_lens),
         _p(query_start_loc), _i64(nb * bs * kvh * d), _i64(q.stride(0)), _i32(heads), _i32(kvh), _i32(bs),
         _i32(block_table.shape[1]), _i32(block_table.shape[0]), _i32(partition_size), _f32(scale),

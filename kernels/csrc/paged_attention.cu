@@ -6,7 +6,8 @@
 // cache:  (2, num_blocks, block_size, KVH, D); K at cache, V at cache + kv_stride
 // block_table (B, max_blocks) int32, seq_lens (B,) int32, query_start_loc (B+1,) int32 or null
 // Scalars are passed one by one (no struct) so any launcher can marshal them.
-// Grid (H, R, num_partitions); NUM_WARPS warps; warp w takes tokens p0 + w, p0 + w + NUM_WARPS...
+// Grid (H / G, R, num_partitions): a block takes G heads that share a KV head (G in 1, 2, 4, 8);
+// NUM_WARPS warps; warp w takes tokens p0 + w, p0 + w + NUM_WARPS...
 // With num_partitions > 1 each block writes an unnormalised partial (acc, max, sum) to tmp_* and
 // paged_attention_reduce combines them (split-context for long sequences).
 #include "common.cuh"
@@ -45,27 +46,33 @@ __device__ __forceinline__ void row_extent(const int* seq_lens, const int* qsl, 
   *ctx = seq_lens[lo] - q_len + (row - qsl[lo]) + 1;  // query j sits at seq_len - q_len + j
 }
 
-template <typename T, int D>
+// One block computes G query heads of one row that share a KV head (GQA): each K/V row is read
+// once for all G heads, not once per head. G = 1 is one head per block.
+template <typename T, int D, int G>
 __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float* __restrict__ tmp_ml,
                          const T* __restrict__ q, const T* __restrict__ cache,
                          const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                          const int* __restrict__ qsl, AttnParams p) {
   constexpr int VPT = D / 32;  // values per lane
-  __shared__ float sh_m[NUM_WARPS], sh_l[NUM_WARPS];
-  __shared__ float sh_acc[NUM_WARPS][D];
-  const int head = blockIdx.x, row = blockIdx.y, part = blockIdx.z, num_parts = gridDim.z;
+  __shared__ float sh_m[NUM_WARPS][G], sh_l[NUM_WARPS][G];
+  __shared__ float sh_acc[NUM_WARPS][G][D];
+  const int h0 = blockIdx.x * G, row = blockIdx.y, part = blockIdx.z, num_parts = gridDim.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int seq, ctx;
   row_extent(seq_lens, qsl, row, p.num_seqs, &seq, &ctx);
-  const int kvh = head / (p.num_heads / p.num_kv_heads);
+  const int kvh = h0 / (p.num_heads / p.num_kv_heads);
   const int t0 = part * p.partition_size;
   const int t1 = min(ctx, t0 + p.partition_size);
 
-  float qv[VPT], acc[VPT];
-  const T* qrow = q + (i64)row * p.q_stride + head * D + lane * VPT;
+  float qv[G][VPT], acc[G][VPT], m[G], l[G];
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) { qv[i] = to_f(qrow[i]) * p.scale; acc[i] = 0.f; }
-  float m = NEG_INF, l = 0.f;
+  for (int g = 0; g < G; ++g) {
+    const T* qrow = q + (i64)row * p.q_stride + (h0 + g) * D + lane * VPT;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) { qv[g][i] = to_f(qrow[i]) * p.scale; acc[g][i] = 0.f; }
+    m[g] = NEG_INF;
+    l[g] = 0.f;
+  }
 
   const int* bt = block_table + (i64)seq * p.max_blocks;
   const i64 tok_stride = (i64)p.num_kv_heads * D;
@@ -83,49 +90,56 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
         vv[u] = *reinterpret_cast<const Vec<T, VPT>*>(cache + p.kv_stride + off);
       }
     }
-    float s[UNROLL];
-    float m_new = m;
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      float dot = 0.f;
+    for (int g = 0; g < G; ++g) {
+      float s[UNROLL];
+      float m_new = m[g];
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) dot += qv[i] * to_f(kv[u].v[i]);
-      s[u] = warp_sum(dot);
-      if (t + u * NUM_WARPS < t1) m_new = fmaxf(m_new, s[u]);
-    }
-    const float corr = expf(m - m_new);  // m = -inf before the first token: corr = 0
-    l *= corr;
+      for (int u = 0; u < UNROLL; ++u) {
+        float dot = 0.f;
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) acc[i] *= corr;
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if (t + u * NUM_WARPS < t1) {
-        const float e = expf(s[u] - m_new);
-        l += e;
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) acc[i] += e * to_f(vv[u].v[i]);
+        for (int i = 0; i < VPT; ++i) dot += qv[g][i] * to_f(kv[u].v[i]);
+        s[u] = warp_sum(dot);
+        if (t + u * NUM_WARPS < t1) m_new = fmaxf(m_new, s[u]);
       }
-    }
-    m = m_new;
-  }
-  if (lane == 0) { sh_m[warp] = m; sh_l[warp] = l; }
+      const float corr = expf(m[g] - m_new);  // m = -inf before the first token: corr = 0
+      l[g] *= corr;
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) sh_acc[warp][lane * VPT + i] = acc[i];
+      for (int i = 0; i < VPT; ++i) acc[g][i] *= corr;
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        if (t + u * NUM_WARPS < t1) {
+          const float e = expf(s[u] - m_new);
+          l[g] += e;
+#pragma unroll
+          for (int i = 0; i < VPT; ++i) acc[g][i] += e * to_f(vv[u].v[i]);
+        }
+      }
+      m[g] = m_new;
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (lane == 0) { sh_m[warp][g] = m[g]; sh_l[warp][g] = l[g]; }
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) sh_acc[warp][g][lane * VPT + i] = acc[g][i];
+  }
   __syncthreads();
 
-  // Combine the warps: thread d owns output element d.
-  float gm = NEG_INF;
+  // Combine the warps: thread j owns output elements j, j + blockDim.x, ... of the G x D tile.
+  for (int j = threadIdx.x; j < G * D; j += blockDim.x) {
+    const int g = j / D, d = j % D;
+    float gm = NEG_INF;
 #pragma unroll
-  for (int w = 0; w < NUM_WARPS; ++w) gm = fmaxf(gm, sh_m[w]);
-  const i64 out_row = (i64)row * p.num_heads + head;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int w = 0; w < NUM_WARPS; ++w) gm = fmaxf(gm, sh_m[w][g]);
     float a = 0.f, gl = 0.f;
 #pragma unroll
     for (int w = 0; w < NUM_WARPS; ++w) {
-      const float f = sh_m[w] == NEG_INF ? 0.f : expf(sh_m[w] - gm);
-      a += sh_acc[w][d] * f;
-      gl += sh_l[w] * f;
+      const float f = sh_m[w][g] == NEG_INF ? 0.f : expf(sh_m[w][g] - gm);
+      a += sh_acc[w][g][d] * f;
+      gl += sh_l[w][g] * f;
     }
+    const i64 out_row = (i64)row * p.num_heads + h0 + g;
     if (num_parts == 1) {
       out[out_row * D + d] = from_f<T>(gl > 0.f ? a / gl : 0.f);  // ctx 0 (a padded row): zeros
     } else {
@@ -155,17 +169,23 @@ __device__ void attn_reduce(T* __restrict__ out, const float* __restrict__ tmp_o
   out[out_row * D + d] = from_f<T>(gl > 0.f ? a / gl : 0.f);
 }
 
-#define INSTANTIATE(T, NAME, D)                                                                     \
-  extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32)                                     \
-      paged_attention_##NAME##_d##D(T* out, float* tmp_out, float* tmp_ml, const T* q,             \
+#define INSTANTIATE_G(T, NAME, D, G)                                                                \
+  extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32, 2)                                   \
+      paged_attention_##NAME##_d##D##_g##G(T* out, float* tmp_out, float* tmp_ml, const T* q,      \
                                     const T* cache, const int* block_table, const int* seq_lens,   \
                                     const int* qsl, i64 kv_stride, i64 q_stride, int num_heads, int num_kv_heads, \
                                     int block_size, int max_blocks, int num_seqs,                  \
                                     int partition_size, float scale) {                             \
-    const AttnParams p = {kv_stride, q_stride, num_heads, num_kv_heads, block_size, max_blocks,              \
+    const AttnParams p = {kv_stride, q_stride, num_heads, num_kv_heads, block_size, max_blocks,    \
                           num_seqs, partition_size, scale};                                         \
-    attn_row<T, D>(out, tmp_out, tmp_ml, q, cache, block_table, seq_lens, qsl, p);                 \
-  }                                                                                                 \
+    attn_row<T, D, G>(out, tmp_out, tmp_ml, q, cache, block_table, seq_lens, qsl, p);              \
+  }
+
+#define INSTANTIATE(T, NAME, D)                                                                     \
+  INSTANTIATE_G(T, NAME, D, 1)                                                                      \
+  INSTANTIATE_G(T, NAME, D, 2)                                                                      \
+  INSTANTIATE_G(T, NAME, D, 4)                                                                      \
+  INSTANTIATE_G(T, NAME, D, 8)                                                                      \
   extern "C" __global__ void __launch_bounds__(D) paged_attention_reduce_##NAME##_d##D(            \
       T* out, const float* tmp_out, const float* tmp_ml, int num_heads, int num_parts) {           \
     attn_reduce<T, D>(out, tmp_out, tmp_ml, num_heads, num_parts);                                 \

@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from kernels.launcher import CSRC, DTYPE_NAMES, HEAD_SIZES
+from kernels.launcher import CSRC, DTYPE_NAMES, HEAD_GROUPS, HEAD_SIZES
 
 HERE = Path(__file__).parent
 DTS = sorted(DTYPE_NAMES.values())
 NAMES: dict[str, list[str]] = {
-    "paged_attention.cu": [f"paged_attention{r}_{dt}_d{d}" for r in ("", "_reduce") for dt in DTS for d in HEAD_SIZES],
+    "paged_attention.cu": [f"paged_attention_{dt}_d{d}_g{g}" for dt in DTS for d in HEAD_SIZES for g in HEAD_GROUPS]
+    + [f"paged_attention_reduce_{dt}_d{d}" for dt in DTS for d in HEAD_SIZES],
     "kv_cache_write.cu": [f"write_kv_{dt}" for dt in DTS],
     "rms_norm.cu": [f"{op}_{dt}" for op in ("rms_norm", "fused_add_rms_norm") for dt in DTS],
     "rotary.cu": [f"rotary_{dt}" for dt in DTS],

@@ -50,7 +50,8 @@ def test_every_launcher_name_is_an_entry_point(builds: dict[tuple[str, str], tup
     names = {k.name for (_, a), (_, log) in builds.items() if a == "sm_90" for k in parse_ptxas(log)}
     for dt in ("float32", "float16", "bfloat16"):
         for d in launcher.HEAD_SIZES:
-            assert f"paged_attention_{dt}_d{d}" in names
+            for g in launcher.HEAD_GROUPS:
+                assert f"paged_attention_{dt}_d{d}_g{g}" in names
             assert f"paged_attention_reduce_{dt}_d{d}" in names
         for op in ("write_kv", "rms_norm", "fused_add_rms_norm", "rotary"):
             assert f"{op}_{dt}" in names

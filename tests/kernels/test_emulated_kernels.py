@@ -76,6 +76,28 @@ def test_decode(dtype: torch.dtype, d: int, bs: int, gqa: int, partition_size: i
         close(out[b : b + 1], ref.paged_attention_decode(q[b : b + 1], cache, table[b : b + 1], seq_lens[b : b + 1], d**-0.5))
 
 
+@pytest.mark.parametrize(("dtype", "d", "gqa", "group"), [
+    (torch.float16, 64, 4, 1), (torch.float16, 64, 4, 2), (torch.bfloat16, 128, 8, 2), (torch.float32, 64, 8, 4),
+])
+def test_decode_forced_head_groups(dtype: torch.dtype, d: int, gqa: int, group: int) -> None:
+    """Fewer query heads per block than share a KV head: every grouping gives the same result."""
+    lens = [1, 15, 16, 17, 70]
+    cache, table = paged(lens, 16, 2, d, dtype, seed=11)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), 2 * gqa, d).to(dtype)
+    out = K.paged_attention(q, cache, table, seq_lens, d**-0.5, max(lens), partition_size=24, group=group)
+    for b in range(len(lens)):
+        close(out[b : b + 1], ref.paged_attention_decode(q[b : b + 1], cache, table[b : b + 1], seq_lens[b : b + 1], d**-0.5))
+
+
+@pytest.mark.parametrize("group", [3, 8])
+def test_decode_group_must_divide_the_heads_sharing_a_kv_head(group: int) -> None:
+    cache, table = paged([5], 16, 2, 64, torch.float16, seed=1)
+    q = torch.randn(1, 8, 64).half()  # 4 query heads per KV head
+    with pytest.raises(ValueError, match=f"group {group}: must be one of"):
+        K.paged_attention(q, cache, table, torch.tensor([5], dtype=torch.int32), 0.125, 5, group=group)
+
+
 def test_decode_padded_row_is_zero_and_q_may_be_strided() -> None:
     cache, table = paged([9, 1], 8, 2, 64, torch.float16, seed=3)
     qkv = torch.randn(2, 8 * 64, dtype=torch.float16)

@@ -72,6 +72,19 @@ def test_paged_attention_decode(dtype: torch.dtype, d: int, block_size: int, gqa
         close(out[b : b + 1], expected)
 
 
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_forced_head_groups(dtype: torch.dtype, group: int) -> None:
+    """8 query heads per KV head computed 1, 2 or 4 per block: the same result as the reference."""
+    lens = [1, 15, 16, 17, 600, 2049]
+    cache, table = paged_cache(lens, 16, 128, dtype, seed=group)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(lens), KVH * 8, 128, device="cuda").to(dtype)
+    out = K.paged_attention(q, cache, table, seq_lens, 0.09, max_seq_len=max(lens), group=group)
+    for b in range(len(lens)):
+        close(out[b : b + 1], ref.paged_attention_decode(q[b : b + 1], cache, table[b : b + 1], seq_lens[b : b + 1], 0.09))
+
+
 @pytest.mark.parametrize("partition_size", [8, 24, 512])
 def test_split_partitions_not_aligned_with_blocks(partition_size: int) -> None:
     lens = [1, 15, 16, 17, 100, 1000]

@@ -64,6 +64,10 @@ def test_num_partitions() -> None:
     assert K.num_partitions(8192) == 16
 
 
+def test_head_group_is_the_most_heads_sharing_a_kv_head() -> None:
+    assert [K.head_group(h, kvh) for h, kvh in [(32, 32), (32, 8), (64, 8), (48, 8), (40, 8), (128, 8)]] == [1, 4, 8, 2, 1, 8]
+
+
 def test_valid_decode_args_fail_only_on_device() -> None:
     with pytest.raises(ValueError, match="q: must be on a CUDA device, got cpu"):
         K.paged_attention(**decode_args())
