@@ -139,7 +139,7 @@ def test_cuda_runner_with_emulated_kernels(
     monkeypatch.setattr(K, "library", lambda device: emu)
     both = _run_both(tmp_path, False, num_requests=3, max_prompt=20, max_tokens=3)
     assert both.num_checked >= 3
-    assert {n for n, _, _ in emu.launches} >= {"paged_attention_float32_d64", "write_kv_float32", "rotary_float32",
+    assert {n for n, _, _ in emu.launches} >= {"paged_attention_float32_d64_g2", "write_kv_float32", "rotary_float32",
                                               "rms_norm_float32", "fused_add_rms_norm_float32"}
 
 
