@@ -22,6 +22,7 @@ import random
 import sys
 import time
 import types
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -33,6 +34,7 @@ except ImportError:
     sys.modules["yaml"] = types.ModuleType("yaml")
 
 DECODE_GOAL = 0.60
+BUILT_IN_UNROLL = 4  # paged_attention.cu's UNROLL
 ENGINE_GOAL = 1.5
 
 
@@ -60,10 +62,39 @@ def copy_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:
     return 2 * num_bytes / ms / 1e6  # read + write
 
 
+class VariantLibrary:
+    """The attention kernel compiled with other NUM_WARPS / UNROLL (the .cu's #ifndef defaults),
+    launched by the real launcher code in place of kernels.launcher.library; other kernels go to
+    the real library."""
+
+    def __init__(self, num_warps: int, unroll: int, source_dir: str | None = None):
+        from kernels import launcher as K
+
+        self.lib = K.library(torch.device("cuda"))
+        self.num_warps = num_warps
+        self.defines = f"#define NUM_WARPS {num_warps}\n#define UNROLL {unroll}\n"
+        self.root = Path(source_dir) if source_dir else K.CSRC  # another version of the kernel
+        self.kernels: dict[str, Any] = {}
+
+    def launch(self, file: str, name: str, grid: tuple[int, ...], block: int, *args: Any) -> None:
+        from kernels import launcher as K
+
+        if name.startswith("paged_attention_reduce") or not name.startswith("paged_attention"):
+            return self.lib.launch(file, name, grid, block, *args)
+        cc = self.lib.cc
+        if not self.kernels:
+            opts = cc.ProgramOptions(name=file, arch=self.lib.arch, std="c++17")
+            obj = cc.Program(self.defines + K.load_source(file, self.root), "c++", options=opts).compile("cubin")
+            self.module = cc.ObjectCode.from_cubin(bytes(obj.code))
+        k = self.kernels.get(name) or self.kernels.setdefault(name, self.module.get_kernel(name))
+        cc.launch(self.lib.stream(), cc.LaunchConfig(grid=grid, block=self.num_warps * 32), k, *args)
+
+
 def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: int = 16,
-                variants: tuple[tuple[int | None, int], ...] = ((None, 512),)) -> dict[str, Any]:
-    """Our decode kernel at batch b x ctx tokens for each (head group, partition size) variant
-    (group None: the launcher's choice), against torch SDPA on contiguous K/V of the same shape."""
+                variants: tuple[tuple[Any, ...], ...] = ((None, 512),)) -> dict[str, Any]:
+    """Our decode kernel at batch b x ctx tokens for each variant (head group, partition size
+    [, num_warps, unroll]) (group None: the launcher's choice; no warps/unroll: the built-in),
+    against torch SDPA on contiguous K/V of the same shape."""
     from kernels import launcher as K
     from kernels import reference as ref
 
@@ -78,18 +109,29 @@ def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: i
     kv_bytes = b * ctx * kvh * d * 2 * cache.element_size()  # K and V, read once at best
     expected = ref.paged_attention_decode(q, cache, table, seq_lens, scale).float()
     rows = []
-    for group, part in variants:
+    for group, part, *build in variants:
         out = torch.full_like(q, float("nan"))
 
         def run() -> None:
             K.paged_attention(q, cache, table, seq_lens, scale, ctx, out=out, partition_size=part, group=group)
 
-        ms = time_ms(run)
+        real = K.library
         g = K.head_group(h, kvh) if group is None else group
-        rows.append(dict(group=g, partition_size=part, partitions=K.num_partitions(ctx, part), kernel_ms=ms,
-                         kernel_gbs=kv_bytes / ms / 1e6,
-                         max_abs_err_vs_reference=float((out.float() - expected).abs().max())))
-    del cache
+        warps, unroll, source = (list(build) + [None])[:3] if build else (K.NUM_WARPS, BUILT_IN_UNROLL, None)
+        row = dict(group=g, partition_size=part, partitions=K.num_partitions(ctx, part), num_warps=warps,
+                   unroll=unroll, source=source or "built-in")
+        try:
+            if build:
+                variant = VariantLibrary(warps, unroll, source)
+                K.library = lambda device: variant  # type: ignore[assignment]
+            ms = time_ms(run)
+            row.update(kernel_ms=ms, kernel_gbs=kv_bytes / ms / 1e6,
+                       max_abs_err_vs_reference=float((out.float() - expected).abs().max()))
+            rows.append(row)
+        except Exception as e:  # a variant that does not build (e.g. too much shared memory)
+            print(f"  variant {row} failed: {type(e).__name__}: {e}", flush=True)
+        finally:
+            K.library = real  # type: ignore[assignment]
     k = torch.randn(b, kvh, ctx, d, dtype=dt, device="cuda")
     v = torch.randn_like(k)
     q4 = q.unsqueeze(2)  # (B, H, 1, D)
@@ -103,14 +145,16 @@ def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: i
 
 # The goal's case first (the launcher's defaults), then one head per block (the GQA K/V re-read
 # the grouping avoids) and other split sizes; then other shapes with the defaults vs one head.
-MAIN_VARIANTS = ((None, 512), (1, 512), (None, 256), (None, 1024), (None, 2048))
-SWEEP = ((64, 512), (64, 8192), (16, 2048), (1, 8192), (256, 1024))
+MAIN_VARIANTS = ((None, 512), (1, 512), (2, 512), (None, 256), (None, 1024), (None, 2048),
+                 (None, 512, 4, 2), (None, 512, 4, 8), (None, 512, 8, 2), (None, 512, 8, 4), (2, 512, 4, 8))
+SWEEP = ((64, 512, 32), (64, 8192, 32), (16, 2048, 32), (1, 8192, 32), (256, 1024, 32), (64, 2048, 64))
 
 
 def decode_sweep() -> list[dict[str, Any]]:
     out = []
-    for b, ctx in SWEEP:
-        out.append(decode_case(b, ctx, variants=((None, 512), (1, 512))))
+    for b, ctx, h in SWEEP:  # h 64 over 8 KV heads: 8 query heads per KV head (Llama-70B's ratio)
+        variants = ((None, 512), (4, 512), (1, 512)) if h == 64 else ((None, 512), (1, 512))
+        out.append(decode_case(b, ctx, h=h, variants=variants))
         torch.cuda.empty_cache()
     return out
 
@@ -239,15 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller engine model and workload")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--compare-source", metavar="DIR",
+                    help="also time the decode kernel built from DIR/paged_attention.cu (another version)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2
     res: dict[str, Any] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                cuda=torch.version.cuda, errors={})
+    compare = ((None, 512, 4, 4, args.compare_source),) if args.compare_source else ()
     stages: list[tuple[str, Callable[[], Any]]] = [
         ("copy_gbs", copy_bandwidth_gbs),
-        ("decode", lambda: decode_case(64, 2048, variants=MAIN_VARIANTS)),
+        ("decode", lambda: decode_case(64, 2048, variants=MAIN_VARIANTS + compare)),
         ("decode_sweep", decode_sweep),
         ("agreement_max_abs_logit_diff_fp32", check_agreement),
         ("engine", lambda: engine_case(args.quick)),
@@ -289,14 +336,18 @@ def report(res: dict[str, Any]) -> None:
             print(f"goal decode >= {DECODE_GOAL:.0%} of copy bandwidth: {frac:.0%} {ok}")
     cases = ([dec] if dec else []) + res.get("decode_sweep", [])
     if cases:
-        print("\ndecode kernel, fp16, 32 heads / 8 KV heads, D 128, block 16 (GB/s of K/V read once)")
-        print(f"{'batch':>6} {'context':>8} {'group':>6} {'split':>6} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'max err':>9}")
+        print("\ndecode kernel, fp16, 8 KV heads, D 128, block 16 (GB/s of K/V read once; group = query heads a block)")
+        print(f"{'batch':>6} {'context':>8} {'heads':>6} {'group':>6} {'split':>6} {'warps':>6} {'unroll':>6} {'ms':>8} "
+              f"{'GB/s':>7} {'of copy':>8} {'max err':>9}")
         for c in cases:
             for v in c["variants"]:
                 frac = f"{v['kernel_gbs'] / copy:.0%}" if copy else "-"
-                print(f"{c['batch']:>6} {c['context']:>8} {v['group']:>6} {v['partition_size']:>6} {v['kernel_ms']:>8.3f} "
-                      f"{v['kernel_gbs']:>7.0f} {frac:>8} {v['max_abs_err_vs_reference']:>9.1e}")
-            print(f"{c['batch']:>6} {c['context']:>8} {'SDPA':>6} {'-':>6} {c['sdpa_contiguous_ms']:>8.3f} "
+                src = "" if v["source"] == "built-in" else f"  ({v['source']})"
+                print(f"{c['batch']:>6} {c['context']:>8} {c['heads']:>6} {v['group']:>6} {v['partition_size']:>6} "
+                      f"{v['num_warps']:>6} {v['unroll']:>6} {v['kernel_ms']:>8.3f} "
+                      f"{v['kernel_gbs']:>7.0f} {frac:>8} {v['max_abs_err_vs_reference']:>9.1e}{src}")
+            print(f"{c['batch']:>6} {c['context']:>8} {c['heads']:>6} {'SDPA':>6} {'-':>6} {'':>6} {'':>6} "
+                  f"{c['sdpa_contiguous_ms']:>8.3f} "
                   f"{c['sdpa_contiguous_gbs']:>7.0f}")
     if "agreement_max_abs_logit_diff_fp32" in res:
         print(f"cuda vs torch runner max |logit diff| (fp32) {res['agreement_max_abs_logit_diff_fp32']:.2e}")
@@ -307,10 +358,6 @@ def report(res: dict[str, Any]) -> None:
         print(f"goal cuda runner >= {ENGINE_GOAL}x torch runner: {eng['speedup']:.2f}x {ok}")
     for name, err in res["errors"].items():
         print(f"ERROR in {name}: {err}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def draw(res: dict[str, Any], path: str) -> None:
@@ -328,7 +375,7 @@ def draw(res: dict[str, Any], path: str) -> None:
     labels, vals, colors = [], [], []
     for c in cases:
         for v in c["variants"]:
-            labels.append(f"{c['batch']}x{c['context']}\ng{v['group']} p{v['partition_size']}")
+            labels.append(f"{c['batch']}x{c['context']} g{v['group']}\np{v['partition_size']} w{v['num_warps']} u{v['unroll']}")
             vals.append(v["kernel_gbs"])
             colors.append("tab:blue" if v["group"] > 1 else "tab:gray")
         labels.append(f"{c['batch']}x{c['context']}\nSDPA")
@@ -351,3 +398,8 @@ def draw(res: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -7,9 +7,11 @@
 # tiny model's TensorRT engines and compares the tensorrt runner with the torch runner
 # (tests/kernels/test_trt_runner_gpu.py -> OUTDIR/{trt_tests.log,trt_tests.xml}); else it is skipped.
 #
-#   benchmarks/gpu_check.sh OUTDIR          PYTHON=/path/to/python to choose the interpreter
+#   benchmarks/gpu_check.sh OUTDIR [gpu_check.py flags, e.g. --compare-source DIR]
+#   PYTHON=/path/to/python to choose the interpreter
 set -uo pipefail
-OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR [gpu_check.py flags]}
+shift
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -53,7 +55,7 @@ else
 fi
 cat "$OUT/trt_tests.log"
 
-timeout 150 "$PY" -m benchmarks.gpu_check --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/bench.log"
+timeout 150 "$PY" -m benchmarks.gpu_check --json "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 {

@@ -7,16 +7,20 @@
 // block_table (B, max_blocks) int32, seq_lens (B,) int32, query_start_loc (B+1,) int32 or null
 // Scalars are passed one by one (no struct) so any launcher can marshal them.
 // Grid (H / G, R, num_partitions): a block takes G heads that share a KV head (G in 1, 2, 4, 8);
-// NUM_WARPS warps; warp w takes tokens p0 + w, p0 + w + NUM_WARPS...
+// NUM_WARPS warps, each reading 1-4 tokens per load (lane groups, see attn_row).
 // With num_partitions > 1 each block writes an unnormalised partial (acc, max, sum) to tmp_* and
 // paged_attention_reduce combines them (split-context for long sequences).
 #include "common.cuh"
 
+#ifndef NUM_WARPS  // (benchmarks/gpu_check.py times other values)
 #define NUM_WARPS 4
+#endif
+#ifndef UNROLL
 #define UNROLL 4
+#endif
 
-// VPT consecutive elements loaded as one vector (8 or 16 bytes): the cache is 16-byte aligned
-// and every lane's offset is a multiple of VPT elements.
+// N consecutive elements loaded as one 16-byte vector: the cache is 16-byte aligned and every
+// lane's offset is a multiple of N elements.
 template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
 
 struct AttnParams {
@@ -46,48 +50,66 @@ __device__ __forceinline__ void row_extent(const int* seq_lens, const int* qsl, 
   *ctx = seq_lens[lo] - q_len + (row - qsl[lo]) + 1;  // query j sits at seq_len - q_len + j
 }
 
+// Sum over the TPG lanes of an aligned lane group (xor offsets below TPG stay inside it).
+template <int TPG>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int o = TPG / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // One block computes G query heads of one row that share a KV head (GQA): each K/V row is read
 // once for all G heads, not once per head. G = 1 is one head per block.
+// A K or V row of D elements is read by a group of TPG lanes, EPL elements (16 bytes) each, so a
+// warp reads TPW = 32 / TPG tokens per load instruction. Each lane group ("slot") runs its own
+// online softmax over tokens slot, slot + SLOTS, ...; the block merges the slots at the end.
 template <typename T, int D, int G>
 __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float* __restrict__ tmp_ml,
                          const T* __restrict__ q, const T* __restrict__ cache,
                          const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                          const int* __restrict__ qsl, AttnParams p) {
-  constexpr int VPT = D / 32;  // values per lane
-  __shared__ float sh_m[NUM_WARPS][G], sh_l[NUM_WARPS][G];
-  __shared__ float sh_acc[NUM_WARPS][G][D];
+  constexpr int EPL = 16 / sizeof(T);  // elements per lane: one 16-byte load
+  constexpr int TPG = D / EPL;         // lanes per token
+  constexpr int TPW = 32 / TPG;        // tokens per warp load
+  constexpr int SLOTS = NUM_WARPS * TPW;
+  static_assert(TPG <= 32 && 32 % TPG == 0, "head size and element size give a lane group of 1-32 lanes");
+  __shared__ float sh_m[SLOTS][G], sh_l[SLOTS][G];
+  __shared__ float sh_acc[SLOTS][G][D];
   const int h0 = blockIdx.x * G, row = blockIdx.y, part = blockIdx.z, num_parts = gridDim.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int slot = warp * TPW + lane / TPG, e0 = (lane % TPG) * EPL;
   int seq, ctx;
   row_extent(seq_lens, qsl, row, p.num_seqs, &seq, &ctx);
   const int kvh = h0 / (p.num_heads / p.num_kv_heads);
   const int t0 = part * p.partition_size;
   const int t1 = min(ctx, t0 + p.partition_size);
 
-  float qv[G][VPT], acc[G][VPT], m[G], l[G];
+  float qv[G][EPL], acc[G][EPL], m[G], l[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const T* qrow = q + (i64)row * p.q_stride + (h0 + g) * D + lane * VPT;
+    const T* qrow = q + (i64)row * p.q_stride + (h0 + g) * D + e0;
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) { qv[g][i] = to_f(qrow[i]) * p.scale; acc[g][i] = 0.f; }
+    for (int i = 0; i < EPL; ++i) { qv[g][i] = to_f(qrow[i]) * p.scale; acc[g][i] = 0.f; }
     m[g] = NEG_INF;
     l[g] = 0.f;
   }
 
   const int* bt = block_table + (i64)seq * p.max_blocks;
   const i64 tok_stride = (i64)p.num_kv_heads * D;
-  // UNROLL tokens per warp per iteration: their K and V loads are all issued before any math,
-  // so each warp keeps several 128-256 B requests in flight (the kernel is bandwidth-bound).
-  for (int t = t0 + warp; t < t1; t += NUM_WARPS * UNROLL) {
-    Vec<T, VPT> kv[UNROLL], vv[UNROLL];
+  // UNROLL tokens per slot per iteration: their K and V loads are all issued before any math,
+  // so each warp keeps UNROLL * 2 * 512 B in flight (the kernel is bandwidth-bound).
+  const int t_first = t0 + slot - (slot % TPW);  // the warp's first token: loop bounds warp-uniform
+  for (int tw = t_first; tw < t1; tw += SLOTS * UNROLL) {
+    const int t = tw + slot % TPW;
+    Vec<T, EPL> kv[UNROLL], vv[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int tt = t + u * NUM_WARPS;
-      if (tt < t1) {  // warp-uniform
+      const int tt = t + u * SLOTS;
+      if (tt < t1) {
         const i64 block = bt[tt / p.block_size];
-        const i64 off = (block * p.block_size + tt % p.block_size) * tok_stride + (i64)kvh * D + lane * VPT;
-        kv[u] = *reinterpret_cast<const Vec<T, VPT>*>(cache + off);
-        vv[u] = *reinterpret_cast<const Vec<T, VPT>*>(cache + p.kv_stride + off);
+        const i64 off = (block * p.block_size + tt % p.block_size) * tok_stride + (i64)kvh * D + e0;
+        kv[u] = *reinterpret_cast<const Vec<T, EPL>*>(cache + off);
+        vv[u] = *reinterpret_cast<const Vec<T, EPL>*>(cache + p.kv_stride + off);
       }
     }
 #pragma unroll
@@ -98,21 +120,22 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
       for (int u = 0; u < UNROLL; ++u) {
         float dot = 0.f;
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) dot += qv[g][i] * to_f(kv[u].v[i]);
-        s[u] = warp_sum(dot);
-        if (t + u * NUM_WARPS < t1) m_new = fmaxf(m_new, s[u]);
+        for (int i = 0; i < EPL; ++i) dot += qv[g][i] * to_f(kv[u].v[i]);
+        s[u] = group_sum<TPG>(dot);  // every lane takes part (the shuffle needs the whole warp)
+        if (t + u * SLOTS < t1) m_new = fmaxf(m_new, s[u]);
       }
-      const float corr = expf(m[g] - m_new);  // m = -inf before the first token: corr = 0
+      // 0 at the first token (m = -inf); 1 while a slot has seen no token (both -inf)
+      const float corr = m_new == NEG_INF ? 1.f : expf(m[g] - m_new);
       l[g] *= corr;
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) acc[g][i] *= corr;
+      for (int i = 0; i < EPL; ++i) acc[g][i] *= corr;
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
-        if (t + u * NUM_WARPS < t1) {
+        if (t + u * SLOTS < t1) {
           const float e = expf(s[u] - m_new);
           l[g] += e;
 #pragma unroll
-          for (int i = 0; i < VPT; ++i) acc[g][i] += e * to_f(vv[u].v[i]);
+          for (int i = 0; i < EPL; ++i) acc[g][i] += e * to_f(vv[u].v[i]);
         }
       }
       m[g] = m_new;
@@ -120,21 +143,21 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
   }
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    if (lane == 0) { sh_m[warp][g] = m[g]; sh_l[warp][g] = l[g]; }
+    if (lane % TPG == 0) { sh_m[slot][g] = m[g]; sh_l[slot][g] = l[g]; }
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) sh_acc[warp][g][lane * VPT + i] = acc[g][i];
+    for (int i = 0; i < EPL; ++i) sh_acc[slot][g][e0 + i] = acc[g][i];
   }
   __syncthreads();
 
-  // Combine the warps: thread j owns output elements j, j + blockDim.x, ... of the G x D tile.
+  // Merge the slots: thread j owns output elements j, j + blockDim.x, ... of the G x D tile.
   for (int j = threadIdx.x; j < G * D; j += blockDim.x) {
     const int g = j / D, d = j % D;
     float gm = NEG_INF;
 #pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w) gm = fmaxf(gm, sh_m[w][g]);
+    for (int w = 0; w < SLOTS; ++w) gm = fmaxf(gm, sh_m[w][g]);
     float a = 0.f, gl = 0.f;
 #pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w) {
+    for (int w = 0; w < SLOTS; ++w) {
       const float f = sh_m[w][g] == NEG_INF ? 0.f : expf(sh_m[w][g] - gm);
       a += sh_acc[w][g][d] * f;
       gl += sh_l[w][g] * f;
