@@ -34,7 +34,7 @@ except ImportError:
     sys.modules["yaml"] = types.ModuleType("yaml")
 
 DECODE_GOAL = 0.60
-BUILT_IN_UNROLL = 4  # paged_attention.cu's UNROLL
+BUILT_IN = (4, 2, 4)  # paged_attention.cu's NUM_WARPS, UNROLL, STAGES
 ENGINE_GOAL = 1.5
 
 
@@ -63,16 +63,16 @@ def copy_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:
 
 
 class VariantLibrary:
-    """The attention kernel compiled with other NUM_WARPS / UNROLL (the .cu's #ifndef defaults),
+    """The attention kernel compiled with other NUM_WARPS / UNROLL / STAGES (the .cu's #ifndef defaults),
     launched by the real launcher code in place of kernels.launcher.library; other kernels go to
     the real library."""
 
-    def __init__(self, num_warps: int, unroll: int, source_dir: str | None = None):
+    def __init__(self, num_warps: int, unroll: int, stages: int, source_dir: str | None = None):
         from kernels import launcher as K
 
         self.lib = K.library(torch.device("cuda"))
         self.num_warps = num_warps
-        self.defines = f"#define NUM_WARPS {num_warps}\n#define UNROLL {unroll}\n"
+        self.defines = f"#define NUM_WARPS {num_warps}\n#define UNROLL {unroll}\n#define STAGES {stages}\n"
         self.root = Path(source_dir) if source_dir else K.CSRC  # another version of the kernel
         self.kernels: dict[str, Any] = {}
 
@@ -93,7 +93,7 @@ class VariantLibrary:
 def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: int = 16,
                 variants: tuple[tuple[Any, ...], ...] = ((None, 512),)) -> dict[str, Any]:
     """Our decode kernel at batch b x ctx tokens for each variant (head group, partition size
-    [, num_warps, unroll]) (group None: the launcher's choice; no warps/unroll: the built-in),
+    [, num_warps, unroll, stages[, source dir]]) (group None: the launcher's choice; no build: the built-in),
     against torch SDPA on contiguous K/V of the same shape."""
     from kernels import launcher as K
     from kernels import reference as ref
@@ -117,12 +117,12 @@ def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: i
 
         real = K.library
         g = K.head_group(h, kvh) if group is None else group
-        warps, unroll, source = (list(build) + [None])[:3] if build else (K.NUM_WARPS, BUILT_IN_UNROLL, None)
+        warps, unroll, stages, source = (list(build) + [None])[:4] if build else (*BUILT_IN, None)
         row = dict(group=g, partition_size=part, partitions=K.num_partitions(ctx, part), num_warps=warps,
-                   unroll=unroll, source=source or "built-in")
+                   unroll=unroll, stages=stages, source=source or "built-in")
         try:
             if build:
-                variant = VariantLibrary(warps, unroll, source)
+                variant = VariantLibrary(warps, unroll, stages, source)
                 K.library = lambda device: variant  # type: ignore[assignment]
             ms = time_ms(run)
             row.update(kernel_ms=ms, kernel_gbs=kv_bytes / ms / 1e6,
@@ -145,8 +145,9 @@ def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: i
 
 # The goal's case first (the launcher's defaults), then one head per block (the GQA K/V re-read
 # the grouping avoids) and other split sizes; then other shapes with the defaults vs one head.
-MAIN_VARIANTS = ((None, 512), (1, 512), (2, 512), (None, 256), (None, 1024), (None, 2048),
-                 (None, 512, 4, 2), (None, 512, 4, 8), (None, 512, 8, 2), (None, 512, 8, 4), (2, 512, 4, 8))
+MAIN_VARIANTS = ((None, 512), (1, 512), (2, 512), (None, 256), (None, 1024),
+                 (None, 512, 4, 1, 4), (None, 512, 4, 2, 2), (None, 512, 4, 2, 3), (None, 512, 4, 2, 5),
+                 (None, 512, 4, 4, 2), (None, 512, 4, 1, 8))
 SWEEP = ((64, 512, 32), (64, 8192, 32), (16, 2048, 32), (1, 8192, 32), (256, 1024, 32), (64, 2048, 64))
 
 
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     res: dict[str, Any] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                cuda=torch.version.cuda, errors={})
-    compare = ((None, 512, 4, 4, args.compare_source),) if args.compare_source else ()
+    compare = ((None, 512, 4, 4, 4, args.compare_source),) if args.compare_source else ()
     stages: list[tuple[str, Callable[[], Any]]] = [
         ("copy_gbs", copy_bandwidth_gbs),
         ("decode", lambda: decode_case(64, 2048, variants=MAIN_VARIANTS + compare)),
@@ -337,16 +338,16 @@ def report(res: dict[str, Any]) -> None:
     cases = ([dec] if dec else []) + res.get("decode_sweep", [])
     if cases:
         print("\ndecode kernel, fp16, 8 KV heads, D 128, block 16 (GB/s of K/V read once; group = query heads a block)")
-        print(f"{'batch':>6} {'context':>8} {'heads':>6} {'group':>6} {'split':>6} {'warps':>6} {'unroll':>6} {'ms':>8} "
-              f"{'GB/s':>7} {'of copy':>8} {'max err':>9}")
+        print(f"{'batch':>6} {'context':>8} {'heads':>6} {'group':>6} {'split':>6} {'warps':>6} {'unroll':>6} "
+              f"{'stages':>6} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'max err':>9}")
         for c in cases:
             for v in c["variants"]:
                 frac = f"{v['kernel_gbs'] / copy:.0%}" if copy else "-"
                 src = "" if v["source"] == "built-in" else f"  ({v['source']})"
                 print(f"{c['batch']:>6} {c['context']:>8} {c['heads']:>6} {v['group']:>6} {v['partition_size']:>6} "
-                      f"{v['num_warps']:>6} {v['unroll']:>6} {v['kernel_ms']:>8.3f} "
+                      f"{v['num_warps']:>6} {v['unroll']:>6} {v['stages']:>6} {v['kernel_ms']:>8.3f} "
                       f"{v['kernel_gbs']:>7.0f} {frac:>8} {v['max_abs_err_vs_reference']:>9.1e}{src}")
-            print(f"{c['batch']:>6} {c['context']:>8} {c['heads']:>6} {'SDPA':>6} {'-':>6} {'':>6} {'':>6} "
+            print(f"{c['batch']:>6} {c['context']:>8} {c['heads']:>6} {'SDPA':>6} {'-':>6} {'':>6} {'':>6} {'':>6} "
                   f"{c['sdpa_contiguous_ms']:>8.3f} "
                   f"{c['sdpa_contiguous_gbs']:>7.0f}")
     if "agreement_max_abs_logit_diff_fp32" in res:
@@ -375,7 +376,8 @@ def draw(res: dict[str, Any], path: str) -> None:
     labels, vals, colors = [], [], []
     for c in cases:
         for v in c["variants"]:
-            labels.append(f"{c['batch']}x{c['context']} g{v['group']}\np{v['partition_size']} w{v['num_warps']} u{v['unroll']}")
+            labels.append(f"{c['batch']}x{c['context']} g{v['group']}\np{v['partition_size']} "
+                          f"w{v['num_warps']} u{v['unroll']} s{v['stages']}")
             vals.append(v["kernel_gbs"])
             colors.append("tab:blue" if v["group"] > 1 else "tab:gray")
         labels.append(f"{c['batch']}x{c['context']}\nSDPA")

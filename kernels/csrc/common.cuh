@@ -62,4 +62,25 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// Asynchronous 16-byte global -> shared copies (sm_80+): zero-filled when !valid. A thread's
+// copies form a group at cp_async_commit; cp_async_wait<N> waits until at most N of its groups
+// are still in flight (then __syncthreads makes everyone's copies visible).
+#ifndef MESHGATE_EMULATE
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  unsigned dst;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(dst) : "l"(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#else
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  if (valid) std::memcpy(smem, gmem, 16); else std::memset(smem, 0, 16);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N> __device__ __forceinline__ void cp_async_wait() {}
+#endif
+
 #endif  // MESHGATE_COMMON_CUH

@@ -12,15 +12,18 @@
 // paged_attention_reduce combines them (split-context for long sequences).
 #include "common.cuh"
 
-#ifndef NUM_WARPS  // (benchmarks/gpu_check.py times other values)
+#ifndef NUM_WARPS  // (benchmarks/gpu_check.py times other values of these three)
 #define NUM_WARPS 4
 #endif
-#ifndef UNROLL
-#define UNROLL 4
+#ifndef UNROLL  // tokens per lane group per tile
+#define UNROLL 2
+#endif
+#ifndef STAGES  // tiles in the shared-memory ring (STAGES - 1 in flight while one is computed)
+#define STAGES 4
 #endif
 
-// N consecutive elements loaded as one 16-byte vector: the cache is 16-byte aligned and every
-// lane's offset is a multiple of N elements.
+// N consecutive elements copied as one 16-byte vector: the cache is 16-byte aligned and every
+// offset is a multiple of N elements.
 template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
 
 struct AttnParams {
@@ -60,9 +63,14 @@ __device__ __forceinline__ float group_sum(float v) {
 
 // One block computes G query heads of one row that share a KV head (GQA): each K/V row is read
 // once for all G heads, not once per head. G = 1 is one head per block.
-// A K or V row of D elements is read by a group of TPG lanes, EPL elements (16 bytes) each, so a
-// warp reads TPW = 32 / TPG tokens per load instruction. Each lane group ("slot") runs its own
-// online softmax over tokens slot, slot + SLOTS, ...; the block merges the slots at the end.
+//
+// K/V stream through shared memory: tiles of TILE tokens, copied with cp.async STAGES - 1 tiles
+// ahead of the one being computed, so the loads of later tiles are in flight while this one is
+// computed (the kernel is bandwidth-bound; without this a warp waits for each load it issues).
+// A K or V row of D elements is read from shared memory by a group of TPG lanes, EPL elements
+// (16 bytes) each, so a warp reads TPW = 32 / TPG tokens per instruction. Each lane group
+// ("slot") runs its own online softmax over tokens slot, slot + SLOTS, ...; the block merges the
+// slots at the end.
 template <typename T, int D, int G>
 __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float* __restrict__ tmp_ml,
                          const T* __restrict__ q, const T* __restrict__ cache,
@@ -70,24 +78,32 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
                          const int* __restrict__ qsl, AttnParams p) {
   constexpr int EPL = 16 / sizeof(T);  // elements per lane: one 16-byte load
   constexpr int TPG = D / EPL;         // lanes per token
-  constexpr int TPW = 32 / TPG;        // tokens per warp load
+  constexpr int TPW = 32 / TPG;        // tokens per warp instruction
   constexpr int SLOTS = NUM_WARPS * TPW;
+  constexpr int TILE = SLOTS * UNROLL;  // tokens per tile: UNROLL per slot
+  constexpr int CHUNKS = TILE * TPG;    // 16-byte pieces of a tile's K (and as many of its V)
   static_assert(TPG <= 32 && 32 % TPG == 0, "head size and element size give a lane group of 1-32 lanes");
-  __shared__ float sh_m[SLOTS][G], sh_l[SLOTS][G];
-  __shared__ float sh_acc[SLOTS][G][D];
+  static_assert(CHUNKS % (NUM_WARPS * 32) == 0, "every thread copies the same number of chunks");
+  // The ring of tiles, then (reused once the loop is done) the slots' (m, l, acc) for the merge.
+  constexpr int RING = STAGES * 2 * CHUNKS;              // in 16-byte units
+  constexpr int MERGE = (SLOTS * G * (D + 2) + 3) / 4;  // floats, in 16-byte units
+  __shared__ Vec<float, 4> smem[RING > MERGE ? RING : MERGE];
+  Vec<T, EPL>* ring = reinterpret_cast<Vec<T, EPL>*>(smem);  // [stage][K or V][token][TPG]
+
   const int h0 = blockIdx.x * G, row = blockIdx.y, part = blockIdx.z, num_parts = gridDim.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int slot = warp * TPW + lane / TPG, e0 = (lane % TPG) * EPL;
+  const int slot = warp * TPW + lane / TPG, sub = lane % TPG;
   int seq, ctx;
   row_extent(seq_lens, qsl, row, p.num_seqs, &seq, &ctx);
   const int kvh = h0 / (p.num_heads / p.num_kv_heads);
   const int t0 = part * p.partition_size;
   const int t1 = min(ctx, t0 + p.partition_size);
+  const int num_tiles = t1 > t0 ? (t1 - t0 + TILE - 1) / TILE : 0;
 
   float qv[G][EPL], acc[G][EPL], m[G], l[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const T* qrow = q + (i64)row * p.q_stride + (h0 + g) * D + e0;
+    const T* qrow = q + (i64)row * p.q_stride + (h0 + g) * D + sub * EPL;
 #pragma unroll
     for (int i = 0; i < EPL; ++i) { qv[g][i] = to_f(qrow[i]) * p.scale; acc[g][i] = 0.f; }
     m[g] = NEG_INF;
@@ -96,21 +112,37 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
 
   const int* bt = block_table + (i64)seq * p.max_blocks;
   const i64 tok_stride = (i64)p.num_kv_heads * D;
-  // UNROLL tokens per slot per iteration: their K and V loads are all issued before any math,
-  // so each warp keeps UNROLL * 2 * 512 B in flight (the kernel is bandwidth-bound).
-  const int t_first = t0 + slot - (slot % TPW);  // the warp's first token: loop bounds warp-uniform
-  for (int tw = t_first; tw < t1; tw += SLOTS * UNROLL) {
-    const int t = tw + slot % TPW;
+  // Tile `tile` into its stage: chunk c = (token, piece); tokens past t1 are zero-filled.
+  auto load_tile = [&](int tile) {
+    Vec<T, EPL>* dst = ring + (tile % STAGES) * 2 * CHUNKS;
+#pragma unroll
+    for (int c = threadIdx.x; c < CHUNKS; c += NUM_WARPS * 32) {
+      const int tt = t0 + tile * TILE + c / TPG;
+      const bool valid = tt < t1;
+      const i64 block = valid ? bt[tt / p.block_size] : 0;
+      const i64 off = (block * p.block_size + tt % p.block_size) * tok_stride + (i64)kvh * D + (c % TPG) * EPL;
+      cp_async16(dst + c, cache + off, valid);
+      cp_async16(dst + CHUNKS + c, cache + p.kv_stride + off, valid);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) load_tile(s);
+    cp_async_commit();  // (an empty group past the end keeps the wait count below uniform)
+  }
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1);  // the stage freed last iteration
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();  // this thread's copies of `tile` have landed...
+    __syncthreads();              // ...and everyone's
+    const Vec<T, EPL>* kt = ring + (tile % STAGES) * 2 * CHUNKS;
+    const int tbase = t0 + tile * TILE;
     Vec<T, EPL> kv[UNROLL], vv[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int tt = t + u * SLOTS;
-      if (tt < t1) {
-        const i64 block = bt[tt / p.block_size];
-        const i64 off = (block * p.block_size + tt % p.block_size) * tok_stride + (i64)kvh * D + e0;
-        kv[u] = *reinterpret_cast<const Vec<T, EPL>*>(cache + off);
-        vv[u] = *reinterpret_cast<const Vec<T, EPL>*>(cache + p.kv_stride + off);
-      }
+      const int tok = slot + u * SLOTS;
+      kv[u] = kt[tok * TPG + sub];
+      vv[u] = kt[CHUNKS + tok * TPG + sub];
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -122,7 +154,7 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
 #pragma unroll
         for (int i = 0; i < EPL; ++i) dot += qv[g][i] * to_f(kv[u].v[i]);
         s[u] = group_sum<TPG>(dot);  // every lane takes part (the shuffle needs the whole warp)
-        if (t + u * SLOTS < t1) m_new = fmaxf(m_new, s[u]);
+        if (tbase + slot + u * SLOTS < t1) m_new = fmaxf(m_new, s[u]);
       }
       // 0 at the first token (m = -inf); 1 while a slot has seen no token (both -inf)
       const float corr = m_new == NEG_INF ? 1.f : expf(m[g] - m_new);
@@ -131,7 +163,7 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
       for (int i = 0; i < EPL; ++i) acc[g][i] *= corr;
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
-        if (t + u * SLOTS < t1) {
+        if (tbase + slot + u * SLOTS < t1) {
           const float e = expf(s[u] - m_new);
           l[g] += e;
 #pragma unroll
@@ -140,12 +172,19 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
       }
       m[g] = m_new;
     }
+    __syncthreads();  // the stage is read: the next iteration may copy into it
   }
+  cp_async_wait<0>();  // (only empty groups can be left; the ring memory is reused below)
+  __syncthreads();
+
+  float* sh_m = reinterpret_cast<float*>(smem);  // [SLOTS][G]
+  float* sh_l = sh_m + SLOTS * G;                // [SLOTS][G]
+  float* sh_acc = sh_l + SLOTS * G;              // [SLOTS][G][D]
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    if (lane % TPG == 0) { sh_m[slot][g] = m[g]; sh_l[slot][g] = l[g]; }
+    if (sub == 0) { sh_m[slot * G + g] = m[g]; sh_l[slot * G + g] = l[g]; }
 #pragma unroll
-    for (int i = 0; i < EPL; ++i) sh_acc[slot][g][e0 + i] = acc[g][i];
+    for (int i = 0; i < EPL; ++i) sh_acc[(slot * G + g) * D + sub * EPL + i] = acc[g][i];
   }
   __syncthreads();
 
@@ -154,13 +193,14 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
     const int g = j / D, d = j % D;
     float gm = NEG_INF;
 #pragma unroll
-    for (int w = 0; w < SLOTS; ++w) gm = fmaxf(gm, sh_m[w][g]);
+    for (int w = 0; w < SLOTS; ++w) gm = fmaxf(gm, sh_m[w * G + g]);
     float a = 0.f, gl = 0.f;
 #pragma unroll
     for (int w = 0; w < SLOTS; ++w) {
-      const float f = sh_m[w][g] == NEG_INF ? 0.f : expf(sh_m[w][g] - gm);
-      a += sh_acc[w][g][d] * f;
-      gl += sh_l[w][g] * f;
+      const float mw = sh_m[w * G + g];
+      const float f = mw == NEG_INF ? 0.f : expf(mw - gm);
+      a += sh_acc[(w * G + g) * D + d] * f;
+      gl += sh_l[w * G + g] * f;
     }
     const i64 out_row = (i64)row * p.num_heads + h0 + g;
     if (num_parts == 1) {
