@@ -34,7 +34,6 @@ except ImportError:
     sys.modules["yaml"] = types.ModuleType("yaml")
 
 DECODE_GOAL = 0.60
-BUILT_IN = (4, 2, 4)  # paged_attention.cu's NUM_WARPS, UNROLL, STAGES
 ENGINE_GOAL = 1.5
 
 
@@ -63,17 +62,18 @@ def copy_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:
 
 
 class VariantLibrary:
-    """The attention kernel compiled with other NUM_WARPS / UNROLL / STAGES (the .cu's #ifndef defaults),
-    launched by the real launcher code in place of kernels.launcher.library; other kernels go to
-    the real library."""
+    """The attention kernel compiled with other values of the .cu's #ifndef settings (build:
+    "NUM_WARPS=4 STAGES=3 ...") or from another version of it (source_dir), launched by the real
+    launcher code in place of kernels.launcher.library; other kernels go to the real library."""
 
-    def __init__(self, num_warps: int, unroll: int, stages: int, source_dir: str | None = None):
+    def __init__(self, build: str, source_dir: str | None = None):
         from kernels import launcher as K
 
         self.lib = K.library(torch.device("cuda"))
-        self.num_warps = num_warps
-        self.defines = f"#define NUM_WARPS {num_warps}\n#define UNROLL {unroll}\n#define STAGES {stages}\n"
-        self.root = Path(source_dir) if source_dir else K.CSRC  # another version of the kernel
+        settings = dict(kv.split("=") for kv in build.split())
+        self.num_warps = int(settings.get("NUM_WARPS", K.NUM_WARPS))
+        self.defines = "".join(f"#define {k} {v}\n" for k, v in settings.items())
+        self.root = Path(source_dir) if source_dir else K.CSRC
         self.kernels: dict[str, Any] = {}
 
     def launch(self, file: str, name: str, grid: tuple[int, ...], block: int, *args: Any) -> None:
@@ -91,14 +91,13 @@ class VariantLibrary:
 
 
 def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: int = 16,
-                variants: tuple[tuple[Any, ...], ...] = ((None, 512),)) -> dict[str, Any]:
+                variants: tuple[tuple[Any, ...], ...] = ((None, 512),), dt: torch.dtype = torch.float16) -> dict[str, Any]:
     """Our decode kernel at batch b x ctx tokens for each variant (head group, partition size
-    [, num_warps, unroll, stages[, source dir]]) (group None: the launcher's choice; no build: the built-in),
+    [, build settings[, source dir]]) (group None: the launcher's choice; no build: the built-in),
     against torch SDPA on contiguous K/V of the same shape."""
     from kernels import launcher as K
     from kernels import reference as ref
 
-    dt = torch.float16
     blocks_per_seq = ctx // bs
     num_blocks = b * blocks_per_seq
     cache = torch.randn(2, num_blocks, bs, kvh, d, dtype=dt, device="cuda")
@@ -109,20 +108,19 @@ def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: i
     kv_bytes = b * ctx * kvh * d * 2 * cache.element_size()  # K and V, read once at best
     expected = ref.paged_attention_decode(q, cache, table, seq_lens, scale).float()
     rows = []
-    for group, part, *build in variants:
+    for group, part, *rest in variants:
         out = torch.full_like(q, float("nan"))
 
         def run() -> None:
             K.paged_attention(q, cache, table, seq_lens, scale, ctx, out=out, partition_size=part, group=group)
 
         real = K.library
-        g = K.head_group(h, kvh) if group is None else group
-        warps, unroll, stages, source = (list(build) + [None])[:4] if build else (*BUILT_IN, None)
-        row = dict(group=g, partition_size=part, partitions=K.num_partitions(ctx, part), num_warps=warps,
-                   unroll=unroll, stages=stages, source=source or "built-in")
+        build, source = (list(rest) + [None, None])[:2]
+        row = dict(group=K.head_group(h, kvh) if group is None else group, partition_size=part,
+                   partitions=K.num_partitions(ctx, part), build=build or "built-in", source=source or "built-in")
         try:
-            if build:
-                variant = VariantLibrary(warps, unroll, stages, source)
+            if build or source:
+                variant = VariantLibrary(build or "", source)
                 K.library = lambda device: variant  # type: ignore[assignment]
             ms = time_ms(run)
             row.update(kernel_ms=ms, kernel_gbs=kv_bytes / ms / 1e6,
@@ -138,6 +136,7 @@ def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: i
     sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True))
     first = rows[0]
     return dict(batch=b, context=ctx, heads=h, kv_heads=kvh, head_dim=d, block_size=bs, kv_bytes=kv_bytes,
+                dtype=str(dt).removeprefix("torch."),
                 kernel_ms=first["kernel_ms"], kernel_gbs=first["kernel_gbs"],
                 max_abs_err_vs_reference=first["max_abs_err_vs_reference"], variants=rows,
                 sdpa_contiguous_ms=sdpa_ms, sdpa_contiguous_gbs=kv_bytes / sdpa_ms / 1e6)
@@ -145,18 +144,21 @@ def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: i
 
 # The goal's case first (the launcher's defaults), then one head per block (the GQA K/V re-read
 # the grouping avoids) and other split sizes; then other shapes with the defaults vs one head.
-MAIN_VARIANTS = ((None, 512), (1, 512), (2, 512), (None, 256), (None, 1024),
-                 (None, 512, 4, 1, 4), (None, 512, 4, 2, 2), (None, 512, 4, 2, 3), (None, 512, 4, 2, 5),
-                 (None, 512, 4, 4, 2), (None, 512, 4, 1, 8))
+# The goal's case first (the launcher's defaults: fp16 on the tensor cores), then other head
+# groupings, split sizes and builds (CUDA cores: USE_MMA=0); then other shapes with the defaults.
+MAIN_VARIANTS = ((None, 512), (1, 512), (None, 256), (None, 1024), (None, 2048),
+                 (None, 512, "NUM_WARPS=2"), (None, 512, "NUM_WARPS=2 MMA_STAGES=4"),
+                 (None, 512, "USE_MMA=0"), (1, 512, "USE_MMA=0"))
 SWEEP = ((64, 512, 32), (64, 8192, 32), (16, 2048, 32), (1, 8192, 32), (256, 1024, 32), (64, 2048, 64))
 
 
 def decode_sweep() -> list[dict[str, Any]]:
     out = []
     for b, ctx, h in SWEEP:  # h 64 over 8 KV heads: 8 query heads per KV head (Llama-70B's ratio)
-        variants = ((None, 512), (4, 512), (1, 512)) if h == 64 else ((None, 512), (1, 512))
+        variants = ((None, 512), (4, 512), (None, 512, "USE_MMA=0")) if h == 64 else ((None, 512), (None, 512, "USE_MMA=0"))
         out.append(decode_case(b, ctx, h=h, variants=variants))
         torch.cuda.empty_cache()
+    out.append(decode_case(64, 2048, variants=((None, 512), (None, 512, "USE_MMA=0")), dt=torch.bfloat16))
     return out
 
 
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     res: dict[str, Any] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                cuda=torch.version.cuda, errors={})
-    compare = ((None, 512, 4, 4, 4, args.compare_source),) if args.compare_source else ()
+    compare = ((None, 512, None, args.compare_source),) if args.compare_source else ()
     stages: list[tuple[str, Callable[[], Any]]] = [
         ("copy_gbs", copy_bandwidth_gbs),
         ("decode", lambda: decode_case(64, 2048, variants=MAIN_VARIANTS + compare)),
@@ -337,17 +339,17 @@ def report(res: dict[str, Any]) -> None:
             print(f"goal decode >= {DECODE_GOAL:.0%} of copy bandwidth: {frac:.0%} {ok}")
     cases = ([dec] if dec else []) + res.get("decode_sweep", [])
     if cases:
-        print("\ndecode kernel, fp16, 8 KV heads, D 128, block 16 (GB/s of K/V read once; group = query heads a block)")
-        print(f"{'batch':>6} {'context':>8} {'heads':>6} {'group':>6} {'split':>6} {'warps':>6} {'unroll':>6} "
-              f"{'stages':>6} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'max err':>9}")
+        print("\ndecode kernel, 8 KV heads, D 128, block 16 (GB/s of K/V read once; group = query heads a block)")
+        print(f"{'dtype':>8} {'batch':>6} {'context':>8} {'heads':>6} {'group':>6} {'split':>6} "
+              f"{'ms':>8} {'GB/s':>7} {'of copy':>8} {'max err':>9}  build")
         for c in cases:
             for v in c["variants"]:
                 frac = f"{v['kernel_gbs'] / copy:.0%}" if copy else "-"
-                src = "" if v["source"] == "built-in" else f"  ({v['source']})"
-                print(f"{c['batch']:>6} {c['context']:>8} {c['heads']:>6} {v['group']:>6} {v['partition_size']:>6} "
-                      f"{v['num_warps']:>6} {v['unroll']:>6} {v['stages']:>6} {v['kernel_ms']:>8.3f} "
-                      f"{v['kernel_gbs']:>7.0f} {frac:>8} {v['max_abs_err_vs_reference']:>9.1e}{src}")
-            print(f"{c['batch']:>6} {c['context']:>8} {c['heads']:>6} {'SDPA':>6} {'-':>6} {'':>6} {'':>6} {'':>6} "
+                build = " ".join(x for x in (v["build"], v["source"]) if x != "built-in") or "built-in"
+                print(f"{c['dtype']:>8} {c['batch']:>6} {c['context']:>8} {c['heads']:>6} {v['group']:>6} "
+                      f"{v['partition_size']:>6} {v['kernel_ms']:>8.3f} "
+                      f"{v['kernel_gbs']:>7.0f} {frac:>8} {v['max_abs_err_vs_reference']:>9.1e}  {build}")
+            print(f"{c['dtype']:>8} {c['batch']:>6} {c['context']:>8} {c['heads']:>6} {'SDPA':>6} {'-':>6} "
                   f"{c['sdpa_contiguous_ms']:>8.3f} "
                   f"{c['sdpa_contiguous_gbs']:>7.0f}")
     if "agreement_max_abs_logit_diff_fp32" in res:
@@ -376,11 +378,11 @@ def draw(res: dict[str, Any], path: str) -> None:
     labels, vals, colors = [], [], []
     for c in cases:
         for v in c["variants"]:
-            labels.append(f"{c['batch']}x{c['context']} g{v['group']}\np{v['partition_size']} "
-                          f"w{v['num_warps']} u{v['unroll']} s{v['stages']}")
+            build = " ".join(x for x in (v["build"], v["source"]) if x != "built-in")
+            labels.append(f"{c['dtype']} {c['batch']}x{c['context']}x{c['heads']}h g{v['group']} p{v['partition_size']}\n{build}")
             vals.append(v["kernel_gbs"])
-            colors.append("tab:blue" if v["group"] > 1 else "tab:gray")
-        labels.append(f"{c['batch']}x{c['context']}\nSDPA")
+            colors.append("tab:gray" if "USE_MMA=0" in v["build"] or v["source"] != "built-in" else "tab:blue")
+        labels.append(f"{c['dtype']} {c['batch']}x{c['context']}x{c['heads']}h\nSDPA")
         vals.append(c["sdpa_contiguous_gbs"])
         colors.append("tab:orange")
     ax1.bar(range(len(vals)), vals, color=colors)

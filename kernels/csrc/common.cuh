@@ -83,4 +83,64 @@ __device__ __forceinline__ void cp_async_commit() {}
 template <int N> __device__ __forceinline__ void cp_async_wait() {}
 #endif
 
+// Tensor-core helpers (sm_80+) for 16-bit T (Half or BF16): registers hold two 16-bit values
+// (low half first). mma_16816 / mma_1688: D = A * B + D with fp32 accumulation, the row.col
+// layouts of the PTX ISA (A 16 x K row-major, B K x 8 column-major, C/D 16 x 8; lane = 4 *
+// groupID + threadID_in_group). ldmatrix_x4: four 8 x 8 16-bit matrices; lane l gives the row
+// address of row l % 8 of matrix l / 8; with `trans` each matrix arrives transposed.
+template <typename T> struct MmaName;
+template <> struct MmaName<Half> { static constexpr bool bf16 = false; };
+template <> struct MmaName<BF16> { static constexpr bool bf16 = true; };
+
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  return (unsigned)from_f<T>(lo).x | ((unsigned)from_f<T>(hi).x << 16);
+}
+template <typename T> __device__ __forceinline__ unsigned pack2_bits(T lo, T hi) {
+  return (unsigned)lo.x | ((unsigned)hi.x << 16);
+}
+
+#ifndef MESHGATE_EMULATE
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+template <typename T> __device__ __forceinline__ void mma_16816(float* c, const unsigned* a, const unsigned* b) {
+  if (MmaName<T>::bf16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <typename T> __device__ __forceinline__ void mma_1688(float* c, const unsigned* a, unsigned b) {
+  if (MmaName<T>::bf16)
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(b));
+  else
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(b));
+}
+template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* row) {
+  if (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)) : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)) : "memory");
+}
+#else
+template <typename T> __device__ __forceinline__ void mma_16816(float* c, const unsigned* a, const unsigned* b) {
+  emu_mma(c, a, 4, b, 2, 16, MmaName<T>::bf16);
+}
+template <typename T> __device__ __forceinline__ void mma_1688(float* c, const unsigned* a, unsigned b) {
+  emu_mma(c, a, 2, &b, 1, 8, MmaName<T>::bf16);
+}
+template <bool TRANS> __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* row) {
+  emu_ldmatrix_x4(r, row, TRANS);
+}
+#endif
+
 #endif  // MESHGATE_COMMON_CUH

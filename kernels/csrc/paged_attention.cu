@@ -16,10 +16,16 @@
 #define NUM_WARPS 4
 #endif
 #ifndef UNROLL  // tokens per lane group per tile
-#define UNROLL 2
+#define UNROLL 4
 #endif
 #ifndef STAGES  // tiles in the shared-memory ring (STAGES - 1 in flight while one is computed)
-#define STAGES 4
+#define STAGES 2
+#endif
+#ifndef MMA_STAGES  // the same for the tensor-core path
+#define MMA_STAGES 2
+#endif
+#ifndef USE_MMA  // 16-bit types on the tensor cores (0: every type on the CUDA cores)
+#define USE_MMA 1
 #endif
 
 // N consecutive elements copied as one 16-byte vector: the cache is 16-byte aligned and every
@@ -61,6 +67,41 @@ __device__ __forceinline__ float group_sum(float v) {
   return v;
 }
 
+// The end of a block: SLOTS partial softmaxes of G heads merged. sh holds m [SLOTS][G], then
+// l [SLOTS][G], then acc [SLOTS][G][D]: SLOTS * G * (D + 2) floats.
+// Thread j owns output elements j, j + blockDim.x, ... of the G x D tile; with one partition it
+// writes the row's output, else the partition's (acc, max, sum) for paged_attention_reduce.
+template <typename T, int D, int G, int SLOTS>
+__device__ __forceinline__ void merge_slots(const float* sh, T* __restrict__ out, float* __restrict__ tmp_out,
+                                            float* __restrict__ tmp_ml, int row, int h0, int num_heads) {
+  const float* sh_m = sh;
+  const float* sh_l = sh + SLOTS * G;
+  const float* sh_acc = sh + 2 * SLOTS * G;
+  const int part = blockIdx.z, num_parts = gridDim.z;
+  for (int j = threadIdx.x; j < G * D; j += blockDim.x) {
+    const int g = j / D, d = j % D;
+    float gm = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < SLOTS; ++w) gm = fmaxf(gm, sh_m[w * G + g]);
+    float a = 0.f, gl = 0.f;
+#pragma unroll
+    for (int w = 0; w < SLOTS; ++w) {
+      const float mw = sh_m[w * G + g];
+      const float f = mw == NEG_INF ? 0.f : expf(mw - gm);
+      a += sh_acc[(w * G + g) * D + d] * f;
+      gl += sh_l[w * G + g] * f;
+    }
+    const i64 out_row = (i64)row * num_heads + h0 + g;
+    if (num_parts == 1) {
+      out[out_row * D + d] = from_f<T>(gl > 0.f ? a / gl : 0.f);  // ctx 0 (a padded row): zeros
+    } else {
+      const i64 pi = out_row * num_parts + part;
+      tmp_out[pi * D + d] = a;
+      if (d == 0) { tmp_ml[pi * 2] = gm; tmp_ml[pi * 2 + 1] = gl; }
+    }
+  }
+}
+
 // One block computes G query heads of one row that share a KV head (GQA): each K/V row is read
 // once for all G heads, not once per head. G = 1 is one head per block.
 //
@@ -86,11 +127,11 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
   static_assert(CHUNKS % (NUM_WARPS * 32) == 0, "every thread copies the same number of chunks");
   // The ring of tiles, then (reused once the loop is done) the slots' (m, l, acc) for the merge.
   constexpr int RING = STAGES * 2 * CHUNKS;              // in 16-byte units
-  constexpr int MERGE = (SLOTS * G * (D + 2) + 3) / 4;  // floats, in 16-byte units
+  constexpr int MERGE = (SLOTS * G * (D + 2) + 3) / 4;  // merge_slots' floats, in 16-byte units
   __shared__ Vec<float, 4> smem[RING > MERGE ? RING : MERGE];
   Vec<T, EPL>* ring = reinterpret_cast<Vec<T, EPL>*>(smem);  // [stage][K or V][token][TPG]
 
-  const int h0 = blockIdx.x * G, row = blockIdx.y, part = blockIdx.z, num_parts = gridDim.z;
+  const int h0 = blockIdx.x * G, row = blockIdx.y, part = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int slot = warp * TPW + lane / TPG, sub = lane % TPG;
   int seq, ctx;
@@ -177,40 +218,149 @@ __device__ void attn_row(T* __restrict__ out, float* __restrict__ tmp_out, float
   cp_async_wait<0>();  // (only empty groups can be left; the ring memory is reused below)
   __syncthreads();
 
-  float* sh_m = reinterpret_cast<float*>(smem);  // [SLOTS][G]
-  float* sh_l = sh_m + SLOTS * G;                // [SLOTS][G]
-  float* sh_acc = sh_l + SLOTS * G;              // [SLOTS][G][D]
+  float* sh = reinterpret_cast<float*>(smem);
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    if (sub == 0) { sh_m[slot * G + g] = m[g]; sh_l[slot * G + g] = l[g]; }
+    if (sub == 0) { sh[slot * G + g] = m[g]; sh[(SLOTS + slot) * G + g] = l[g]; }
 #pragma unroll
-    for (int i = 0; i < EPL; ++i) sh_acc[(slot * G + g) * D + sub * EPL + i] = acc[g][i];
+    for (int i = 0; i < EPL; ++i) sh[2 * SLOTS * G + (slot * G + g) * D + sub * EPL + i] = acc[g][i];
   }
   __syncthreads();
+  merge_slots<T, D, G, SLOTS>(sh, out, tmp_out, tmp_ml, row, h0, p.num_heads);
+}
 
-  // Merge the slots: thread j owns output elements j, j + blockDim.x, ... of the G x D tile.
-  for (int j = threadIdx.x; j < G * D; j += blockDim.x) {
-    const int g = j / D, d = j % D;
-    float gm = NEG_INF;
+// The tensor-core path for 16-bit T (fp16, bf16): the same block (G heads of one row over one
+// partition) with S = Q K^T and O += P V as mma.sync (fp32 accumulation). Q's G heads are the
+// rows of A (rows G..15 are zero); each warp takes 8 tokens of every TILE-token tile (one n-tile
+// of S, one k-step of P V). K/V tiles stream through shared memory with cp.async, MMA_STAGES - 1
+// ahead; rows are padded by 16 bytes so ldmatrix's 8 row addresses fall in distinct banks. P is
+// rounded to T for the P V product (as flash attention does).
+template <typename T, int D, int G>
+__device__ void attn_row_mma(T* __restrict__ out, float* __restrict__ tmp_out, float* __restrict__ tmp_ml,
+                             const T* __restrict__ q, const T* __restrict__ cache,
+                             const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                             const int* __restrict__ qsl, AttnParams p) {
+  static_assert(G <= 8 && D % 32 == 0, "heads are the 8 rows a lane group holds; D in 32-column steps");
+  constexpr int EPL = 16 / sizeof(T);
+  constexpr int TOK = 8;                       // tokens per warp per tile
+  constexpr int TILE = NUM_WARPS * TOK;
+  constexpr int PITCH = D + EPL;               // elements per shared row (16 bytes of padding)
+  constexpr int ROW_CHUNKS = D / EPL;          // 16-byte pieces of a row
+  constexpr int STAGE = 2 * TILE * PITCH;      // elements: K rows, then V rows
+  constexpr int RING = MMA_STAGES * STAGE * sizeof(T) / 16;  // in 16-byte units
+  constexpr int MERGE = (NUM_WARPS * G * (D + 2) + 3) / 4;
+  __shared__ Vec<float, 4> smem[RING > MERGE ? RING : MERGE];
+  T* ring = reinterpret_cast<T*>(smem);
+
+  const int h0 = blockIdx.x * G, row = blockIdx.y, part = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;  // mma fragment row (= head gid) and column pair
+  int seq, ctx;
+  row_extent(seq_lens, qsl, row, p.num_seqs, &seq, &ctx);
+  const int kvh = h0 / (p.num_heads / p.num_kv_heads);
+  const int t0 = part * p.partition_size;
+  const int t1 = min(ctx, t0 + p.partition_size);
+  const int num_tiles = t1 > t0 ? (t1 - t0 + TILE - 1) / TILE : 0;
+
+  // A fragments of Q (m16n8k16): this lane's registers 0 and 2 (row gid, columns 2 tig (+8));
+  // registers 1 and 3 are rows 8-15: zero. The bits are copied: q is not rounded again.
+  unsigned qa[D / 16][2];
+  const T* qrow = q + (i64)row * p.q_stride + (i64)(h0 + min(gid, G - 1)) * D;
 #pragma unroll
-    for (int w = 0; w < SLOTS; ++w) gm = fmaxf(gm, sh_m[w * G + g]);
-    float a = 0.f, gl = 0.f;
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const int d = ks * 16 + tig * 2;
+    qa[ks][0] = gid < G ? pack2_bits(qrow[d], qrow[d + 1]) : 0u;
+    qa[ks][1] = gid < G ? pack2_bits(qrow[d + 8], qrow[d + 9]) : 0u;
+  }
+  float o[D / 8][4];  // C fragments of O: row gid (head), columns 8 n + 2 tig (+1); rows 8-15 unused
 #pragma unroll
-    for (int w = 0; w < SLOTS; ++w) {
-      const float mw = sh_m[w * G + g];
-      const float f = mw == NEG_INF ? 0.f : expf(mw - gm);
-      a += sh_acc[(w * G + g) * D + d] * f;
-      gl += sh_l[w * G + g] * f;
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m = NEG_INF, l = 0.f;  // head gid's running max, and this lane's share of the sum
+
+  const int* bt = block_table + (i64)seq * p.max_blocks;
+  const i64 tok_stride = (i64)p.num_kv_heads * D;
+  auto load_tile = [&](int tile) {
+    T* dst = ring + (tile % MMA_STAGES) * STAGE;
+#pragma unroll
+    for (int c = threadIdx.x; c < TILE * ROW_CHUNKS; c += NUM_WARPS * 32) {
+      const int tok = c / ROW_CHUNKS, piece = c % ROW_CHUNKS;
+      const int tt = t0 + tile * TILE + tok;
+      const bool valid = tt < t1;
+      const i64 block = valid ? bt[tt / p.block_size] : 0;
+      const i64 off = (block * p.block_size + tt % p.block_size) * tok_stride + (i64)kvh * D + piece * EPL;
+      cp_async16(dst + tok * PITCH + piece * EPL, cache + off, valid);
+      cp_async16(dst + (TILE + tok) * PITCH + piece * EPL, cache + p.kv_stride + off, valid);
     }
-    const i64 out_row = (i64)row * p.num_heads + h0 + g;
-    if (num_parts == 1) {
-      out[out_row * D + d] = from_f<T>(gl > 0.f ? a / gl : 0.f);  // ctx 0 (a padded row): zeros
-    } else {
-      const i64 pi = out_row * num_parts + part;
-      tmp_out[pi * D + d] = a;
-      if (d == 0) { tmp_ml[pi * 2] = gm; tmp_ml[pi * 2 + 1] = gl; }
+  };
+#pragma unroll
+  for (int s = 0; s < MMA_STAGES - 1; ++s) {
+    if (s < num_tiles) load_tile(s);
+    cp_async_commit();
+  }
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    if (tile + MMA_STAGES - 1 < num_tiles) load_tile(tile + MMA_STAGES - 1);
+    cp_async_commit();
+    cp_async_wait<MMA_STAGES - 1>();
+    __syncthreads();
+    const T* ks_ = ring + (tile % MMA_STAGES) * STAGE + warp * TOK * PITCH;  // this warp's 8 K rows
+    const T* vs_ = ks_ + TILE * PITCH;                                     // and V rows
+    // S (8 heads x 8 tokens) = Q K^T over D: ldmatrix.x4 gives B fragments for two k-steps.
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kk = 0; kk < D / 32; ++kk) {
+      unsigned b[4];
+      ldmatrix_x4<false>(b, ks_ + (lane % 8) * PITCH + kk * 32 + (lane / 8) * 8);
+      const unsigned a0[4] = {qa[2 * kk][0], 0u, qa[2 * kk][1], 0u};
+      const unsigned a1[4] = {qa[2 * kk + 1][0], 0u, qa[2 * kk + 1][1], 0u};
+      mma_16816<T>(sc, a0, b);
+      mma_16816<T>(sc, a1, b + 2);
+    }
+    // Online softmax of head gid over this lane's two tokens; the quad (4 lanes) shares the head.
+    const int tt = t0 + tile * TILE + warp * TOK + tig * 2;
+    const float s0 = tt < t1 ? sc[0] * p.scale : NEG_INF;
+    const float s1 = tt + 1 < t1 ? sc[1] * p.scale : NEG_INF;
+    float mx = fmaxf(s0, s1);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float corr = m_new == NEG_INF ? 1.f : expf(m - m_new);  // 0 at the first token
+    const float p0 = s0 == NEG_INF ? 0.f : expf(s0 - m_new);
+    const float p1 = s1 == NEG_INF ? 0.f : expf(s1 - m_new);
+    l = l * corr + p0 + p1;
+    m = m_new;
+    // O = O * corr + P V: P (8 heads x 8 tokens) is the A fragment of m16n8k8 as it stands in sc.
+    const unsigned pa[2] = {pack2<T>(p0, p1), 0u};
+#pragma unroll
+    for (int nb = 0; nb < D / 32; ++nb) {
+      unsigned b[4];
+      ldmatrix_x4<true>(b, vs_ + (lane % 8) * PITCH + nb * 32 + (lane / 8) * 8);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float* c = o[nb * 4 + j];
+        c[0] *= corr;
+        c[1] *= corr;
+        mma_1688<T>(c, pa, b[j]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  float* sh = reinterpret_cast<float*>(smem);
+  if (gid < G) {
+    if (tig == 0) { sh[warp * G + gid] = m; sh[(NUM_WARPS + warp) * G + gid] = l; }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      float* a = sh + 2 * NUM_WARPS * G + (warp * G + gid) * D + n * 8 + tig * 2;
+      a[0] = o[n][0];
+      a[1] = o[n][1];
     }
   }
+  __syncthreads();
+  merge_slots<T, D, G, NUM_WARPS>(sh, out, tmp_out, tmp_ml, row, h0, p.num_heads);
 }
 
 // Grid (H, R); D threads. tmp_out (R, H, P, D) fp32, tmp_ml (R, H, P, 2) fp32 -> out (R, H, D).
@@ -232,6 +382,17 @@ __device__ void attn_reduce(T* __restrict__ out, const float* __restrict__ tmp_o
   out[out_row * D + d] = from_f<T>(gl > 0.f ? a / gl : 0.f);
 }
 
+// 16-bit types on the tensor cores, fp32 on the CUDA cores.
+template <typename T, int D, int G>
+__device__ __forceinline__ void attn_dispatch(T* out, float* tmp_out, float* tmp_ml, const T* q, const T* cache,
+                                              const int* block_table, const int* seq_lens, const int* qsl,
+                                              AttnParams p) {
+  if constexpr (sizeof(T) == 2 && USE_MMA)
+    attn_row_mma<T, D, G>(out, tmp_out, tmp_ml, q, cache, block_table, seq_lens, qsl, p);
+  else
+    attn_row<T, D, G>(out, tmp_out, tmp_ml, q, cache, block_table, seq_lens, qsl, p);
+}
+
 #define INSTANTIATE_G(T, NAME, D, G)                                                                \
   extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32, 2)                                   \
       paged_attention_##NAME##_d##D##_g##G(T* out, float* tmp_out, float* tmp_ml, const T* q,      \
@@ -241,7 +402,7 @@ __device__ void attn_reduce(T* __restrict__ out, const float* __restrict__ tmp_o
                                     int partition_size, float scale) {                             \
     const AttnParams p = {kv_stride, q_stride, num_heads, num_kv_heads, block_size, max_blocks,    \
                           num_seqs, partition_size, scale};                                         \
-    attn_row<T, D, G>(out, tmp_out, tmp_ml, q, cache, block_table, seq_lens, qsl, p);              \
+    attn_dispatch<T, D, G>(out, tmp_out, tmp_ml, q, cache, block_table, seq_lens, qsl, p);         \
   }
 
 #define INSTANTIATE(T, NAME, D)                                                                     \

@@ -20,6 +20,8 @@
 struct emu_uint3 { unsigned x, y, z; };
 struct emu_warp_t {
   float vals[32];
+  const void* ptrs[32];     // ldmatrix row addresses
+  unsigned regs[32][6];     // mma fragments: A (up to 4 registers), then B (up to 2)
   std::barrier<> bar{32};
 };
 inline thread_local emu_uint3 threadIdx, blockIdx, blockDim, gridDim;
@@ -50,6 +52,54 @@ inline unsigned short emu_float_to_bf16(float v) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
   return (unsigned short)(u >> 16);
+}
+
+inline float emu_16_to_float(unsigned bits, bool bf16) {
+  if (bf16) return __uint_as_float(bits << 16);
+  return emu_half_to_float((unsigned short)bits);
+}
+inline unsigned emu_half16(unsigned reg, int which) { return (reg >> (16 * which)) & 0xffffu; }
+
+// mma.sync m16n8kK (K = 16: A in 4 registers, B in 2; K = 8: A in 2, B in 1), fp32 accumulate:
+// the whole warp publishes its fragments, then each lane computes its four C elements.
+inline void emu_mma(float* c, const unsigned* a, int na, const unsigned* b, int nb, int K, bool bf16) {
+  const unsigned lane = threadIdx.x & 31;
+  for (int i = 0; i < na; ++i) emu_warp->regs[lane][i] = a[i];
+  for (int i = 0; i < nb; ++i) emu_warp->regs[lane][4 + i] = b[i];
+  emu_warp->bar.arrive_and_wait();
+  const int gid = lane / 4, tig = lane % 4;
+  float out[4];
+  for (int idx = 0; idx < 4; ++idx) {
+    const int row = gid + (idx >= 2 ? 8 : 0), col = tig * 2 + idx % 2;
+    float sum = c[idx];
+    for (int k = 0; k < K; ++k) {
+      // A: lane (row % 8) * 4 + (k % 8) / 2; register (row >= 8) + 2 * (k >= 8); half k % 2
+      const unsigned ar = emu_warp->regs[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+      // B: lane col * 4 + (k % 8) / 2; register k >= 8; half k % 2
+      const unsigned br = emu_warp->regs[col * 4 + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)];
+      sum += emu_16_to_float(emu_half16(ar, k % 2), bf16) * emu_16_to_float(emu_half16(br, k % 2), bf16);
+    }
+    out[idx] = sum;
+  }
+  emu_warp->bar.arrive_and_wait();
+  for (int idx = 0; idx < 4; ++idx) c[idx] = out[idx];
+}
+
+// ldmatrix.sync m8n8.x4 (.trans): matrix j's rows come from lanes 8j..8j+7.
+inline void emu_ldmatrix_x4(unsigned* r, const void* row, bool trans) {
+  const unsigned lane = threadIdx.x & 31;
+  emu_warp->ptrs[lane] = row;
+  emu_warp->bar.arrive_and_wait();
+  const int gid = lane / 4, tig = lane % 4;
+  for (int j = 0; j < 4; ++j) {
+    unsigned short v[2];
+    for (int h = 0; h < 2; ++h) {
+      const int rr = trans ? tig * 2 + h : gid, cc = trans ? gid : tig * 2 + h;
+      v[h] = static_cast<const unsigned short*>(emu_warp->ptrs[j * 8 + rr])[cc];
+    }
+    r[j] = v[0] | ((unsigned)v[1] << 16);
+  }
+  emu_warp->bar.arrive_and_wait();
 }
 
 template <typename... A, std::size_t... I>
