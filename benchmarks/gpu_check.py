@@ -71,7 +71,8 @@ class VariantLibrary:
 
         self.lib = K.library(torch.device("cuda"))
         settings = dict(kv.split("=") for kv in build.split())
-        self.num_warps = int(settings.get("NUM_WARPS", K.NUM_WARPS))
+        self.warps = int(settings.get("NUM_WARPS", K.NUM_WARPS)), int(settings.get("MMA_WARPS", K.MMA_WARPS))
+        self.mma = settings.get("USE_MMA", "1") != "0"
         self.defines = "".join(f"#define {k} {v}\n" for k, v in settings.items())
         self.root = Path(source_dir) if source_dir else K.CSRC
         self.kernels: dict[str, Any] = {}
@@ -87,7 +88,8 @@ class VariantLibrary:
             obj = cc.Program(self.defines + K.load_source(file, self.root), "c++", options=opts).compile("cubin")
             self.module = cc.ObjectCode.from_cubin(bytes(obj.code))
         k = self.kernels.get(name) or self.kernels.setdefault(name, self.module.get_kernel(name))
-        cc.launch(self.lib.stream(), cc.LaunchConfig(grid=grid, block=self.num_warps * 32), k, *args)
+        mma = self.mma and "float32" not in name and not name.endswith("_g1")  # paged_attention.cu's dispatch
+        cc.launch(self.lib.stream(), cc.LaunchConfig(grid=grid, block=self.warps[mma] * 32), k, *args)
 
 
 def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: int = 16,
@@ -145,10 +147,9 @@ def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: i
 # The goal's case first (the launcher's defaults), then one head per block (the GQA K/V re-read
 # the grouping avoids) and other split sizes; then other shapes with the defaults vs one head.
 # The goal's case first (the launcher's defaults: fp16 on the tensor cores), then other head
-# groupings, split sizes and builds (CUDA cores: USE_MMA=0); then other shapes with the defaults.
-MAIN_VARIANTS = ((None, 512), (1, 512), (None, 256), (None, 1024), (None, 2048),
-                 (None, 512, "NUM_WARPS=2"), (None, 512, "NUM_WARPS=2 MMA_STAGES=4"),
-                 (None, 512, "USE_MMA=0"), (1, 512, "USE_MMA=0"))
+# groupings, split sizes and builds (all on the CUDA cores: USE_MMA=0); then other shapes.
+MAIN_VARIANTS = ((None, 512), (1, 512), (None, 1024), (None, 512, "MMA_STAGES=4"), (None, 512, "MMA_WARPS=4"),
+                 (None, 512, "USE_MMA=0"))
 SWEEP = ((64, 512, 32), (64, 8192, 32), (16, 2048, 32), (1, 8192, 32), (256, 1024, 32), (64, 2048, 64))
 
 

@@ -24,7 +24,8 @@ CACHE_DIR = Path(os.path.expanduser("~/.cache/meshgate/cubins"))
 HEAD_SIZES = (64, 128)
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
-NUM_WARPS = 4  # paged_attention.cu's NUM_WARPS
+NUM_WARPS = 4  # paged_attention.cu's NUM_WARPS (CUDA cores) and MMA_WARPS (tensor cores)
+MMA_WARPS = 2
 PARTITION_SIZE = 512  # tokens per split-context partition
 HEAD_GROUPS = (8, 4, 2, 1)  # query heads per attention block (paged_attention.cu's instantiations)
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
@@ -148,6 +149,12 @@ def head_group(num_heads: int, num_kv_heads: int) -> int:
     each K/V row is read once for all of them."""
     ratio = num_heads // num_kv_heads
     return next(g for g in HEAD_GROUPS if ratio % g == 0)
+
+
+def attention_threads(dtype: torch.dtype, group: int) -> int:
+    """Threads of an attention block: paged_attention.cu runs 16-bit types with more than one head
+    a block on the tensor cores (MMA_WARPS), the rest on the CUDA cores (NUM_WARPS)."""
+    return (MMA_WARPS if dtype != torch.float32 and group > 1 else NUM_WARPS) * 32
 
 
 # -- cuda.core (lazy) -------------------------------------------------------------------------
@@ -310,7 +317,7 @@ def paged_attention(
         tmp_ml = torch.empty((rows, heads, parts, 2), dtype=torch.float32, device=q.device)
     lib, name = library(q.device), f"{DTYPE_NAMES[q.dtype]}_d{d}"
     lib.launch(
-        "paged_attention.cu", f"paged_attention_{name}_g{g}", (heads // g, rows, parts), NUM_WARPS * 32,
+        "paged_attention.cu", f"paged_attention_{name}_g{g}", (heads // g, rows, parts), attention_threads(q.dtype, g),
         _p(out), _p(tmp_out), _p(tmp_ml), _p(q), _p(kv_cache), _p(block_table), _p(seq_lens),
         _p(query_start_loc), _i64(nb * bs * kvh * d), _i64(q.stride(0)), _i32(heads), _i32(kvh), _i32(bs),
         _i32(block_table.shape[1]), _i32(block_table.shape[0]), _i32(partition_size), _f32(scale),

@@ -7,12 +7,12 @@
 // block_table (B, max_blocks) int32, seq_lens (B,) int32, query_start_loc (B+1,) int32 or null
 // Scalars are passed one by one (no struct) so any launcher can marshal them.
 // Grid (H / G, R, num_partitions): a block takes G heads that share a KV head (G in 1, 2, 4, 8);
-// NUM_WARPS warps, each reading 1-4 tokens per load (lane groups, see attn_row).
+// NUM_WARPS warps on the CUDA cores (attn_row), MMA_WARPS on the tensor cores (attn_row_mma).
 // With num_partitions > 1 each block writes an unnormalised partial (acc, max, sum) to tmp_* and
 // paged_attention_reduce combines them (split-context for long sequences).
 #include "common.cuh"
 
-#ifndef NUM_WARPS  // (benchmarks/gpu_check.py times other values of these three)
+#ifndef NUM_WARPS  // the CUDA-core path's warps (benchmarks/gpu_check.py times other values of these)
 #define NUM_WARPS 4
 #endif
 #ifndef UNROLL  // tokens per lane group per tile
@@ -21,10 +21,13 @@
 #ifndef STAGES  // tiles in the shared-memory ring (STAGES - 1 in flight while one is computed)
 #define STAGES 2
 #endif
-#ifndef MMA_STAGES  // the same for the tensor-core path
+#ifndef MMA_WARPS  // the tensor-core path's warps (kernels/launcher.py's MMA_WARPS)
+#define MMA_WARPS 2
+#endif
+#ifndef MMA_STAGES  // its ring of tiles
 #define MMA_STAGES 2
 #endif
-#ifndef USE_MMA  // 16-bit types on the tensor cores (0: every type on the CUDA cores)
+#ifndef USE_MMA  // 16-bit types with G > 1 on the tensor cores (0: everything on the CUDA cores)
 #define USE_MMA 1
 #endif
 
@@ -243,12 +246,12 @@ __device__ void attn_row_mma(T* __restrict__ out, float* __restrict__ tmp_out, f
   static_assert(G <= 8 && D % 32 == 0, "heads are the 8 rows a lane group holds; D in 32-column steps");
   constexpr int EPL = 16 / sizeof(T);
   constexpr int TOK = 8;                       // tokens per warp per tile
-  constexpr int TILE = NUM_WARPS * TOK;
+  constexpr int TILE = MMA_WARPS * TOK;
   constexpr int PITCH = D + EPL;               // elements per shared row (16 bytes of padding)
   constexpr int ROW_CHUNKS = D / EPL;          // 16-byte pieces of a row
   constexpr int STAGE = 2 * TILE * PITCH;      // elements: K rows, then V rows
   constexpr int RING = MMA_STAGES * STAGE * sizeof(T) / 16;  // in 16-byte units
-  constexpr int MERGE = (NUM_WARPS * G * (D + 2) + 3) / 4;
+  constexpr int MERGE = (MMA_WARPS * G * (D + 2) + 3) / 4;
   __shared__ Vec<float, 4> smem[RING > MERGE ? RING : MERGE];
   T* ring = reinterpret_cast<T*>(smem);
 
@@ -282,7 +285,7 @@ __device__ void attn_row_mma(T* __restrict__ out, float* __restrict__ tmp_out, f
   auto load_tile = [&](int tile) {
     T* dst = ring + (tile % MMA_STAGES) * STAGE;
 #pragma unroll
-    for (int c = threadIdx.x; c < TILE * ROW_CHUNKS; c += NUM_WARPS * 32) {
+    for (int c = threadIdx.x; c < TILE * ROW_CHUNKS; c += MMA_WARPS * 32) {
       const int tok = c / ROW_CHUNKS, piece = c % ROW_CHUNKS;
       const int tt = t0 + tile * TILE + tok;
       const bool valid = tt < t1;
@@ -351,16 +354,16 @@ __device__ void attn_row_mma(T* __restrict__ out, float* __restrict__ tmp_out, f
   l += __shfl_xor_sync(0xffffffffu, l, 2);
   float* sh = reinterpret_cast<float*>(smem);
   if (gid < G) {
-    if (tig == 0) { sh[warp * G + gid] = m; sh[(NUM_WARPS + warp) * G + gid] = l; }
+    if (tig == 0) { sh[warp * G + gid] = m; sh[(MMA_WARPS + warp) * G + gid] = l; }
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
-      float* a = sh + 2 * NUM_WARPS * G + (warp * G + gid) * D + n * 8 + tig * 2;
+      float* a = sh + 2 * MMA_WARPS * G + (warp * G + gid) * D + n * 8 + tig * 2;
       a[0] = o[n][0];
       a[1] = o[n][1];
     }
   }
   __syncthreads();
-  merge_slots<T, D, G, NUM_WARPS>(sh, out, tmp_out, tmp_ml, row, h0, p.num_heads);
+  merge_slots<T, D, G, MMA_WARPS>(sh, out, tmp_out, tmp_ml, row, h0, p.num_heads);
 }
 
 // Grid (H, R); D threads. tmp_out (R, H, P, D) fp32, tmp_ml (R, H, P, 2) fp32 -> out (R, H, D).
@@ -382,12 +385,13 @@ __device__ void attn_reduce(T* __restrict__ out, const float* __restrict__ tmp_o
   out[out_row * D + d] = from_f<T>(gl > 0.f ? a / gl : 0.f);
 }
 
-// 16-bit types on the tensor cores, fp32 on the CUDA cores.
+// 16-bit types with several heads a block on the tensor cores (one head would use 1 row of 16);
+// fp32 and single heads on the CUDA cores. kernels/launcher.py's attention_threads mirrors this.
 template <typename T, int D, int G>
 __device__ __forceinline__ void attn_dispatch(T* out, float* tmp_out, float* tmp_ml, const T* q, const T* cache,
                                               const int* block_table, const int* seq_lens, const int* qsl,
                                               AttnParams p) {
-  if constexpr (sizeof(T) == 2 && USE_MMA)
+  if constexpr (sizeof(T) == 2 && USE_MMA && G > 1)
     attn_row_mma<T, D, G>(out, tmp_out, tmp_ml, q, cache, block_table, seq_lens, qsl, p);
   else
     attn_row<T, D, G>(out, tmp_out, tmp_ml, q, cache, block_table, seq_lens, qsl, p);
