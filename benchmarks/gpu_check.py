@@ -1,18 +1,20 @@
 """GPU check of the cuda runner's kernels (run by benchmarks/gpu_check.sh on a GPU machine).
 
-    python -m benchmarks.gpu_check [--quick] [--json PATH]
+    python -m benchmarks.gpu_check [--quick] [--json PATH] [--compare-source DIR]
 
 Timings with CUDA events (median of repeats):
   copy       device-to-device copy bandwidth (the roofline for a memory-bound kernel),
   decode     our paged-attention decode at batch 64 x 2k context (fp16, 32 heads, 8 KV heads, D 128,
              block 16): achieved bandwidth over the K/V bytes it must read, vs copy and vs torch
-             SDPA on contiguous K/V of the same shape (and the torch reference's gather + SDPA),
+             SDPA on contiguous K/V of the same shape; variants side by side (head grouping, split
+             size, the .cu's build settings, another version of the kernel with --compare-source);
+             then a sweep of other shapes and bf16,
   engine     end-to-end output tokens/s of the cuda vs torch runners at batch 64 on a Llama
              (hidden 2048, 16 layers, GQA 16/4, random weights made on the GPU: nothing downloaded),
              driven by the real scheduler and batch builder with greedy sampling.
 Goals printed: decode >= 60% of copy bandwidth; cuda runner >= 1.5x torch runner.
 Needs only torch and cuda-python (no tokenizer, safetensors or yaml: a missing yaml is stubbed,
-the config loader is not used here).
+the config loader is not used here). With --json it also draws a PNG beside it.
 """
 from __future__ import annotations
 
