@@ -68,6 +68,12 @@ def test_head_group_is_the_most_heads_sharing_a_kv_head() -> None:
     assert [K.head_group(h, kvh) for h, kvh in [(32, 32), (32, 8), (64, 8), (48, 8), (40, 8), (128, 8)]] == [1, 4, 8, 2, 1, 8]
 
 
+def test_attention_threads_follow_the_kernels_dispatch() -> None:
+    """16-bit types with several heads a block run on the tensor cores in MMA_WARPS warps."""
+    assert K.attention_threads(torch.float16, 4) == K.attention_threads(torch.bfloat16, 8) == K.MMA_WARPS * 32
+    assert K.attention_threads(torch.float16, 1) == K.attention_threads(torch.float32, 8) == K.NUM_WARPS * 32
+
+
 def test_valid_decode_args_fail_only_on_device() -> None:
     with pytest.raises(ValueError, match="q: must be on a CUDA device, got cpu"):
         K.paged_attention(**decode_args())
