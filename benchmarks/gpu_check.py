@@ -120,10 +120,8 @@ def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: i
 
         real = K.library
         build, source = (list(rest) + [None, None])[:2]
-        g = K.head_group(h, kvh) if group is None else group
-        size = part or K.auto_partition_size(ctx, b * h // g, K.num_sms(q.device))
-        row = dict(group=g, partition_size=size, split="auto" if part is None else "fixed",
-                   partitions=K.num_partitions(ctx, size), build=build or "built-in", source=source or "built-in")
+        row = dict(group=K.head_group(h, kvh) if group is None else group, partition_size=part,
+                   partitions=K.num_partitions(ctx, part), build=build or "built-in", source=source or "built-in")
         try:
             if build or source:
                 variant = VariantLibrary(build or "", source)
@@ -150,20 +148,20 @@ def decode_case(b: int, ctx: int, h: int = 32, kvh: int = 8, d: int = 128, bs: i
 
 # The goal's case first (the launcher's defaults), then one head per block (the GQA K/V re-read
 # the grouping avoids) and other split sizes; then other shapes with the defaults vs one head.
-# The goal's case first (the launcher's defaults: fp16 on the tensor cores, the split chosen for
-# the batch), then a fixed split, one head a block and other builds (all on the CUDA cores:
-# USE_MMA=0); then other shapes: the defaults, a fixed 512-token split, the CUDA cores.
-MAIN_VARIANTS = ((None, None), (None, 512), (1, None), (None, 512, "MMA_STAGES=4"), (None, 512, "USE_MMA=0"))
+# The goal's case first (the launcher's defaults: fp16 on the tensor cores), then other head
+# groupings, split sizes and builds (all on the CUDA cores: USE_MMA=0); then other shapes.
+MAIN_VARIANTS = ((None, 512), (1, 512), (None, 1024), (None, 512, "MMA_STAGES=4"), (None, 512, "MMA_WARPS=4"),
+                 (None, 512, "USE_MMA=0"))
 SWEEP = ((64, 512, 32), (64, 8192, 32), (16, 2048, 32), (1, 8192, 32), (256, 1024, 32), (64, 2048, 64))
 
 
 def decode_sweep() -> list[dict[str, Any]]:
     out = []
     for b, ctx, h in SWEEP:  # h 64 over 8 KV heads: 8 query heads per KV head (Llama-70B's ratio)
-        variants = ((None, None), (None, 512), (None, None, "USE_MMA=0"))
+        variants = ((None, 512), (4, 512), (None, 512, "USE_MMA=0")) if h == 64 else ((None, 512), (None, 512, "USE_MMA=0"))
         out.append(decode_case(b, ctx, h=h, variants=variants))
         torch.cuda.empty_cache()
-    out.append(decode_case(64, 2048, variants=((None, None), (None, None, "USE_MMA=0")), dt=torch.bfloat16))
+    out.append(decode_case(64, 2048, variants=((None, 512), (None, 512, "USE_MMA=0")), dt=torch.bfloat16))
     return out
 
 
@@ -299,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     res: dict[str, Any] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                cuda=torch.version.cuda, errors={})
-    compare = ((None, None, None, args.compare_source),) if args.compare_source else ()
+    compare = ((None, 512, None, args.compare_source),) if args.compare_source else ()
     stages: list[tuple[str, Callable[[], Any]]] = [
         ("copy_gbs", copy_bandwidth_gbs),
         ("decode", lambda: decode_case(64, 2048, variants=MAIN_VARIANTS + compare)),
@@ -345,16 +343,16 @@ def report(res: dict[str, Any]) -> None:
     cases = ([dec] if dec else []) + res.get("decode_sweep", [])
     if cases:
         print("\ndecode kernel, 8 KV heads, D 128, block 16 (GB/s of K/V read once; group = query heads a block)")
-        print(f"{'dtype':>8} {'batch':>6} {'context':>8} {'heads':>6} {'group':>6} {'split':>10} "
+        print(f"{'dtype':>8} {'batch':>6} {'context':>8} {'heads':>6} {'group':>6} {'split':>6} "
               f"{'ms':>8} {'GB/s':>7} {'of copy':>8} {'max err':>9}  build")
         for c in cases:
             for v in c["variants"]:
                 frac = f"{v['kernel_gbs'] / copy:.0%}" if copy else "-"
                 build = " ".join(x for x in (v["build"], v["source"]) if x != "built-in") or "built-in"
                 print(f"{c['dtype']:>8} {c['batch']:>6} {c['context']:>8} {c['heads']:>6} {v['group']:>6} "
-                      f"{v['split'] + ' ' + str(v['partition_size']):>10} {v['kernel_ms']:>8.3f} "
+                      f"{v['partition_size']:>6} {v['kernel_ms']:>8.3f} "
                       f"{v['kernel_gbs']:>7.0f} {frac:>8} {v['max_abs_err_vs_reference']:>9.1e}  {build}")
-            print(f"{c['dtype']:>8} {c['batch']:>6} {c['context']:>8} {c['heads']:>6} {'SDPA':>6} {'-':>10} "
+            print(f"{c['dtype']:>8} {c['batch']:>6} {c['context']:>8} {c['heads']:>6} {'SDPA':>6} {'-':>6} "
                   f"{c['sdpa_contiguous_ms']:>8.3f} "
                   f"{c['sdpa_contiguous_gbs']:>7.0f}")
     if "agreement_max_abs_logit_diff_fp32" in res:

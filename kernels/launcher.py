@@ -144,32 +144,6 @@ def num_partitions(max_seq_len: int, partition_size: int = PARTITION_SIZE) -> in
     return max(1, -(-max_seq_len // partition_size)) if max_seq_len > partition_size else 1
 
 
-MIN_PARTITION = 64  # tokens: smaller splits cost more in the reduce than they gain
-BLOCKS_PER_SM = 4  # the split aims at this many attention blocks per multiprocessor
-
-
-def auto_partition_size(max_seq_len: int, row_groups: int, num_sms: int) -> int:
-    """Tokens per partition: at most PARTITION_SIZE, and small enough that rows x head groups x
-    partitions fills the GPU (a batch of one long sequence would otherwise run on a few SMs)."""
-    parts = max(num_partitions(max_seq_len), -(-BLOCKS_PER_SM * num_sms // max(row_groups, 1)))
-    parts = min(parts, max(1, -(-max_seq_len // MIN_PARTITION)))
-    size = -(-max_seq_len // parts)
-    return max(MIN_PARTITION, -(-size // 32) * 32)
-
-
-_SMS: dict[torch.device, int] = {}
-
-
-def num_sms(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (0 elsewhere: no split for occupancy)."""
-    if device.type != "cuda":
-        return 0
-    n = _SMS.get(device)
-    if n is None:
-        n = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
-
-
 def head_group(num_heads: int, num_kv_heads: int) -> int:
     """Query heads one attention block computes: the most of HEAD_GROUPS that share a KV head, so
     each K/V row is read once for all of them."""
@@ -319,7 +293,7 @@ def paged_attention(
     max_seq_len: int,  # an upper bound of seq_lens (host side, so no device sync): sets the split
     query_start_loc: torch.Tensor | None = None,  # (B+1,) int32 for prefill; None: decode
     out: torch.Tensor | None = None,
-    partition_size: int | None = None,  # None: auto_partition_size for this batch and device
+    partition_size: int = PARTITION_SIZE,
     group: int | None = None,  # query heads per block; None: head_group (tests and benchmarks force one)
 ) -> torch.Tensor:
     """reference.paged_attention_decode (query_start_loc None) or reference.paged_attention_prefill."""
@@ -336,8 +310,6 @@ def paged_attention(
     if rows == 0:
         return out
     _, nb, bs, kvh, _ = kv_cache.shape
-    if partition_size is None:
-        partition_size = auto_partition_size(max_seq_len, rows * heads // g, num_sms(q.device))
     parts = num_partitions(max_seq_len, partition_size)
     tmp_out = tmp_ml = None
     if parts > 1:  # (R, H, P, D) partial sums and (R, H, P, 2) max / denominator

@@ -74,17 +74,6 @@ def test_attention_threads_follow_the_kernels_dispatch() -> None:
     assert K.attention_threads(torch.float16, 1) == K.attention_threads(torch.float32, 8) == K.NUM_WARPS * 32
 
 
-def test_auto_partition_fills_the_gpu_for_small_batches() -> None:
-    # one 8k sequence, 8 head groups, 132 SMs: 64 partitions of 128 tokens (512 blocks, not 128)
-    assert K.auto_partition_size(8192, 8, 132) == 128
-    # a full batch keeps the 512-token split; short contexts split no finer than MIN_PARTITION
-    assert K.auto_partition_size(2048, 512, 132) == 512
-    assert K.auto_partition_size(4096, 8, 132) == K.MIN_PARTITION
-    # no SM count (not a CUDA device): the plain split
-    assert K.num_partitions(8192, K.auto_partition_size(8192, 8, 0)) == K.num_partitions(8192)
-    assert K.num_partitions(300, K.auto_partition_size(300, 8, 0)) == 1
-
-
 def test_valid_decode_args_fail_only_on_device() -> None:
     with pytest.raises(ValueError, match="q: must be on a CUDA device, got cpu"):
         K.paged_attention(**decode_args())
