@@ -98,6 +98,20 @@ class PoolConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout_s: float = 600.0  # a request still running after this is aborted
     drain_timeout_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish
+    # GET /load/stream: gateways that route here subscribe, and get the compact load report (as in
+    # the x-meshgate-load header) whenever it changes, looked at every load_stream_interval_s, and
+    # again after load_stream_heartbeat_s unchanged (so a silent stream is a dead one). More
+    # subscribers than max_load_streams are answered 503 (they fall back to probes).
+    load_stream_interval_s: float = 0.01
+    load_stream_heartbeat_s: float = 0.5
+    max_load_streams: int = 1024
+
+    def validate(self, path: str) -> None:
+        for name in ("load_stream_interval_s", "load_stream_heartbeat_s", "max_load_streams"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{path}.{name}: must be positive")
+        if self.load_stream_heartbeat_s < self.load_stream_interval_s:
+            raise ConfigError(f"{path}.load_stream_heartbeat_s: must be at least load_stream_interval_s")
 
     @property
     def base_url(self) -> str:
@@ -134,6 +148,37 @@ class ProbeConfig:
     # in turn (geo.probing.CandidateSelector), so probe traffic is O(k), not O(pools).
     k_nearest: int = 32
     num_rotating: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStreamConfig:
+    """Pushed load reports: the gateway keeps a GET /load/stream open to the pools it routes to
+    most (its probe.k_nearest nearest and the candidate spill list), so their reports reach it one one-way
+    delay after a change instead of up to a probe period later (mesh_sim: latency p99 TTFT 1.8x the
+    oracle's without, ~1.1x with). Probes go on regardless: they measure RTT and health, and carry
+    the load of every pool whose stream is not up."""
+
+    enabled: bool = True
+    # per gateway process, the nearest pools first (mesh_sim: 84 per gateway on average, 175 at p99)
+    max_streams: int = 256
+    connect_timeout_s: float = 1.0  # and the wait for the stream's response head
+    # No line for this long (the pool repeats its report every load_stream_heartbeat_s, 0.5 s by
+    # default): the stream is taken for dead, closed, and its pool's reports age again
+    idle_timeout_s: float = 2.0
+    retry_min_s: float = 0.5  # reconnect backoff: doubling from this (with jitter) up to retry_max_s
+    retry_max_s: float = 30.0
+    # A pool that leaves the wanted set (the spill list changes every probe round) keeps its stream
+    # this long, so streams do not flap with it
+    linger_s: float = 10.0
+
+    def validate(self, path: str) -> None:
+        for name in ("max_streams", "connect_timeout_s", "idle_timeout_s", "retry_min_s", "retry_max_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{path}.{name}: must be positive")
+        if self.retry_max_s < self.retry_min_s:
+            raise ConfigError(f"{path}.retry_max_s: must be at least retry_min_s")
+        if self.linger_s < 0:
+            raise ConfigError(f"{path}.linger_s: must be 0 or positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +313,7 @@ class GatewayConfig:
     routing_options: RoutingOptions = field(default_factory=RoutingOptions)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    load_stream: LoadStreamConfig = field(default_factory=LoadStreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     usage_log: UsageLogConfig = field(default_factory=UsageLogConfig)
@@ -366,7 +412,9 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     cfg.gateway.auth.validate("gateway.auth")
     cfg.gateway.usage_log.validate("gateway.usage_log")
     cfg.discovery.validate("discovery")
+    cfg.gateway.load_stream.validate("gateway.load_stream")
     for i, p in enumerate(cfg.pools):
+        p.validate(f"pools[{i}]")
         p.engine.validate(f"pools[{i}].engine")
     for i, p in enumerate(cfg.pools):
         if p.kind not in ("meshgate", "openai"):

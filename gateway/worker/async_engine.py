@@ -21,6 +21,9 @@ from gateway.worker.request import Request
 log = logging.getLogger("meshgate.worker")
 
 REPORT_PERIOD_S = 0.05  # how often the engine thread refreshes the load snapshot
+# ...and sooner, after a step that changed how many requests wait or run (what gateways route on,
+# and what GET /load/stream pushes), but not more often than this
+REPORT_MIN_S = 0.005
 IDLE_POLL_S = 0.1
 
 
@@ -96,6 +99,8 @@ class AsyncEngine:
     # -- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
         last_report = 0.0
+        counts = (-1, -1)
+        sched = self.engine.scheduler
         while not self._stopping.is_set():
             self._drain_commands(block=not self.engine.has_work())
             if self.engine.has_work():
@@ -110,8 +115,12 @@ class AsyncEngine:
                     assert self._loop is not None
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
             now = time.monotonic()
-            # Refresh on a period while busy, and at once when the engine falls idle.
-            if now - last_report >= REPORT_PERIOD_S or not self.engine.has_work():
+            # Refresh on a period while busy, soon after the queue or the batch changed, and at
+            # once when the engine falls idle.
+            since = now - last_report
+            if (since >= REPORT_PERIOD_S or not self.engine.has_work()
+                    or (since >= REPORT_MIN_S and (len(sched.waiting), len(sched.running)) != counts)):
+                counts = (len(sched.waiting), len(sched.running))
                 self.report = self.engine.load_report()
                 self.num_preemptions = self.engine.scheduler.num_preemptions
                 self.num_aborted = self.engine.num_aborted

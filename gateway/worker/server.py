@@ -1,4 +1,4 @@
-"""The pool worker's HTTP server: OpenAI API, /load, /health, /ready, /metrics (aiohttp, orjson).
+"""The pool worker's HTTP server: OpenAI API, /load, /load/stream, /health, /ready, /metrics (aiohttp, orjson).
 
 The engine is loaded after the port is bound (so a busy port fails fast), on a thread; until it
 is ready, generation endpoints answer 503 and /ready is 503.
@@ -26,6 +26,7 @@ from gateway.core.protocol import GenerationRequest, parse_chat, parse_completio
 from gateway.core.types import LOAD_HEADER, MAY_REFUSE_HEADER, LoadReport
 from gateway.worker.async_engine import AsyncEngine, EngineDeadError, PoolFull
 from gateway.worker.engine import Engine, RequestOutput
+from gateway.worker.load_feed import LoadFeed
 from gateway.worker.metrics import EngineCounters, WorkerMetrics
 from gateway.worker.request import Request, SamplingParams
 from gateway.worker.responses import ResponseBuilder, usage
@@ -46,6 +47,8 @@ class WorkerServer:
         self.engine: AsyncEngine | None = None
         self.created = int(time.time())
         self.metrics = WorkerMetrics(self._state)
+        self.load_feed = LoadFeed(lambda: self.engine.report if self.engine is not None else LoadReport(),
+                                  cfg.load_stream_interval_s, cfg.load_stream_heartbeat_s, cfg.max_load_streams)
 
     def _state(self) -> EngineCounters:
         e = self.engine
@@ -63,8 +66,10 @@ class WorkerServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/load", self.load)
+        app.router.add_get("/load/stream", self.load_stream)
         app.router.add_get("/metrics", self.prometheus)
         app.on_response_prepare.append(self._add_headers)
+        app.on_shutdown.append(self.load_feed.on_shutdown)  # before the engine stops: the streams end first
         app.on_shutdown.append(self._stop_engine)
         return app
 
@@ -107,6 +112,11 @@ class WorkerServer:
         body["ready"] = self.engine is not None
         body["handling_s"] = time.perf_counter() - t0
         return json_response(body)
+
+    async def load_stream(self, request: web.Request) -> web.StreamResponse:
+        if self.engine is None:  # no report to push yet; the gateway probes meanwhile
+            raise Overloaded("the model is still loading", retry_after_s=5)
+        return await self.load_feed.serve(request)
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
