@@ -44,6 +44,7 @@ from gateway.core.protocol import GenerationRequest, parse_chat, parse_completio
 from gateway.core.shared import SharedTable
 from gateway.core.types import RouteRequest
 from gateway.pools.load import GATEWAY, InFlight, load_table
+from gateway.pools.load_stream import LoadStreams
 from gateway.pools.upstream import Upstreams
 from gateway.routing.geo_view import GeoView
 from gateway.routing.plugins import build_profile
@@ -98,6 +99,11 @@ class GatewayServer:
         self.upstreams.on_probed.append(lambda: self.geo.refresh(self.upstreams.endpoints))
         self.forwarder = Forwarder(self.upstreams, profile, self.metrics,
                                    self.cfg.upstream.max_attempts, self.cfg.upstream.first_byte_timeout_s)
+        # Pushed load from the pools the decisions depend on most: asked for after each round, once
+        # the candidate order (refreshed by the Forwarder's callback, above) is current
+        self.load_streams = LoadStreams(self.upstreams, self.cfg.load_stream)
+        self.upstreams.on_probed.append(
+            lambda: self.load_streams.want(self.forwarder.candidates.wanted(self.cfg.probe.k_nearest)))
         self.admission = Admission(self.cfg.auth, self.cfg.limits, self.metrics, shared=shared.limits,
                                    worker_index=worker_index)
         self.metering = Metering(self.cfg.usage_log, self.metrics, worker_index)
@@ -174,6 +180,7 @@ class GatewayServer:
         """After the drain."""
         for hook in self.on_stop:
             await hook()
+        await self.load_streams.close()
         await self.upstreams.close()
         await self.metering.close()  # last: requests ended by the shutdown are logged too
         self.tracing.shutdown()

@@ -138,6 +138,7 @@ class OperatorView:
             "kv_use": round(load.kv_blocks_used / load.kv_blocks_total, 4)
             if load is not None and load.kv_blocks_total else None,
             "load_age_s": _r(time.monotonic() - e.load_at) if load is not None else None,
+            "load_pushed": e.load_pushed,  # GET /load/stream is up: the load is current
             "predicted_ttft_ms": self._predict_ms(e),
         }
 

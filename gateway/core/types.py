@@ -41,9 +41,10 @@ class LoadReport:
         )
 
     @classmethod
-    def from_header(cls, value: str) -> LoadReport:
+    def from_header(cls, value: str, rates: LoadReport | None = None) -> LoadReport:
         """Parse LOAD_HEADER; raises ValueError on a malformed value. s= and d= are optional (a
-        worker older than them does not send them)."""
+        worker older than them does not send them). rates: a report whose prefill/decode rates and
+        hot prefixes to keep (the header does not carry them)."""
         parts = dict(p.split("=", 1) for p in value.split(";") if p)
         used, total = parts["kv"].split("/", 1)
         return cls(
@@ -52,7 +53,10 @@ class LoadReport:
             queued_prompt_tokens=int(parts["q"]),
             kv_blocks_used=int(used),
             kv_blocks_total=int(total),
+            prefill_tps=rates.prefill_tps if rates is not None else 0.0,
+            decode_tps=rates.decode_tps if rates is not None else 0.0,
             queue_wait_s=float(parts["qw"]),
+            hot_prefix_hashes=rates.hot_prefix_hashes if rates is not None else (),
             max_num_seqs=int(parts.get("s", 0)),
             mean_request_s=float(parts.get("d", 0.0)),
         )
@@ -65,7 +69,7 @@ class Endpoint:
     """
 
     __slots__ = ("pool_id", "url", "site", "kind", "models", "healthy", "breaker_open", "in_flight",
-                 "load", "load_at", "rtt_ms", "country", "prior_rtt_ms", "sent_since_report")
+                 "load", "load_at", "load_pushed", "rtt_ms", "country", "prior_rtt_ms", "sent_since_report")
 
     def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str]):
         self.pool_id = pool_id
@@ -79,6 +83,9 @@ class Endpoint:
         self.sent_since_report = 0  # requests sent since `load` was reported (in-flight crediting)
         self.load: LoadReport | None = None  # latest report (probe or response header)
         self.load_at = 0.0  # monotonic time of that report (0: unknown; routing takes it as fresh)
+        # The pool pushes its reports to us (GET /load/stream is up): it would have said if `load`
+        # had changed, so routing takes it as current however long ago it came
+        self.load_pushed = False
         self.rtt_ms: float | None = None  # probe round trip, EWMA
         self.country: str | None = None  # ISO-2 of its site, for residency
         self.prior_rtt_ms: float | None = None  # RTT estimated (network coordinates, else distance) until probes measure it

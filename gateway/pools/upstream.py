@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -82,21 +81,22 @@ class Pool:
         """The compact report on a response: queue and KV figures; the rates (prefill/decode speed,
         hot prefixes) only come with probes, so they are kept from the last full report."""
         value = headers.get(LOAD_HEADER)
-        if not value:
-            return
+        if value:
+            self.load_from_compact(value)
+
+    def load_from_compact(self, value: str) -> bool:
+        """A report in the header's compact form (a response's header, a line of GET /load/stream).
+        False if it does not parse."""
         if value == self._last_header and self._header_report is not None and self.endpoint.load is self._header_report:
             self.update_load(self._header_report)  # the same figures again (no probe since): fresh, not new
-            return
+            return True
         try:
-            fresh = LoadReport.from_header(value)
+            fresh = LoadReport.from_header(value, self.endpoint.load)
         except (ValueError, KeyError):
-            return
-        prev = self.endpoint.load
-        if prev is not None:
-            fresh = dataclasses.replace(fresh, prefill_tps=prev.prefill_tps, decode_tps=prev.decode_tps,
-                                        hot_prefix_hashes=prev.hot_prefix_hashes)
+            return False
         self._last_header, self._header_report = value, fresh
         self.update_load(fresh)
+        return True
 
 
 class Upstreams:

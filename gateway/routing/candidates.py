@@ -61,6 +61,14 @@ class CandidateSet:
         m = 2 * (self.k_near + self.k_spill)
         self._spill = heapq.nsmallest(m, self.endpoints, key=self.spill_key_ms)
 
+    def wanted(self, k_nearest: int) -> list[str]:
+        """The pools whose load the next decisions most depend on, nearest first: the k_nearest
+        nearest and the spill list (gateway/pools/load_stream.py keeps their reports pushed)."""
+        out = [e.pool_id for e in self._near[:k_nearest]]
+        seen = set(out)
+        out += [e.pool_id for e in self._spill if e.pool_id not in seen]
+        return out
+
     def spill_key_ms(self, e: Endpoint) -> float:
         """RTT + the expected wait before a request's first step (none known: no wait)."""
         wait_s = self.model.queue_s(_PROBE_REQUEST, e) if e.load is not None else 0.0

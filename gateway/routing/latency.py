@@ -77,7 +77,8 @@ class TtftModel:
         if load is None:
             return e.in_flight * tokens / tps
         mine = e.sent_since_report * tokens / tps  # sent since the report: it cannot know them
-        age = max(0.0, now - e.load_at) if e.load_at > 0 else 0.0  # 0: when unknown
+        # 0: when unknown, or pushed (the stream would have told of a change)
+        age = max(0.0, now - e.load_at) if e.load_at > 0 and not e.load_pushed else 0.0
         if load.max_num_seqs <= 0 or load.mean_request_s <= 0:
             return max(0.0, load.queue_wait_s - age) + mine
         headroom = load.max_num_seqs - load.running - load.waiting - e.sent_since_report

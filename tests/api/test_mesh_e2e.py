@@ -37,6 +37,16 @@ def test_idle_requests_go_to_the_nearest_pool(mesh):
     assert [route(url) for _ in range(5)] == ["fra-1"] * 5
 
 
+def test_pools_push_their_load_to_the_gateway(mesh):
+    url, _, _ = mesh
+
+    def pushed() -> set[str]:
+        return {p["id"] for p in httpx.get(url + "/v1/meshgate/mesh").json()["pools"] if p["load_pushed"]}
+
+    # every pool is among the gateway's nearest here: each keeps a GET /load/stream open to it
+    assert wait_until(lambda: pushed() == {"fra-1", "muc-1", "par-1", "ams-1"}, timeout_s=5), pushed()
+
+
 def test_residency_keeps_requests_in_the_allowed_countries(mesh):
     url, _, _ = mesh
     assert {route(url, {"x-meshgate-residency": "FR"}) for _ in range(3)} == {"par-1"}
