@@ -14,7 +14,9 @@ A discrete-event simulation (the modules in benchmarks/sim/):
 - gateway.py: each metro's gateway keeps real `Endpoint`s as gateway/pools/upstream.py does: probe
   rounds of its ProbeConfig.k_nearest nearest pools plus num_rotating others in turn, a period
   apart plus the round's slowest probe (as Upstreams._probe_loop waits), with noisy RTT samples;
-  load headers on every answer and refusal (keeping the probe's rates); in-flight crediting. It
+  load headers on every answer and refusal (keeping the probe's rates); in-flight crediting; load
+  streams (gateway/pools/load_stream.py) from its nearest pools and its spill list's, whose
+  state reaches it one one-way delay after a change (in steps of stream_step_s, 20 ms). It
   routes over the candidate set (gateway/routing/candidates.py's rule: 16 nearest + 8 from a spill
   list by RTT + the wait last reported, refreshed after each round).
 - run.py: every decision is `build_profile(name).route(...)` of gateway/routing, and requests are
@@ -33,7 +35,9 @@ A discrete-event simulation (the modules in benchmarks/sim/):
 Variants (benchmarks/sim/settings.py VARIANTS) change one setting of a row each: no refusal, pools
 without slot figures (routing without the headroom model), other refusal bounds, more attempts,
 the former 1 s probe period, probing every pool, no spill candidates, pools estimating from mean
-durations, perfectly fresh reports (an information bound), the oracle estimating from max_tokens.
+durations, perfectly fresh reports (an information bound), the oracle estimating from max_tokens,
+no load streams (the gateway before them), streams to the nearest pools only, pushed state in 50 ms
+steps.
 
 Limits: one day is compressed into ~70 s, so a far pool's report from the rotating probes (one
 pass: ~134 rounds) is a day old here, while in a real day it would still tell a far metro's peak

@@ -7,7 +7,10 @@ objects whose fields are kept as gateway/pools/upstream.py and gateway/api/forwa
 delivered one RTT after sending) and from the load header of each answer (the rates of the last
 probe kept, as Pool.load_from_header does), `rtt_ms` an EWMA (alpha 0.3) of noisy probe samples,
 `in_flight` credited on send and released when the gateway sees the answer end (or a refusal), and
-`sent_since_report` counted on send and reset by every report (in-flight crediting).
+`sent_since_report` counted on send and reset by every report (in-flight crediting). Pools with a
+load stream (gateway/pools/load_stream.py: the probe_nearest nearest and the spill list's, each
+kept stream_linger_s after it left the list) give their state as pushed: the pool's at the last
+multiple of stream_step_s one one-way delay back, `load_pushed` set (routing takes it as current).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from numpy.typing import NDArray
 from benchmarks.sim.mesh import F64, Mesh
 from benchmarks.sim.pool import PoolSim
 from benchmarks.sim.settings import MODELS, Settings
-from gateway.config import ProbeConfig, RoutingOptions
+from gateway.config import LoadStreamConfig, ProbeConfig, RoutingOptions
 from gateway.core.types import Endpoint, LoadReport
 from gateway.routing.framework import Profile
 from gateway.routing.latency import BASE_SPREAD_SLOTS
@@ -96,7 +99,8 @@ class GatewaySim:
     and which probe rounds reach each pool (rot_slot -1: every round; else the round, modulo a pass
     of the rotation, in which the rotating sample takes it)."""
 
-    __slots__ = ("eps", "last_round", "phase", "period", "rtt_s", "prior_ms", "near", "near_cc", "spill", "rot_slot")
+    __slots__ = ("eps", "last_round", "phase", "period", "rtt_s", "prior_ms", "near", "near_cc", "spill", "rot_slot",
+                 "spill_seen", "streamed")
 
     def __init__(self, n: int, phase: float, period: float, rtt_ms: F64, est_ms: F64, prior_ms: F64,
                  rot_slot: NDArray[np.intp]):
@@ -109,6 +113,8 @@ class GatewaySim:
         self.near: list[int] = np.argsort(est_ms, kind="stable").tolist()
         self.near_cc: dict[str, list[int]] = {}
         self.spill: list[int] = []
+        self.spill_seen: dict[int, float] = {}  # pool -> when it was last on the spill list (load streams)
+        self.streamed: set[int] = set()  # pools beyond the nearest with a load stream
         self.rot_slot: list[int] = rot_slot.tolist()
 
 
@@ -144,6 +150,10 @@ class MeshView:
         noise = nrng.lognormal(0.0, PROBE_SIGMA, 1 << 16)  # probe samples / true RTT, used in turn
         noise *= np.where(nrng.random(noise.size) < PROBE_OUTLIER_P, nrng.uniform(*PROBE_OUTLIER, noise.size), 1.0)
         self.noise, self.noise_i = noise.tolist(), 0
+        self.stream = s.load_stream and track_load and not self.fresh
+        self.stream_step, self.linger = s.stream_step_s, (s.stream_linger_s if s.stream_spill else -1.0)
+        self.stream_cap = LoadStreamConfig().max_streams
+        self.max_streams = 0  # the most pools one gateway streamed from at once
 
     def endpoint(self, gw: GatewaySim, p: int, now: float) -> Endpoint:
         """Pool p as gateway gw sees it at `now`."""
@@ -153,6 +163,14 @@ class MeshView:
             e.country = self.country[p]
             e.prior_rtt_ms = gw.prior_ms[p]
         r = gw.rtt_s[p]
+        if self.stream:
+            if gw.rot_slot[p] < 0 or p in gw.streamed:
+                tau = math.floor((now - r / 2) / self.stream_step) * self.stream_step  # the state last pushed
+                if tau + r / 2 > e.load_at:
+                    e.load, e.load_at, e.sent_since_report = self.pools[p].report(tau, self.mean_wait), tau + r / 2, 0
+                e.load_pushed = True
+            else:
+                e.load_pushed = False
         if self.fresh:  # what the pool would say if asked now (and the answer took no time)
             e.load, e.load_at, e.sent_since_report = self.pools[p].report(now, self.mean_wait), now, 0
         k = int((now - gw.phase - r) // gw.period)  # the last probe round whose answer is back
@@ -239,10 +257,42 @@ class MeshView:
         known = turn >= 0
         cols = np.arange(len(reps))[None, :]
         qw, backlog, running, held = (self.hist[i][np.maximum(turn, 0), cols] for i in range(4))
-        wait = expected_wait_s(qw, backlog, running, held, self.slots, self.mean_s, now - self.hist_tau[np.maximum(turn, 0)])
+        age = now - self.hist_tau[np.maximum(turn, 0)]
+        if self.stream:
+            # pools with a load stream: their state a step or two ago, taken as current (age 0)
+            tau_s = math.floor(now / self.stream_step) * self.stream_step - self.stream_step
+            pushed = [p.report(tau_s, self.mean_wait) for p in self.pools]
+            cur = np.array([[r.queue_wait_s for r in pushed], [r.queued_prompt_tokens / r.prefill_tps for r in pushed],
+                            [r.running for r in pushed], [r.running + r.waiting for r in pushed]])
+            sub = slot < 0
+            for g, gw in enumerate(self.gws):
+                if gw.streamed:
+                    sub[g, list(gw.streamed)] = True
+            self.max_streams = max(self.max_streams, int(sub.sum(axis=1).max()))
+            qw, backlog, running, held = (np.where(sub, cur[i][None, :], x) for i, x in enumerate((qw, backlog, running, held)))
+            age = np.where(sub, 0.0, age)
+            known = known | sub
+        wait = expected_wait_s(qw, backlog, running, held, self.slots, self.mean_s, age)
         m = min(len(reps), 2 * (self.s.k_near + self.s.k_spill))
         est = self.est_ms + 1000.0 * np.where(known, wait, 0.0)
         top = np.argpartition(est, m - 1, axis=1)[:, :m]
         order = np.take_along_axis(top, np.argsort(np.take_along_axis(est, top, axis=1), axis=1), axis=1)
         for gw, row in zip(self.gws, order.tolist()):
             gw.spill = row
+            if self.stream and self.linger >= 0:
+                self._want(gw, row, now)
+
+    def _want(self, gw: GatewaySim, row: list[int], now: float) -> None:
+        """LoadStreams.want(CandidateSet.wanted(probe_nearest)): the nearest pools, then the spill
+        list, then those that left it less than stream_linger_s ago (the latest first), up to
+        LoadStreamConfig.max_streams in all."""
+        seen = gw.spill_seen
+        for p in row:
+            seen[p] = now
+        for p in [p for p, t in seen.items() if now - t > self.linger]:
+            del seen[p]
+        room = self.stream_cap - (self.s.probe_nearest or 0)
+        far = [p for p in row if gw.rot_slot[p] >= 0]
+        taken = set(far)
+        far += sorted((p for p in seen if p not in taken and gw.rot_slot[p] >= 0), key=lambda p: -seen[p])
+        gw.streamed = set(far[:max(0, room)])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config import EngineConfig, ProbeConfig, UpstreamConfig
+from gateway.config import EngineConfig, LoadStreamConfig, ProbeConfig, UpstreamConfig
 
 MODEL = "meshgate-tiny"
 MODELS = frozenset({MODEL})
@@ -60,6 +60,17 @@ class Settings:
     header: str = "merge"  # merge: a response's load header keeps the last probe's rates (upstream.py)
     #                        | replace: the rates read 0 until the next probe (the gateway before bb2fa31)
     oracle_wait: str = "mean"  # the fair oracle's slot-release estimate: mean | max_tokens (oracle.py)
+    # Pushed load (gateway/pools/load_stream.py <- gateway/worker/load_feed.py): each gateway keeps a
+    # stream open to its probe_nearest nearest pools and to those of its spill list (each for
+    # stream_linger_s after it left the list); what it holds of such a pool is the pool's state at
+    # the last multiple of stream_step_s one one-way delay ago (the worker's feed looks every 10 ms
+    # at a report the engine refreshes after a step that changed its batch, ~12 ms a decode step at
+    # the calibrated speed), which routing takes as current (Endpoint.load_pushed). False: the
+    # gateway before the streams (probes and response headers only).
+    load_stream: bool = LoadStreamConfig().enabled
+    stream_step_s: float = 0.02
+    stream_spill: bool = True  # False: streams to the nearest pools only
+    stream_linger_s: float = LoadStreamConfig().linger_s
     seed: int = 0
 
 
@@ -79,6 +90,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "latency/near-only": ("latency", {"candidates": "near"}),  # no spill candidates
     "latency/mean-wait": ("latency", {"report": "mean"}),  # pools estimate slot waits from mean durations
     "latency/fresh": ("latency", {"fresh_reports": True}),  # perfectly fresh reports: a bound, not a proposal
+    "latency/no-stream": ("latency", {"load_stream": False}),  # probes and headers only (before the streams)
+    "latency/stream-near-only": ("latency", {"stream_spill": False}),  # no streams to the spill list's pools
+    "latency/stream-50ms": ("latency", {"stream_step_s": 0.05}),  # pushed state in 50 ms steps (the worker's
+    #                                                                former report period)
     "oracle/max-tokens": ("oracle", {"oracle_wait": "max_tokens"}),  # the oracle estimating as engine.py does
 }
-PLOTTED_VARIANTS = ("latency/no-refusal", "latency/probe1s", "latency/fresh")
+PLOTTED_VARIANTS = ("latency/no-refusal", "latency/probe1s", "latency/no-stream", "latency/fresh")
