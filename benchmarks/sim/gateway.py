@@ -73,14 +73,16 @@ def round_duration_s(rtt_ms: F64, rot_slot: NDArray[np.intp], s: Settings, rng: 
     return out
 
 
-def expected_wait_s(qw: F64, backlog: F64, running: F64, held: F64, slots: F64, mean_s: F64, age: F64) -> F64:
+def expected_wait_s(qw: F64, backlog: F64, running: F64, held: F64, slots: F64, mean_s: F64, age: F64,
+                    rtt_s: F64 | float = 0.0) -> F64:
     """gateway/routing/latency.py's TtftModel.queue_s for a request of no prompt, over arrays (each
-    pool's report and its age): prefill backlog + P(full now) x a slot's wait per request ahead;
-    pools without slot figures (slots 0): their queue_wait_s counted down by the age."""
+    pool's report, its age and the RTT to it): prefill backlog + P(full when the request gets there,
+    age + RTT from the report) x a slot's wait per request ahead; pools without slot figures (slots
+    0): their queue_wait_s counted down by the age."""
     with np.errstate(divide="ignore", invalid="ignore"):
         headroom = slots - held
         turnover = np.maximum(np.minimum(running, slots), 1) / mean_s
-        spread = np.sqrt(turnover * age + BASE_SPREAD_SLOTS**2)
+        spread = np.sqrt(turnover * (age + rtt_s) + BASE_SPREAD_SLOTS**2)
         p_full = 0.5 * _erfc((headroom - 0.5) / (spread * math.sqrt(2.0)))
         with_slots = backlog + p_full * np.maximum(1, 1 - headroom) * mean_s / slots
     return np.where((slots > 0) & (mean_s > 0), with_slots, np.maximum(0.0, qw - age))
@@ -272,7 +274,7 @@ class MeshView:
             qw, backlog, running, held = (np.where(sub, cur[i][None, :], x) for i, x in enumerate((qw, backlog, running, held)))
             age = np.where(sub, 0.0, age)
             known = known | sub
-        wait = expected_wait_s(qw, backlog, running, held, self.slots, self.mean_s, age)
+        wait = expected_wait_s(qw, backlog, running, held, self.slots, self.mean_s, age, self.est_ms / 1000.0)
         m = min(len(reps), 2 * (self.s.k_near + self.s.k_spill))
         est = self.est_ms + 1000.0 * np.where(known, wait, 0.0)
         top = np.argpartition(est, m - 1, axis=1)[:, :m]

@@ -8,8 +8,11 @@ the prefill backlog the pool last reported plus the prefill of what this gateway
 none left when the request gets there. That likelihood is what a stale report hides: a pool that
 said "one slot free" a second ago has most likely been filled since by other gateways, while one
 that said "full" may have freed several. From the report's headroom (slots - running - waiting),
-less what this gateway sent since, and the report's age, the occupancy now is taken as normal
-around the reported one with the variance of the departures since (slot turnover x age): P(full)
+less what this gateway sent since, the occupancy when the request gets there is taken as normal
+around the reported one with the variance of the departures until then (slot turnover x time):
+the time is the report's age plus the round trip to the pool (the report was made half a round
+trip before it came, the request gets there half a round trip after it leaves); a pushed report
+(Endpoint.load_pushed) has no age, since the pool would have said had it changed. P(full)
 follows, and a full pool's wait is a slot's turnover time per request ahead (mean request duration
 / slots). Pools that do not report their slots (third-party servers) keep their own queue_wait_s,
 counted down by the report's age.
@@ -58,7 +61,7 @@ class TtftModel:
     def queue_s(self, req: RouteRequest, e: Endpoint) -> float:
         """Expected wait before the request's first step: prefill backlog + P(no slot) x slot wait.
         With no report, the prefill of what is in flight from here."""
-        return self._queue_s(e, req.prompt_tokens, self.prefill_tps(e), self.clock())
+        return self._queue_s(e, req.prompt_tokens, self.prefill_tps(e), self.clock(), self.rtt_s(e))
 
     def predict_s(self, req: RouteRequest, e: Endpoint) -> float:
         return self._predict_s(e, req.prompt_tokens, req.client_rtt_ms / 1000.0, self.clock())
@@ -70,21 +73,25 @@ class TtftModel:
 
     def _predict_s(self, e: Endpoint, tokens: int, client_rtt_s: float, now: float) -> float:
         tps = self.prefill_tps(e)
-        return client_rtt_s + self.rtt_s(e) + self._queue_s(e, tokens, tps, now) + tokens / tps
+        rtt = self.rtt_s(e)
+        return client_rtt_s + rtt + self._queue_s(e, tokens, tps, now, rtt) + tokens / tps
 
-    def _queue_s(self, e: Endpoint, tokens: int, tps: float, now: float) -> float:
+    def _queue_s(self, e: Endpoint, tokens: int, tps: float, now: float, rtt_s: float = 0.0) -> float:
         load = e.load
         if load is None:
             return e.in_flight * tokens / tps
         mine = e.sent_since_report * tokens / tps  # sent since the report: it cannot know them
         # 0: when unknown, or pushed (the stream would have told of a change)
         age = max(0.0, now - e.load_at) if e.load_at > 0 and not e.load_pushed else 0.0
+        # Slots change while the report travels here (made half a round trip before it came) and
+        # while the request travels there (half a round trip): the uncertainty runs over both.
+        horizon = age + rtt_s
         if load.max_num_seqs <= 0 or load.mean_request_s <= 0:
             return max(0.0, load.queue_wait_s - age) + mine
         headroom = load.max_num_seqs - load.running - load.waiting - e.sent_since_report
         slot_s = load.mean_request_s / load.max_num_seqs  # one slot frees this often when all are busy
         wait_if_full = max(1, 1 - headroom) * slot_s
-        return load.queued_prompt_tokens / tps + mine + full_probability(load, headroom, age) * wait_if_full
+        return load.queued_prompt_tokens / tps + mine + full_probability(load, headroom, horizon) * wait_if_full
 
 
 class LatencyScorer:

@@ -155,12 +155,13 @@ def test_spill_ranking_uses_the_latency_models_wait() -> None:
              for r, w, q, qw, c, d in [(3, 0, 100, 0.0, 12, 3.0), (12, 4, 500, 2.5, 12, 3.0), (7, 0, 0, 0.0, 8, 1.5),
                                        (5, 2, 50, 1.2, 0, 0.0)]
              for age in (0.0, 0.3, 2.0)]
+    rtts_ms = [1.5 + 40.0 * (i % 3) for i in range(len(cases))]
     want = []
-    for load, age in cases:
+    for (load, age), rtt_ms in zip(cases, rtts_ms):
         e = Endpoint("p", "", None, "meshgate", frozenset({"m"}))
-        e.load, e.load_at = load, 10.0 - age
+        e.load, e.load_at, e.rtt_ms = load, 10.0 - age, rtt_ms
         want.append(model.queue_s(RouteRequest("m", prompt_chars=0), e))  # no sends since the report
     got = expected_wait_s(*(np.array(v, dtype=float) for v in zip(*[
         (ld.queue_wait_s, ld.queued_prompt_tokens / ld.prefill_tps, ld.running, ld.running + ld.waiting,
-         ld.max_num_seqs, ld.mean_request_s, age) for ld, age in cases])))
+         ld.max_num_seqs, ld.mean_request_s, age, rtt_ms / 1000.0) for (ld, age), rtt_ms in zip(cases, rtts_ms)])))
     assert got == pytest.approx(want, abs=1e-6)

@@ -52,7 +52,7 @@ def test_an_old_report_of_little_headroom_loses_to_ample_headroom_a_little_farth
 
 def test_requests_sent_since_the_report_use_up_the_headroom() -> None:
     a = ep("a", 5.0, slots(running=10))  # 2 free slots, and fresh
-    b = ep("b", 50.0, slots(running=2))
+    b = ep("b", 60.0, slots(running=2))
     profile = build_profile("latency", RoutingOptions(), rng=random.Random(0), clock=lambda: NOW)
     chosen = []
     for _ in range(6):  # no new report arrives: only this gateway's own sends change
