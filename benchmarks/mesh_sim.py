@@ -35,9 +35,9 @@ A discrete-event simulation (the modules in benchmarks/sim/):
 Variants (benchmarks/sim/settings.py VARIANTS) change one setting of a row each: no refusal, pools
 without slot figures (routing without the headroom model), other refusal bounds, more attempts,
 the former 1 s probe period, probing every pool, no spill candidates, pools estimating from mean
-durations, perfectly fresh reports (an information bound), the oracle estimating from max_tokens,
-no load streams (the gateway before them), streams to the nearest pools only, pushed state in 50 ms
-steps.
+durations, perfectly fresh reports at each decision (the spill list still from probes), the
+oracle estimating from max_tokens, no load streams (the gateway before them), streams to the
+nearest pools only, pushed state in 50 ms steps.
 
 Limits: one day is compressed into ~70 s, so a far pool's report from the rotating probes (one
 pass: ~134 rounds) is a day old here, while in a real day it would still tell a far metro's peak
