@@ -37,7 +37,9 @@ without slot figures (routing without the headroom model), other refusal bounds,
 the former 1 s probe period, probing every pool, no spill candidates, pools estimating from mean
 durations, perfectly fresh reports at each decision (the spill list still from probes), the
 oracle estimating from max_tokens, no load streams (the gateway before them), streams to the
-nearest pools only, pushed state in 50 ms steps.
+nearest pools only, pushed state in 50 ms steps; and least-load and round-robin over pools drawn
+from the whole mesh (`/anywhere`: blind to the network, as the issue's baselines are; the main
+rows run them over the gateway's candidate set, which is chosen by RTT).
 
 Limits: one day is compressed into ~70 s, so a far pool's report from the rotating probes (one
 pass: ~134 rounds) is a day old here, while in a real day it would still tell a far metro's peak

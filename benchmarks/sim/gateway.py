@@ -128,6 +128,8 @@ class MeshView:
         self.mesh, self.pools, self.s = mesh, pools, s
         n = len(mesh.sites)
         self.country = [x.country for x in mesh.sites]
+        self.all_pools, self.by_country = list(range(n)), {}  # (candidates "anywhere")
+        self.anywhere = random.Random(s.seed + 9)
         self.pool_ids = [f"p{p:04d}" for p in range(n)]
         self.index = {pid: p for p, pid in enumerate(self.pool_ids)}
         est = mesh.rtt_ms * np.random.default_rng(s.seed + 3).lognormal(0, 0.03, mesh.rtt_ms.shape)  # EWMA error
@@ -220,6 +222,10 @@ class MeshView:
         """gateway/routing/candidates.py's rule: k_near by measured RTT, then k_spill from the spill
         list (lowest RTT + reported wait)."""
         s = self.s
+        if s.candidates == "anywhere":  # blind to the network: any pools of the mesh (or the country)
+            pool = self.all_pools if cc is None else self.by_country.setdefault(
+                cc, [p for p, c in enumerate(self.country) if c == cc])
+            return self.anywhere.sample(pool, min(len(pool), s.k_near + s.k_spill))
         if cc is None:
             near = gw.near[: s.k_near]
         else:

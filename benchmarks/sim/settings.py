@@ -39,7 +39,9 @@ class Settings:
     probe_rotating: int = ProbeConfig().num_rotating
     k_near: int = 16
     k_spill: int = 8
-    candidates: str = "near+spill"  # near+spill | near
+    # near+spill: gateway/routing/candidates.py's set | near | anywhere: k_near + k_spill pools drawn
+    # uniformly from the mesh (or the request's country) for each decision, whatever their distance
+    candidates: str = "near+spill"
     slo_s: float = 1.0  # goodput: share of requests with TTFT <= this
     residency_share: float = 0.2  # requests that must be served in their own country
     min_prompt_tokens: int = 32  # log-uniform, as benchmarks/engine.py
@@ -97,5 +99,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "latency/stream-50ms": ("latency", {"stream_step_s": 0.05}),  # pushed state in 50 ms steps (the worker's
     #                                                                former report period)
     "oracle/max-tokens": ("oracle", {"oracle_wait": "max_tokens"}),  # the oracle estimating as engine.py does
+    # The baselines "ignore the network": the main rows run them over the gateway's candidate
+    # set (nearest pools + spill list), which already knows the network; these rows do not.
+    "least-load/anywhere": ("least-load", {"candidates": "anywhere"}),
+    "round-robin/anywhere": ("round-robin", {"candidates": "anywhere"}),
 }
 PLOTTED_VARIANTS = ("latency/no-refusal", "latency/probe1s", "latency/no-stream", "latency/fresh")

@@ -47,6 +47,16 @@ def test_oracle_no_worse_than_random(sim_result: dict) -> None:
     assert pol["nearest"]["cross_border"] <= pol["random"]["cross_border"]
 
 
+def test_network_blind_baselines_go_further(sim_result: dict) -> None:
+    """least-load and round-robin over pools drawn from the whole mesh (the issue's baselines,
+    blind to the network) cross borders more than over the gateway's RTT-chosen candidates."""
+    pol, var = sim_result["policies"], sim_result["variants"]
+    for base in ("least-load", "round-robin"):
+        assert var[f"{base}/anywhere"]["cross_border"] > pol[base]["cross_border"]
+    assert {"least-load_network_blind_p50_over_latency", "round-robin_network_blind_p50_over_latency"} <= set(
+        sim_result["goals"])
+
+
 def test_pools_refuse_only_where_refusal_is_on(sim_result: dict) -> None:
     # The real forwarding rule: full pools refuse (nearest fills its pools; latency may not here).
     assert sim_result["policies"]["nearest"]["refused"] > 0
