@@ -65,6 +65,17 @@ def upstreams(*urls: str, kind: str = "meshgate") -> Upstreams:
     return Upstreams(pools, UpstreamConfig(), ProbeConfig())
 
 
+async def serve_stream(handler) -> tuple[TestServer, Upstreams, LoadStreams]:  # type: ignore[no-untyped-def]
+    """A pool whose /load/stream is `handler` (behind the worker's error middleware), the gateway's
+    view of it as pool p0, and load streams that retry slowly (retry_max_s 5 s)."""
+    app = web.Application(middlewares=[error_middleware()])
+    app.router.add_get("/load/stream", handler)
+    server = TestServer(app)
+    await server.start_server()
+    up = upstreams(str(server.make_url("")).rstrip("/"))
+    return server, up, LoadStreams(up, dataclasses.replace(FAST, retry_max_s=5.0), rng=random.Random(0))
+
+
 async def test_a_pushed_load_change_reaches_the_gateways_view(worker: Worker) -> None:
     up = upstreams(worker.url)
     streams = LoadStreams(up, FAST)
@@ -144,12 +155,7 @@ async def test_pools_without_the_stream_are_left_to_probes() -> None:
         hits += 1
         return web.Response(status=404)
 
-    app = web.Application()
-    app.router.add_get("/load/stream", old_worker)
-    server = TestServer(app)
-    await server.start_server()
-    up = upstreams(str(server.make_url("")).rstrip("/"))
-    streams = LoadStreams(up, dataclasses.replace(FAST, retry_max_s=5.0), rng=random.Random(0))
+    server, up, streams = await serve_stream(old_worker)
     try:
         streams.want(["p0"])
         assert await until(lambda: hits == 1)
@@ -169,12 +175,7 @@ async def test_a_loading_pool_is_asked_again_after_its_retry_after() -> None:
         hits.append(loop.time())
         raise Overloaded("the model is still loading", retry_after_s=1)  # as WorkerServer.load_stream
 
-    app = web.Application(middlewares=[error_middleware()])
-    app.router.add_get("/load/stream", loading)
-    server = TestServer(app)
-    await server.start_server()
-    up = upstreams(str(server.make_url("")).rstrip("/"))
-    streams = LoadStreams(up, dataclasses.replace(FAST, retry_max_s=5.0), rng=random.Random(0))
+    server, up, streams = await serve_stream(loading)
     try:
         streams.want(["p0"])
         assert await until(lambda: len(hits) >= 2, timeout_s=3.0)
