@@ -20,7 +20,7 @@ A discrete-event simulation (the modules in benchmarks/sim/):
   routes over the candidate set (gateway/routing/candidates.py's rule: 16 nearest + 8 from a spill
   list by RTT + the wait last reported, refreshed after each round).
 - run.py: every decision is `build_profile(name).route(...)` of gateway/routing, and requests are
-  sent as gateway/api/forward.py sends them: every attempt but the last of
+  sent as gateway/edge/forward.py sends them: every attempt but the last of
   UpstreamConfig.max_attempts carries x-meshgate-may-refuse, and a pool whose predicted wait
   exceeds EngineConfig.refuse_queue_wait_s answers 429 (gateway/worker/server.py), so the gateway
   tries its next-ranked pool. Every profile goes through this same forwarder.

@@ -7,7 +7,7 @@ else its synthetic mesh of the same size): an Endpoint per pool with a LoadRepor
 hashes, the worker's maximum), a measured RTT, its country and prior. Timed per decision, for the
 latency profile and the baselines:
 
-  all         Profile.route(request, all 1,100 endpoints): what gateway/api/forward.py does today;
+  all         Profile.route(request, all 1,100 endpoints): what gateway/edge/forward.py does today;
   candidates  CandidateSet.select(request) (below: the k_near pools with the lowest estimated RTT that
               are healthy, serve the model and satisfy residency, plus k_spill from a list ranked by
               RTT + reported queue wait) and Profile.route over those.

@@ -300,6 +300,10 @@ class RoutingOptions:
     rtt_inflation: float = 1.705
     rtt_intercept_ms: float = 7.44
     default_prefill_tps: float = 2000.0  # a pool's prefill speed until it reports one
+    # The candidate set each decision scores: the nearest usable pools, plus a spill list of
+    # farther ones ranked by RTT + expected wait (gateway/routing/candidates.py)
+    candidates_near: int = 16
+    candidates_spill: int = 8
     client_prefixes: dict[str, str] = field(default_factory=dict)  # CIDR -> site id (client location)
 
 

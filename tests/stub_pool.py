@@ -14,7 +14,8 @@ import time
 import orjson
 from aiohttp import web
 
-from gateway.core.types import LOAD_HEADER, MAY_REFUSE_HEADER, LoadReport
+from gateway.core.types import LoadReport
+from gateway.core.wire import LOAD_HEADER, MAY_REFUSE_HEADER
 
 
 class StubPool:

@@ -2,7 +2,7 @@
 tasks would keep it, and the candidate set each routing decision considers.
 
 Every routing decision is `build_profile(name).route(RouteRequest, endpoints)` on real `Endpoint`
-objects whose fields are kept as gateway/pools/upstream.py and gateway/api/forward.py keep them:
+objects whose fields are kept as gateway/pools/upstream.py and gateway/edge/forward.py keep them:
 `load` from periodic probes (every probe period, the pool's state when the probe reached it,
 delivered one RTT after sending) and from the load header of each answer (the rates of the last
 probe kept, as Pool.load_from_header does), `rtt_ms` an EWMA (alpha 0.3) of noisy probe samples,

@@ -1,7 +1,7 @@
 """One policy over the whole simulated day: the event loop.
 
 A request reaches its metro's gateway; a profile ranks the gateway's candidate set and the request
-goes to the first pool, as gateway/api/forward.py sends it: every attempt but the last (of
+goes to the first pool, as gateway/edge/forward.py sends it: every attempt but the last (of
 max_attempts, down the ranking) carries x-meshgate-may-refuse, and a pool whose predicted wait for
 it exceeds refuse_queue_wait_s answers 429 at once (gateway/worker/server.py); the gateway reads the
 refusal's load header and tries the next pool. The last attempt always queues; if the ranking

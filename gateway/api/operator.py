@@ -16,16 +16,21 @@ import binascii
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import orjson
 
 from gateway.api.h1 import Request, Response, Router, Stream, error_response, json_response
 from gateway.core.errors import APIError
 from gateway.core.types import Endpoint, RouteRequest
+from gateway.edge.admission import Admission
+from gateway.edge.decisions import DecisionLog
 from gateway.pools.breaker import BreakerState
+from gateway.pools.upstream import Upstreams
+from gateway.routing.framework import Profile
 
-if TYPE_CHECKING:
-    from gateway.api.app import GatewayServer
 
 STATIC = Path(__file__).with_name("static")
 # "A typical request": a 512-token prompt from a client at this gateway's site.
@@ -35,8 +40,17 @@ _BREAKER = {BreakerState.CLOSED: "closed", BreakerState.HALF_OPEN: "half-open", 
 
 
 class OperatorView:
-    def __init__(self, server: GatewayServer, cfg_sites: tuple[Any, ...]):
-        self.s = server
+    """Reads only what it shows: the pools, the routing profile, the decision log, the in-flight
+    count; and the admission to check keys."""
+
+    def __init__(self, site: str, cfg_sites: tuple[Any, ...], admission: Admission, upstreams: Upstreams,
+                 profile: Profile, decisions: DecisionLog, in_flight: Callable[[], int]):
+        self.site = site
+        self.admission = admission
+        self.upstreams = upstreams
+        self.profile = profile
+        self.decisions = decisions
+        self.in_flight = in_flight
         self.sites = [{"id": x.id, "name": x.name or x.id, "country": x.country.upper(), "lat": x.lat, "lon": x.lon}
                       for x in cfg_sites]
         self.site_ids = {x["id"] for x in self.sites}
@@ -55,7 +69,16 @@ class OperatorView:
     async def stream(self, request: Request) -> Response | Stream:
         if (denied := self._authorize(request)) is not None:
             return denied
-        return await self.s.decisions.stream(request)
+        with self.decisions.subscribe() as feed:  # 503 here, before the stream starts, when refused
+            out = request.start_stream(headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            await out.write(b"retry: 2000\n: meshgate decisions\n\n")
+            async for batch in feed:
+                if batch is None:
+                    await out.write(b": heartbeat\n\n")
+                else:
+                    await out.write(b"".join(b"event: decision\ndata: " + orjson.dumps(r) + b"\n\n" for r in batch))
+            await out.end()
+            return out
 
     async def dashboard(self, request: Request) -> Response:
         if (denied := self._authorize(request)) is not None:
@@ -74,7 +97,7 @@ class OperatorView:
 
     def _authorize(self, request: Request) -> Response | None:
         """None when the caller may look; else the 401 to send (asking browsers for Basic auth)."""
-        if not self.s.admission.enabled:
+        if not self.admission.enabled:
             return None
         headers: Any = request.headers
         scheme, _, value = headers.get("authorization", "").partition(" ")
@@ -85,7 +108,7 @@ class OperatorView:
                 key = ""
             headers = {"authorization": f"Bearer {key}"}
         try:
-            self.s.admission.authenticate(headers)
+            self.admission.authenticate(headers)
         except APIError as e:
             resp = error_response(e)
             resp.headers = {**(resp.headers or {}), "www-authenticate": 'Basic realm="meshgate", charset="UTF-8"'}
@@ -94,8 +117,8 @@ class OperatorView:
 
     # -- the snapshot ---------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        here = self.s.cfg.site
-        pools = [self._pool(p) for p in self.s.upstreams.pools.values()]
+        here = self.site
+        pools = [self._pool(p) for p in self.upstreams.pools.values()]
         sites = self.sites + [{"id": sid, "name": sid, "country": "", "lat": None, "lon": None}
                               for sid in sorted({p["site"] for p in pools if p["site"]} - self.site_ids)]
         links: dict[str, dict[str, Any]] = {}
@@ -108,12 +131,12 @@ class OperatorView:
                                     "pool": p["id"]}
         return {
             "time": time.time(),
-            "gateway": {"site": here, "routing": self.s.forwarder.profile.name, "in_flight": self.s.in_flight,
+            "gateway": {"site": here, "routing": self.profile.name, "in_flight": self.in_flight(),
                         "typical_prompt_tokens": TYPICAL_PROMPT_CHARS // 4},
             "sites": sites,
             "pools": pools,
             "links": list(links.values()),
-            "decisions": self.s.decisions.snapshot(),
+            "decisions": self.decisions.snapshot(),
         }
 
     def _pool(self, pool: Any) -> dict[str, Any]:
@@ -143,7 +166,7 @@ class OperatorView:
         }
 
     def _predict_ms(self, e: Endpoint) -> float | None:
-        predictor = self.s.forwarder.profile.predictor
+        predictor = self.profile.predictor
         if predictor is None or not e.models:
             return None
         req = RouteRequest(model=min(e.models), prompt_chars=TYPICAL_PROMPT_CHARS)

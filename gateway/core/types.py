@@ -4,11 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-LOAD_HEADER = "x-meshgate-load"
-# Sent by a gateway on every attempt but its last: a pool whose batch is full (predicted wait
-# beyond EngineConfig.refuse_queue_wait_s) may answer 429 at once so the request goes elsewhere.
-# Without it a pool queues the request; direct clients are never refused, others ignore it.
-MAY_REFUSE_HEADER = "x-meshgate-may-refuse"
 
 
 @dataclass(frozen=True, slots=True)

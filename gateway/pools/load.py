@@ -3,7 +3,7 @@
 Routing credits a pool with the requests sent to it since its last load report (DESIGN.md §3), and
 the gateway's in-flight limit and on-demand shedding count its client requests: with `meshgate serve
 --workers N` those counts must cover all N processes, or each would see only its share of the
-traffic. They live in a SharedTable (gateway/core/shared.py) made before the processes fork; one
+traffic. They live in a SharedTable (gateway/pools/shared.py) made before the processes fork; one
 process alone gets a table of its own.
 
 No lock: each process writes only its own two fields of a record (its requests in flight, and sent
@@ -14,7 +14,7 @@ requests will never finish.
 """
 from __future__ import annotations
 
-from gateway.core.shared import SharedTable
+from gateway.pools.shared import SharedTable
 
 GATEWAY = "gateway"  # the record of the gateway's own client requests
 _FIELDS = 2  # per process: in flight, sent in total

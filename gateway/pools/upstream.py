@@ -10,8 +10,9 @@ from collections.abc import Callable
 import orjson
 
 from gateway.config import PoolConfig, ProbeConfig, UpstreamConfig
-from gateway.core.shared import SharedTable
-from gateway.core.types import LOAD_HEADER, Endpoint, LoadReport
+from gateway.pools.shared import SharedTable
+from gateway.core.types import Endpoint, LoadReport
+from gateway.core.wire import LOAD_HEADER
 from gateway.pools.breaker import BreakerState, CircuitBreaker
 from gateway.pools.h1client import HttpClient, UpstreamError
 from gateway.pools.load import InFlight, load_table, num_workers

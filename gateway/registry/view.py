@@ -26,7 +26,7 @@ class RegistryView:
         self.pools: dict[str, PoolRecord] = {}
         self.gateways: dict[str, GatewayRecord] = {}
         # Pools whose key vanished without a drain (lease lapsed: dead, or cut off from etcd), with
-        # when; the gateway keeps routing to those that still answer (gateway/discovery.py).
+        # when; the gateway keeps routing to those that still answer (gateway/edge/discovery.py).
         self.lapsed: dict[str, tuple[PoolRecord, float]] = {}
         self.on_change: list[Callable[[dict[str, PoolRecord]], None]] = []
         self.synced = asyncio.Event()  # set after the first full list

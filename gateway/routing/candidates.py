@@ -32,11 +32,12 @@ class CandidateSet:
     refresh: the walk skips it. Cost: O(k) per decision, unless most near pools are down."""
 
     def __init__(self, endpoints: Sequence[Endpoint], k_near: int = 16, k_spill: int = 8,
-                 clock: Callable[[], float] = time.monotonic):
-        """clock: the time base of the endpoints' load_at."""
+                 clock: Callable[[], float] = time.monotonic, options: RoutingOptions | None = None):
+        """clock: the time base of the endpoints' load_at; options: the gateway's routing options
+        (the latency model's defaults)."""
         self.endpoints: list[Endpoint] = list(endpoints)
         self.k_near, self.k_spill = k_near, k_spill
-        self.model = TtftModel(RoutingOptions().default_prefill_tps, clock)
+        self.model = TtftModel((options or RoutingOptions()).default_prefill_tps, clock)
         self._near: list[Endpoint] = []
         self._near_cc: dict[str, list[Endpoint]] = {}
         self._spill: list[Endpoint] = []

@@ -6,8 +6,8 @@ request it stands for, is validated by gateway.core.protocol and checked by the 
 its `forwarder`, exactly as an HTTP request is. Metadata stands for HTTP headers. Only the framing differs: the pool's SSE events are re-framed as
 messages and errors end the call with a status code.
 
-DESIGN.md §2 keeps `rpc` from importing `api`, where the HTTP front and the forwarder live, so
-this module names what it uses of them as Protocols; `meshgate serve` hands it the GatewayServer.
+It imports the shared pipeline (gateway/edge) and never the HTTP front (DESIGN.md §2); `meshgate
+serve` hands it the edge Gateway that the HTTP front also serves.
 """
 from __future__ import annotations
 
@@ -16,20 +16,20 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 import orjson
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter
 
-from gateway.config import GatewayConfig
 from gateway.core.errors import APIError, InternalError
-from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
-from gateway.pools.upstream import Upstreams
+from gateway.core.protocol import parse_chat, parse_completion
+from gateway.core.wire import REQUEST_ID_HEADER, ROUTE_HEADER
+from gateway.edge.forward import Call, StreamBroken, Upstream
+from gateway.edge.gateway import Gateway
 from gateway.rpc import convert
 from gateway.rpc import meshgate_pb2 as pb
 from gateway.rpc import meshgate_pb2_grpc as pb_grpc
@@ -38,58 +38,6 @@ log = logging.getLogger("meshgate.rpc")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # meshgate.v1.Generation
 T = TypeVar("T")
-
-
-# -- what this front uses of the gateway (gateway.api.app.GatewayServer) -----------------------
-class Call(Protocol):
-    request_id: str
-    deadline: float  # monotonic
-
-
-class Upstream(Protocol):
-    route: str
-    status: int
-    first: bytes
-    outcome: str  # "broken_stream" once chunks() has raised StreamBroken
-
-    @property
-    def pool_id(self) -> str: ...
-    def chunks(self) -> AsyncIterator[bytes]: ...
-    def close(self) -> None: ...
-
-
-class Forwarder(Protocol):
-    async def open(self, call: Any) -> Upstream: ...
-
-
-class Metrics(Protocol):
-    requests: Counter
-
-
-class Principal(Protocol):
-    def may_use(self, model: str) -> bool: ...
-
-
-class Admission(Protocol):
-    def authenticate(self, headers: Mapping[str, str]) -> Principal | None: ...  # raises Unauthorized
-
-
-class Gateway(Protocol):
-    @property
-    def cfg(self) -> GatewayConfig: ...
-    @property
-    def upstreams(self) -> Upstreams: ...
-    @property
-    def forwarder(self) -> Forwarder: ...
-    @property
-    def metrics(self) -> Metrics: ...
-    @property
-    def created(self) -> int: ...
-    @property
-    def admission(self) -> Admission: ...
-
-    def prepare(self, path: str, body: bytes, g: GenerationRequest, headers: Mapping[str, str],
-                arrival: float, principal: Any = None) -> Call: ...
 
 
 @dataclass(slots=True)
@@ -184,7 +132,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         up = await self.gw.forwarder.open(call)
         try:
             tally.pool = up.pool_id
-            await context.send_initial_metadata((("x-request-id", call.request_id), ("x-meshgate-route", up.route)))
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id), (ROUTE_HEADER, up.route)))
             return await relay(up, call)
         finally:
             up.close()  # an unfinished answer: drops the pool connection, so the pool aborts it
@@ -206,9 +154,7 @@ async def _pool_chunks(up: Upstream) -> AsyncGenerator[bytes, None]:
     try:
         async for chunk in chunks:
             yield chunk
-    except Exception as e:
-        if up.outcome != "broken_stream":
-            raise
+    except StreamBroken as e:
         raise convert.UpstreamError(str(e)) from None
     finally:
         if isinstance(chunks, AsyncGenerator):  # close it in this task, not later from the GC
@@ -230,8 +176,8 @@ async def _abort(context: grpc.aio.ServicerContext, e: APIError, deadline_passed
 
 # -- the server -------------------------------------------------------------------------------
 class RpcFront:
-    """The gRPC server beside the HTTP one: the same GatewayServer (whose HTTP app starts and
-    closes the upstreams), the generation service, health and reflection."""
+    """The gRPC server beside the HTTP one: the same edge Gateway (whose HTTP front starts and
+    closes it), the generation service, health and reflection."""
 
     def __init__(self, gateway: Gateway, host: str, port: int):
         self.gw = gateway

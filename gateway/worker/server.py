@@ -21,9 +21,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.config import PoolConfig
 from gateway.core.errors import APIError, BadRequest, InternalError, NotFound, Overloaded, RateLimited
-from gateway.core.http import error_middleware, json_response, read_json
+from gateway.worker.http import error_middleware, json_response, read_json
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
-from gateway.core.types import LOAD_HEADER, MAY_REFUSE_HEADER, LoadReport
+from gateway.core.types import LoadReport
+from gateway.core.wire import LOAD_HEADER, MAY_REFUSE_HEADER, PRIORITIES, PRIORITY_HEADER
 from gateway.worker.async_engine import AsyncEngine, EngineDeadError, PoolFull
 from gateway.worker.engine import Engine, RequestOutput
 from gateway.worker.load_feed import LoadFeed
@@ -33,8 +34,6 @@ from gateway.worker.responses import ResponseBuilder, usage
 
 log = logging.getLogger("meshgate.worker")
 
-PRIORITY_HEADER = "x-meshgate-priority"
-PRIORITIES = {"contracted": 0, "on-demand": 1}
 REQUEST_ID = web.RequestKey("request_id", str)
 Outputs = AsyncGenerator[RequestOutput, None]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.api.auth import hash_key
+from gateway.edge.admission import hash_key
 from tests.api.harness import MODEL, Harness, chat
 from tests.servers import MESH_SITES, start_mesh
 

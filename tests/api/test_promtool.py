@@ -9,7 +9,7 @@ from prometheus_client import generate_latest
 
 from gateway.core.types import LoadReport
 from tests.api.harness import Harness, chat
-from tests.api.test_metrics_multiprocess import WORK, exposition_after_two_workers, samples
+from tests.edge.test_metrics_multiprocess import WORK, exposition_after_two_workers, samples
 
 PROMTOOL = shutil.which("promtool")
 pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from gateway.api.auth import hash_key
+from gateway.edge.admission import hash_key
 from tests.servers import Proc, free_port
 from tests.stub_pool import StubPool
 

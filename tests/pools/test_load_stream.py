@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.config import LoadStreamConfig, PoolConfig, ProbeConfig, UpstreamConfig
 from gateway.core.errors import Overloaded
-from gateway.core.http import error_middleware
+from gateway.worker.http import error_middleware
 from gateway.core.types import LoadReport
 from gateway.pools.load_stream import LoadStreams
 from gateway.pools.upstream import Upstreams

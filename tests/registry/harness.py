@@ -10,7 +10,6 @@ import aiohttp
 
 from gateway.api.app import GatewayServer
 from gateway.config import Config, config_from_dict
-from gateway.discovery import attach_gateway
 from gateway.registry import PoolRecord, Registrant, RegistryView
 from gateway.registry.records import POOLS, encode
 from gateway.config import SiteConfig
@@ -50,7 +49,7 @@ class Gateway:
 
     async def start(self) -> Gateway:
         self.server = GatewayServer(self.cfg)
-        self.view = attach_gateway(self.server, self.cfg)
+        self.view = self.server.follow_registry(self.cfg)
         await self.server.bind("127.0.0.1", self.cfg.gateway.port)
         self._serving = True
         return self

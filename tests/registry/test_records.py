@@ -6,7 +6,7 @@ import pytest
 from gateway.config import ConfigError, config_from_dict
 from gateway.registry import PoolRecord, pool_record
 from gateway.registry.records import decode_gateway, decode_pool, encode
-from gateway.discovery import gateway_record
+from gateway.edge.discovery import gateway_record
 
 
 def test_discovery_defaults_to_static():

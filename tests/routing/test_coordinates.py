@@ -13,7 +13,7 @@ import pytest
 from gateway.api.app import GatewayServer
 from gateway.config import SiteConfig, config_from_dict
 from gateway.core.types import Endpoint
-from gateway.discovery import _Follower
+from gateway.edge.discovery import _Follower
 from gateway.registry import GatewayRecord
 from gateway.routing.geo_view import TRUST_ERROR, GeoView
 from geo.sites import DistancePrior, azimuthal_equidistant_km, centroid_latlon
@@ -172,7 +172,7 @@ def test_gateway_wiring_samples_estimates_and_candidate_order() -> None:
 
 
 def test_registry_follower_hands_validated_coordinates_to_geography() -> None:
-    """gateway/discovery.py's watch callback: every gateway's coordinate but our own, bad ones
+    """gateway/edge/discovery.py's watch callback: every gateway's coordinate but our own, bad ones
     skipped without stopping the watch."""
     mesh = Mesh(0)
     server = GatewayServer(mesh.cfg)
@@ -184,7 +184,7 @@ def test_registry_follower_hands_validated_coordinates_to_geography() -> None:
         "g7": GatewayRecord("g7", "http://g7", SiteConfig(id="s7", country="DE"), None),
     }
     view = SimpleNamespace(pools={}, gateways=gateways, lapsed={})
-    follow = _Follower(server, view, mesh.cfg, "me")  # type: ignore[arg-type]
+    follow = _Follower(server.geo, server.upstreams, view, mesh.cfg, "me")  # type: ignore[arg-type]
     follow()
     assert set(server.geo.site_coords) == {"s5"}
     # a site a worker only names (no country) is not placed, and does not stop the watch either

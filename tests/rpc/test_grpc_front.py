@@ -11,7 +11,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gateway.api.auth import hash_key
+from gateway.edge.admission import hash_key
 from gateway.rpc import meshgate_pb2 as pb
 from tests.rpc.harness import MODEL, RpcHarness, chat, completion
 from tests.stub_pool import StubPool

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.config import ConfigError, config_from_dict
-from gateway.core.http import error_middleware
+from gateway.worker.http import error_middleware
 from gateway.core.types import LoadReport
 from gateway.worker.load_feed import LoadFeed
 

@@ -13,7 +13,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.config import ConfigError, EngineConfig, ModelConfig, PoolConfig, config_from_dict
-from gateway.core.types import LOAD_HEADER, MAY_REFUSE_HEADER, LoadReport
+from gateway.core.types import LoadReport
+from gateway.core.wire import LOAD_HEADER, MAY_REFUSE_HEADER
 from gateway.worker.async_engine import AsyncEngine, PoolFull
 from gateway.worker.batch import Batch
 from gateway.worker.engine import Engine

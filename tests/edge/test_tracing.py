@@ -7,7 +7,7 @@ import logging
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway.api.tracing import Tracing
+from gateway.edge.tracing import Tracing
 from gateway.config import TracingConfig
 from tests.api.harness import Harness, chat
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.api import usage_log as usage_log_module
-from gateway.api.auth import hash_key
-from gateway.api.usage_log import UsageLog
+from gateway.edge import usage_log as usage_log_module
+from gateway.edge.admission import hash_key
+from gateway.edge.usage_log import UsageLog
 from gateway.config import UsageLogConfig
 from tests.api.harness import MODEL, Harness, chat
 
@@ -185,8 +185,8 @@ def test_a_failed_write_is_retried_without_duplicates(tmp_path, monkeypatch):
 
 
 def test_stream_meter_splits_reads_into_events_and_hides_usage():
-    from gateway.api.auth import Ticket
-    from gateway.api.metering import RequestMeter
+    from gateway.edge.admission import Ticket
+    from gateway.edge.metering import RequestMeter
 
     def chunk(i: int, lead: bool = False) -> bytes:
         body = {"usage": None, "id": "x", "choices": [{"delta": {"content": f"[DONE] t{i}"}}]} if lead else \

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.api.auth import Ticket
-from gateway.api.metrics import GatewayMetrics
-from gateway.api.usage_log import UsageLog
+from gateway.edge.admission import Ticket
+from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.usage_log import UsageLog
 from gateway.config import UsageLogConfig
 from gateway.core.protocol import GenerationRequest
 
 if TYPE_CHECKING:
-    from gateway.api.forward import Call, Upstream
+    from gateway.edge.forward import Call, Upstream
 
 log = logging.getLogger("meshgate.usage")
 
@@ -178,9 +178,13 @@ class RequestMeter:
     # -- the end ------------------------------------------------------------------------------
     def finish(self, call: Call, up: Upstream | None) -> None:
         """Called once (Call.finish): settle the key's limits, count, log."""
-        status, prompt, completion = self._outcome(call, up)
-        self.ticket.settle(prompt + completion)
-        self.metering.record(self, up.pool_id if up is not None else "", status, prompt, completion)
+        used: int | None = None  # None: keep the estimate admission charged
+        try:
+            status, prompt, completion = self._outcome(call, up)
+            used = prompt + completion
+            self.metering.record(self, up.pool_id if up is not None else "", status, prompt, completion)
+        finally:  # the key's slot comes back even when counting or logging fails
+            self.ticket.settle(used)
 
     def _outcome(self, call: Call, up: Upstream | None) -> tuple[str, int, int]:
         if up is None or up.status >= 400:

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from gateway.api.auth import Admission, TokenBucket, hash_key
-from gateway.api.metrics import GatewayMetrics
+from gateway.edge.admission import Admission, TokenBucket, hash_key
+from gateway.edge.metrics import GatewayMetrics
 from gateway.config import ConfigError, ProbeConfig, UpstreamConfig, config_from_dict, load_config
 from gateway.core.errors import RateLimited
 from gateway.pools.upstream import Upstreams

@@ -20,14 +20,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
-from gateway.api.metrics import GatewayMetrics
+from gateway.edge.metrics import GatewayMetrics
 from gateway.config import ApiKeyConfig, AuthConfig, LimitsConfig
 from gateway.core.errors import Overloaded, RateLimited, Unauthorized
-from gateway.core.shared import SharedTable
+from gateway.core.wire import PRIORITY_HEADER
+from gateway.pools.shared import SharedTable
 
-PRIORITY_HEADER = "x-meshgate-priority"
-# The pool worker's scheduler admits lower numbers first; routing sees the same numbers.
-PRIORITIES = {"contracted": 0, "on-demand": 1}
 ON_DEMAND = "on-demand"
 
 
@@ -160,8 +158,9 @@ class Ticket:
         self._charged = charged
         self._clock = clock
 
-    def settle(self, tokens_used: int) -> None:
-        """Free the concurrency slot and replace the token estimate with the real count."""
+    def settle(self, tokens_used: int | None) -> None:
+        """Free the concurrency slot and replace the token estimate with the real count (None:
+        unknown, the estimate stands)."""
         state, self._state = self._state, None
         if state is None:
             return
@@ -169,10 +168,11 @@ class Ticket:
             state.count_in_flight(-1)
             if state.tokens is not None:
                 now = self._clock()
-                if tokens_used <= self._charged:
-                    state.tokens.give(self._charged - tokens_used, now)
+                used = self._charged if tokens_used is None else tokens_used
+                if used <= self._charged:
+                    state.tokens.give(self._charged - used, now)
                 else:
-                    state.tokens.take(tokens_used - self._charged, now)
+                    state.tokens.take(used - self._charged, now)
 
 
 class Admission:

@@ -4,11 +4,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.api.auth import Admission, hash_key, limit_table, release_worker
-from gateway.api.metrics import GatewayMetrics
+from gateway.edge.admission import Admission, hash_key, limit_table, release_worker
+from gateway.edge.metrics import GatewayMetrics
 from gateway.config import ProbeConfig, UpstreamConfig, config_from_dict
 from gateway.core.errors import RateLimited
-from gateway.core.shared import SharedTable
+from gateway.pools.shared import SharedTable
 from gateway.pools.upstream import Upstreams
 from tests.forking import run_forked
 

@@ -15,7 +15,7 @@ import orjson
 from gateway.config import TracingConfig
 
 if TYPE_CHECKING:
-    from gateway.api.forward import Call, Upstream
+    from gateway.edge.forward import Call, Upstream
 
 access_log = logging.getLogger("meshgate.access")
 TRACE_HEADERS = ("traceparent", "tracestate")

@@ -14,7 +14,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.api.metrics import GatewayMetrics
+from gateway.edge.metrics import GatewayMetrics
 from gateway.config import config_from_dict
 from gateway.pools.upstream import Upstreams
 from tests.forking import run_forked
@@ -39,7 +39,7 @@ def count(m: GatewayMetrics, n: int) -> None:
 
 def exposition_after_two_workers(tmp: Path) -> bytes:
     """Run the scenario in a fresh interpreter; its exposition text."""
-    r = subprocess.run([sys.executable, "-m", "tests.api.test_metrics_multiprocess", str(tmp / "prom")],
+    r = subprocess.run([sys.executable, "-m", "tests.edge.test_metrics_multiprocess", str(tmp / "prom")],
                        cwd=ROOT, capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
     return r.stdout
@@ -77,7 +77,7 @@ def test_pool_in_flight_reads_the_callable_in_one_process():
 
 
 def _main(path: Path) -> None:
-    from gateway.api import metrics
+    from gateway.edge import metrics
 
     metrics.enable_multiprocess(path)  # the supervisor, before forking
     for pid in run_forked([lambda n=n: count(GatewayMetrics(upstreams(), lambda: 0), n) for n in WORK]):

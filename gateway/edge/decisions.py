@@ -1,6 +1,6 @@
 """Recent routing decisions, for operators: a bounded ring buffer and a live SSE feed.
 
-DecisionLog.record is the Call.finish hook (GatewayServer.prepare attaches it, so every front's
+DecisionLog.record is the Call.finish hook (Gateway.prepare attaches it, so every front's
 requests pass here exactly once). It keeps one small record per request — where the client is,
 the pool routing chose and the runner-up with their predicted TTFTs, the pool that answered and
 the TTFT measured — and hands it to live subscribers. It never blocks and never raises into the
@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from gateway.api.h1 import Request, Stream
 from gateway.core.errors import Overloaded
 
 if TYPE_CHECKING:
-    from gateway.api.forward import Call, Upstream
+    from gateway.edge.forward import Call, Upstream
 
 _CLOSE = None  # queued to a subscriber on shutdown: end the stream
 
@@ -59,40 +57,16 @@ class DecisionLog:
         return [_as_dict(raw) for raw in self.recent]
 
     # -- the live feed ----------------------------------------------------------------------
-    async def stream(self, request: Request) -> Stream:
-        """GET /v1/meshgate/decisions/stream: one `decision` event per request as it ends, a
-        comment line as heartbeat, closed by the gateway's shutdown."""
+    def subscribe(self) -> Subscription:
+        """A live feed of records; refused (503) while shutting down and past max_subscribers.
+        Iterate it, and close() it at the end (a `with` block does)."""
         if self._closed:
             raise Overloaded("the gateway is shutting down", retry_after_s=1)
         if len(self._subscribers) >= self.max_subscribers:
             raise Overloaded("too many decision streams open; retry later", retry_after_s=5)
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.queue_size)
         self._subscribers.add(q)
-        try:
-            out = request.start_stream(headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-            await out.write(b"retry: 2000\n: meshgate decisions\n\n")
-            while True:
-                try:
-                    rec = await asyncio.wait_for(q.get(), self.heartbeat_s)
-                except TimeoutError:
-                    await out.write(b": heartbeat\n\n")
-                    continue
-                if rec is _CLOSE:
-                    break
-                batch, closing = [rec], False
-                while not q.empty() and len(batch) < 64:  # a burst goes out as one write
-                    nxt = q.get_nowait()
-                    if nxt is _CLOSE:
-                        closing = True
-                        break
-                    batch.append(nxt)
-                await out.write(b"".join(b"event: decision\ndata: " + orjson.dumps(r) + b"\n\n" for r in batch))
-                if closing:
-                    break
-            await out.end()
-            return out
-        finally:
-            self._subscribers.discard(q)
+        return Subscription(q, self.heartbeat_s, lambda: self._subscribers.discard(q))
 
     async def close(self) -> None:
         """On shutdown (before handlers are awaited): end every open stream."""
@@ -104,6 +78,43 @@ class DecisionLog:
                     break
                 except asyncio.QueueFull:
                     q.get_nowait()  # drop the oldest: the stream is ending anyway
+
+
+class Subscription:
+    """One subscriber's records, in batches (a burst is one batch); None after heartbeat_s of quiet
+    (for a keep-alive line); ends on the gateway's shutdown. The front frames the batches."""
+
+    def __init__(self, q: asyncio.Queue[dict[str, Any] | None], heartbeat_s: float, close: Callable[[], None]):
+        self._q = q
+        self._heartbeat_s = heartbeat_s
+        self.close = close
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]] | None]:
+        q = self._q
+        while True:
+            try:
+                rec = await asyncio.wait_for(q.get(), self._heartbeat_s)
+            except TimeoutError:
+                yield None
+                continue
+            if rec is _CLOSE:
+                return
+            batch, closing = [rec], False
+            while not q.empty() and len(batch) < 64:
+                nxt = q.get_nowait()
+                if nxt is _CLOSE:
+                    closing = True
+                    break
+                batch.append(nxt)
+            yield batch
+            if closing:
+                return
 
 
 def _as_dict(raw: tuple[Any, ...]) -> dict[str, Any]:

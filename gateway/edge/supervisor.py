@@ -29,13 +29,13 @@ log = logging.getLogger("meshgate")
 
 def serve_workers(cfg: Config, run_worker: Callable[[Config, object, int], int]) -> int:
     """Fork cfg.gateway.workers processes running run_worker(cfg, shared, index); supervise them."""
-    from gateway.api import metrics
+    from gateway.edge import metrics
 
     n = cfg.gateway.workers
     prom_dir = Path(tempfile.mkdtemp(prefix="meshgate-metrics-"))
     metrics.enable_multiprocess(prom_dir)  # before anything makes a metric
-    from gateway.api import auth
-    from gateway.api.app import SharedState
+    from gateway.edge import admission
+    from gateway.edge.gateway import SharedState
     from gateway.pools import load
 
     shared = SharedState.make(cfg, n)
@@ -76,7 +76,7 @@ def serve_workers(cfg: Config, run_worker: Callable[[Config, object, int], int])
             if index is None:
                 continue
             metrics.process_dead(pid)
-            auth.release_worker(shared.limits, index)
+            admission.release_worker(shared.limits, index)
             load.release_worker(shared.load, index)
             if os.WIFSIGNALED(status) and not stopping:
                 log.error("gateway worker %d (pid %d) died of signal %d; starting it again",

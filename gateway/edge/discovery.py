@@ -1,7 +1,7 @@
 """Glue between the etcd registry (gateway/registry) and the two servers: a gateway follows the
 registry's pool set and registers itself; a worker registers its pool. Only with discovery: etcd;
-static discovery changes nothing. Lives outside gateway/api so the HTTP front does not depend on
-the registry (DESIGN.md §2)."""
+static discovery changes nothing. A gateway's side gets only what it touches: its geography, its
+upstreams, its lifecycle hooks and its metrics registry (Gateway.follow_registry hands them over)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.config import Config, PoolConfig
@@ -16,7 +17,11 @@ from gateway.registry import GatewayRecord, PoolRecord, Registrant, RegistryView
 from gateway.registry.records import GATEWAYS, POOLS, encode
 
 if TYPE_CHECKING:
-    from gateway.api.app import GatewayServer
+    from prometheus_client import CollectorRegistry
+
+    from gateway.edge.gateway import Lifecycle
+    from gateway.pools.upstream import Upstreams
+    from gateway.routing.geo_view import GeoView
 
 log = logging.getLogger("meshgate.registry")
 
@@ -28,10 +33,19 @@ def gateway_record(cfg: Config) -> GatewayRecord:
     return GatewayRecord(id=gid, url=d.advertise_url or f"http://{host}:{gw.port}", site=site_of(cfg, gw.site))
 
 
-def attach_gateway(server: GatewayServer, cfg: Config, register: bool = True) -> RegistryView | None:
+@dataclasses.dataclass(frozen=True)
+class Discovery:
+    """A gateway following the registry: the watched view, and the gateway list it serves."""
+
+    view: RegistryView
+    gateway_list: Callable[[], list[dict[str, object]]]
+
+
+def attach_gateway(cfg: Config, geo: GeoView, upstreams: Upstreams, lifecycle: Lifecycle,
+                   metrics: CollectorRegistry, register: bool = True) -> Discovery | None:
     """With discovery etcd: the gateway's pools follow the registry (the YAML's pools, if any, are
     only the view until etcd first answers); it registers itself; /metrics gains
-    meshgate_registry_stale_seconds; /v1/meshgate/gateways lists the registry's gateways.
+    meshgate_registry_stale_seconds; the registry's gateways are listed (Discovery.gateway_list).
     register: False for all but one of several processes of one gateway (they are one gateway)."""
     d = cfg.discovery
     if d.kind != "etcd":
@@ -42,13 +56,10 @@ def attach_gateway(server: GatewayServer, cfg: Config, register: bool = True) ->
     def current() -> GatewayRecord:
         # Our network coordinate as it stands: re-read at every (re)publish, so the entry follows
         # the node as probes move it.
-        return dataclasses.replace(me, coords=server.geo.coord().to_dict())
+        return dataclasses.replace(me, coords=geo.coord().to_dict())
 
-    follow = _Follower(server, view, cfg, me.id)
-    view.on_change.append(follow)
-    server.metrics.registry.register(view.collector())  # type: ignore[arg-type]
-    server.gateway_list = lambda: [dataclasses.asdict(g) for g in sorted(view.gateways.values(), key=lambda g: g.id)] \
-        or [dataclasses.asdict(current())]
+    view.on_change.append(_Follower(geo, upstreams, view, cfg, me.id))
+    metrics.register(view.collector())  # type: ignore[arg-type]
     registrant = Registrant(d, f"{d.prefix}{GATEWAYS}{me.id}", lambda: encode(current()))
 
     async def start() -> None:
@@ -63,10 +74,11 @@ def attach_gateway(server: GatewayServer, cfg: Config, register: bool = True) ->
     async def stop() -> None:
         await view.stop()
 
-    server.on_start.append(start)  # after the server's own start: probes of registry pools need its client
-    server.on_shutdown.append(deregister)
-    server.on_stop.append(stop)
-    return view
+    lifecycle.on_start.append(start)  # after the gateway's own start: probes of registry pools need its client
+    lifecycle.on_shutdown.append(deregister)
+    lifecycle.on_stop.append(stop)
+    return Discovery(view, lambda: [dataclasses.asdict(g) for g in sorted(view.gateways.values(), key=lambda g: g.id)]
+                     or [dataclasses.asdict(current())])
 
 
 class _Follower:
@@ -76,8 +88,9 @@ class _Follower:
     probed at once; it stays while it answers after the lapse, for up to `grace_s`, unless it
     registers again (then it is simply back)."""
 
-    def __init__(self, server: GatewayServer, view: RegistryView, cfg: Config, me: str):
-        self.server = server
+    def __init__(self, geo: GeoView, upstreams: Upstreams, view: RegistryView, cfg: Config, me: str):
+        self.geo = geo
+        self.upstreams = upstreams
         self.view = view
         self.me = me  # our own gateway entry: its coordinate is ours, not a neighbour's
         probe = cfg.gateway.probe
@@ -88,7 +101,7 @@ class _Follower:
         self._recheck: asyncio.TimerHandle | None = None
 
     def __call__(self, pools: dict[str, PoolRecord] | None = None) -> None:
-        geo = self.server.geo
+        geo = self.geo
         # Gateways' coordinates: a pool stands at its site's gateway's (gateway/routing/geo_view.py).
         geo.set_remote_coords((g.id, g.site.id if g.site else None, g.coords)
                               for g in self.view.gateways.values() if g.id != self.me)
@@ -104,13 +117,13 @@ class _Follower:
             return
         self._routable = routable
         geo.add_sites([r.site for r in routable.values() if r.site is not None])
-        self.server.upstreams.set_pools([r.pool_config() for r in routable.values()])
+        self.upstreams.set_pools([r.pool_config() for r in routable.values()])
 
     def _lapsed_alive(self) -> dict[str, PoolRecord]:
         now = time.monotonic()
         alive: dict[str, PoolRecord] = {}
         for pid, (rec, since) in list(self.view.lapsed.items()):
-            pool = self.server.upstreams.pools.get(pid)
+            pool = self.upstreams.pools.get(pid)
             answered = pool is not None and pool.endpoint.load_at > since
             if pid in self.view.pools or pool is None or now - since > self.grace_s or (
                     not answered and now - since > self.check_s):
@@ -120,9 +133,9 @@ class _Follower:
                     log.info("registry: pool %s left (lease lapsed%s)", pid, ", answering" if answered else "")
                 continue
             alive[pid] = rec
-            if pid not in self._probed and self.server.upstreams.client is not None:
+            if pid not in self._probed and self.upstreams.client is not None:
                 self._probed.add(pid)
-                asyncio.ensure_future(self.server.upstreams.probe(pool))
+                asyncio.ensure_future(self.upstreams.probe(pool))
         if alive and self._recheck is None:
             self._recheck = asyncio.get_running_loop().call_later(self.check_s, self._again)
         return alive

@@ -19,11 +19,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gateway.api.auth import Principal
-from gateway.api.metrics import GatewayMetrics
-from gateway.api.tracing import end_request
+from gateway.edge.admission import Principal
+from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.tracing import end_request
+from gateway.config import RoutingOptions
 from gateway.core.errors import APIError, Overloaded
-from gateway.core.types import MAY_REFUSE_HEADER, RouteRequest
+from gateway.core.types import RouteRequest
+from gateway.core.wire import MAY_REFUSE_HEADER
 from gateway.pools.h1client import Response, UpstreamError
 from gateway.pools.upstream import Pool, Upstreams
 from gateway.routing.candidates import CandidateSet
@@ -42,7 +44,7 @@ class StreamBroken(Exception):
 
 
 class Meter(Protocol):
-    """Watches a request's stream and hears, once, how it ended (gateway.api.metering.RequestMeter)."""
+    """Watches a request's stream and hears, once, how it ended (gateway.edge.metering.RequestMeter)."""
 
     def feed(self, chunk: bytes) -> bytes: ...  # pool bytes in, bytes for the client out
 
@@ -70,25 +72,39 @@ class Call:
     span: Any = field(default=None, repr=False)  # the request's trace span, when tracing is on
     client: Any = field(default=None, repr=False)  # geo.client.ClientLocation, when known
     decision: Any = field(default=None, repr=False)  # the routing Decision, once routed
+    release: Callable[[], None] | None = field(default=None, repr=False)  # gives back the in-flight count
     on_finish: Callable[[Call, Upstream | None, int], None] | None = field(default=None, repr=False)
+    on_error: Callable[[str], None] | None = field(default=None, repr=False)  # bookkeeping failed (a metric)
     finished: bool = False
 
     def finish(self, up: Upstream | None, status: int | None = None) -> None:
-        """The request is over: settle its key's limits, meter it, end its span, log it. Runs once;
-        a front that prepared a Call but never opened it must call finish(None, status)."""
+        """The request is over: meter it (which settles its key's limits), end its span, log it, and
+        give back its in-flight count. Runs once; a front that prepared a Call but never opened it
+        must call finish(None, status). Each step runs on its own: one that raises is logged and
+        counted, and the count is given back whatever they do, so a failing meter or tracer can
+        never leave the gateway at its in-flight limit."""
         if self.finished:
             return
         self.finished = True
         meter, self.meter = self.meter, None
+        status = status if status is not None else (up.status if up is not None else 500)
         try:
             if meter is not None:
-                meter.finish(self, up)
-            status = status if status is not None else (up.status if up is not None else 500)
-            end_request(self, up, status)
+                self._guard("metering", meter.finish, self, up)
+            self._guard("tracing", end_request, self, up, status)
             if self.on_finish is not None:
-                self.on_finish(self, up, status)  # e.g. the operator's decision log
+                self._guard("decision_log", self.on_finish, self, up, status)
+        finally:
+            if self.release is not None:
+                self.release()
+
+    def _guard(self, stage: str, step: Callable[..., None], *args: Any) -> None:
+        try:
+            step(*args)
         except Exception:  # bookkeeping must never turn a served request into a failure
-            log.exception("request %s: metering or tracing failed", self.request_id)
+            log.exception("request %s: %s failed", self.request_id, stage)
+            if self.on_error is not None:
+                self.on_error(stage)
 
 
 class _Retry(Exception):
@@ -167,11 +183,13 @@ class Upstream:
 
 class Forwarder:
     def __init__(self, upstreams: Upstreams, profile: Profile, metrics: GatewayMetrics, max_attempts: int,
-                 first_byte_timeout_s: float):
+                 first_byte_timeout_s: float, options: RoutingOptions | None = None):
         self.up = upstreams
         # Decisions consider the nearest usable pools and a spill list, not the whole mesh; the
         # order is refreshed after each round of probes and when the pool set changes.
-        self.candidates = CandidateSet(upstreams.endpoints)
+        options = options or RoutingOptions()
+        self.candidates = CandidateSet(upstreams.endpoints, options.candidates_near, options.candidates_spill,
+                                       options=options)
         upstreams.on_probed.append(self.candidates.refresh)
         upstreams.on_change.append(lambda joined: self.candidates.reset(self.up.endpoints))
         self.profile = profile

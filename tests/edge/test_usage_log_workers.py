@@ -5,9 +5,9 @@ import asyncio
 import json
 from pathlib import Path
 
-from gateway.api.metering import Metering
-from gateway.api.metrics import GatewayMetrics
-from gateway.api.usage_log import UsageLog, worker_path
+from gateway.edge.metering import Metering
+from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.usage_log import UsageLog, worker_path
 from gateway.config import ProbeConfig, UpstreamConfig, UsageLogConfig
 from gateway.pools.upstream import Upstreams
 from tests.forking import run_forked

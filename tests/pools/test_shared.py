@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.core.shared import SharedTable, SharedTableFull, key_hash
+from gateway.pools.shared import SharedTable, SharedTableFull, key_hash
 from tests.forking import run_forked
 
 

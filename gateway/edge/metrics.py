@@ -94,6 +94,9 @@ class GatewayMetrics:
                                       "(complete, cut_short, error).", ["key", "model", "pool", "status"], registry=own)
         self.rejected = Counter("meshgate_admission_rejected", "Requests refused before routing, by key and reason.",
                                 ["key", "reason"], registry=own)
+        self.bookkeeping_errors = Counter("meshgate_bookkeeping_errors",
+                                          "Request bookkeeping steps that raised (the request was still served), "
+                                          "by stage: metering, tracing, decision_log.", ["stage"], registry=own)
         r.register(_PoolCollector(upstreams, in_flight, pool_in_flight))
         self._pools: dict[str, PoolSeries] = {}
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
