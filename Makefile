@@ -1,20 +1,32 @@
-# meshgate: `make run` starts the embedded default, `make test` runs the whole suite.
-# Each makes its own virtual environment (.venv) and installs what it needs first.
+# meshgate: `make run` starts the embedded default, `make test` runs the type check and the whole
+# suite. Each makes its own virtual environment (.venv) and installs what it needs first.
 #
-# TORCH is the torch requirement. The default lets pip pick a build (a CUDA build on Linux).
-# On a machine without a GPU, `make test TORCH=torch==2.13.0` takes the much smaller CPU build.
+# TORCH is the torch requirement. Without an NVIDIA GPU (no nvidia-smi) the default comes from
+# PyTorch's CPU-only wheel index (TORCH_INDEX), a few hundred MB instead of several GB of CUDA
+# wheels; where that index cannot be reached, pip's default index is used and the install says so.
+# With a GPU the default is pip's choice (a CUDA build on Linux). `make test TORCH=torch==2.13.0`
+# (as CI runs it) installs exactly that requirement from pip's usual indexes.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch
+ifeq ($(origin TORCH),file)
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'A-Za-z0-9.\n' '_')
 
-.PHONY: install run test bench proto clean
+.PHONY: install run test check bench proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+ifneq ($(TORCH_INDEX),)
+	$(BIN)/python -m pip install -q --timeout 20 --index-url '$(TORCH_INDEX)' '$(TORCH)' || { \
+	  echo "meshgate: $(TORCH_INDEX) cannot be reached: installing '$(TORCH)' from pip's default index instead (on Linux a CUDA build of several GB)"; \
+	  $(BIN)/python -m pip install -q '$(TORCH)'; }
+else
 	$(BIN)/python -m pip install -q '$(TORCH)'
+endif
 	$(BIN)/python -m pip install -q -e '.[worker,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -24,8 +36,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/meshgate up --config configs/local.yaml
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# Static types (pyproject.toml [tool.mypy]): a type error fails the build like a failing test.
+check: $(STAMP)
+	$(BIN)/python -m mypy
+
+# -rs: every skip prints its reason, so a skip that hides a missing tool shows in the log.
+test: $(STAMP) check
+	$(BIN)/python -m pytest -q -rs
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.engine

@@ -1,23 +1,42 @@
 """Configuration: frozen dataclasses for every section, and load_config(), the only YAML reader.
 
-Unknown keys and wrong types are errors that name the key path (e.g. `pools[0].engine.dtyp`).
-Components receive only their own section.
+Unknown keys, wrong types and values outside a field's closed set (a `Literal` annotation, or a
+name list below) are errors that name the key path and what is allowed (e.g.
+`pools[0].engine.dtype: expected one of float32, bfloat16, float16, got 'fp8'`). Mappings load as
+read-only views, so a frozen config is immutable all the way down. Components receive only their
+own section.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     pass
+
+
+def _frozen_map() -> Mapping[Any, Any]:
+    return MappingProxyType({})
+
+
+# Routing plug-ins and built-in profiles by name: gateway/routing/plugins.py builds them (a test
+# keeps the two in step), and profiles in YAML may name only these.
+ROUTING_FILTERS = ("serves-model", "available", "residency", "slo")
+ROUTING_SCORERS = ("latency", "nearest", "least-load", "prefix-affinity")
+ROUTING_PICKERS = ("max-score", "round-robin", "random", "p2c")
+BUILTIN_PROFILES = ("latency", "nearest", "least-load", "round-robin", "random", "p2c")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +64,9 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    runner: str = "torch"  # torch | cuda | tensorrt
-    device: str = "cpu"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    runner: Literal["torch", "cuda", "tensorrt"] = "torch"
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     block_size: int = 16
     num_blocks: int = 2048
     max_num_seqs: int = 64
@@ -63,12 +82,12 @@ class EngineConfig:
     refuse_queue_wait_s: float | None = 0.5
     enable_prefix_caching: bool = True
     # torch intra-op threads; 0: CPUs - 1 (at least 1), so a core busy with other work (the
-    # server, another worker) cannot stall OpenMP's spinning threads (measured 10x slower)
+    # server, another worker) cannot stall OpenMP's spinning threads (benchmarks/RESULTS.md)
     num_threads: int = 0
 
     def validate(self, path: str) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"{path}.dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"{path}.device: expected cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{path}.{name}: must be positive")
@@ -87,7 +106,7 @@ class PoolConfig:
     host: str = "127.0.0.1"
     port: int = 8101
     site: str | None = None
-    kind: str = "meshgate"  # meshgate (our worker) | openai (any OpenAI-compatible server)
+    kind: Literal["meshgate", "openai"] = "meshgate"  # our worker | any OpenAI-compatible server
     url: str | None = None  # how gateways reach it; default http://host:port
     models: tuple[str, ...] = ()  # models it serves; default (model.name,)
     # `meshgate up` only: emulate this round trip between the gateway and the pool with a delaying
@@ -129,7 +148,7 @@ class UpstreamConfig:
     idle_timeout_s: float = 60.0  # max gap between streamed chunks
     max_connections: int = 256  # per pool, kept alive and reused
     # Pools tried for one request before it fails. A full pool's refusal costs one round trip, so
-    # refusals need room: mesh_sim's p99 TTFT 0.32 s with 3, 0.16 s with 5.
+    # refusals need room (mesh_sim's attempt sweep: benchmarks/RESULTS.md).
     max_attempts: int = 5
     breaker_failures: int = 5  # consecutive failures that open a pool's circuit
     breaker_cooldown_s: float = 5.0  # open -> half-open (one trial request)
@@ -138,8 +157,8 @@ class UpstreamConfig:
 @dataclass(frozen=True, slots=True)
 class ProbeConfig:
     # Between rounds (a round lasts as long as its slowest probe). 0.25 s: load reports go stale in
-    # well under a second on a busy pool (benchmarks/RESULTS.md, mesh_sim: p99 TTFT 0.32 s against
-    # 0.70 s at 1 s), and a round is at most k_nearest + num_rotating GET /load whatever the mesh.
+    # well under a second on a busy pool (mesh_sim's probe-period rows: benchmarks/RESULTS.md), and a
+    # round is at most k_nearest + num_rotating GET /load whatever the mesh.
     period_s: float = 0.25
     timeout_s: float = 1.0
     down_after: int = 2  # consecutive misses that mark a pool down
@@ -154,12 +173,12 @@ class ProbeConfig:
 class LoadStreamConfig:
     """Pushed load reports: the gateway keeps a GET /load/stream open to the pools it routes to
     most (its probe.k_nearest nearest and the candidate spill list), so their reports reach it one one-way
-    delay after a change instead of up to a probe period later (mesh_sim: latency p99 TTFT 1.8x the
-    oracle's without, ~1.1x with). Probes go on regardless: they measure RTT and health, and carry
+    delay after a change instead of up to a probe period later (mesh_sim's stream variants:
+    benchmarks/RESULTS.md). Probes go on regardless: they measure RTT and health, and carry
     the load of every pool whose stream is not up."""
 
     enabled: bool = True
-    # per gateway process, the nearest pools first (mesh_sim: 84 per gateway on average, 175 at p99)
+    # per gateway process, the nearest pools first (streams a gateway wants in mesh_sim: benchmarks/RESULTS.md)
     max_streams: int = 256
     connect_timeout_s: float = 1.0  # and the wait for the stream's response head
     # No line for this long (the pool repeats its report every load_stream_heartbeat_s, 0.5 s by
@@ -196,7 +215,6 @@ class LimitsConfig:
             raise ConfigError(f"{path}.shed_on_demand_at: must be in (0, 1], got {self.shed_on_demand_at}")
 
 
-PRIORITY_CLASSES = ("contracted", "on-demand")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -206,7 +224,7 @@ class ApiKeyConfig:
 
     id: str  # the name metrics and the usage log show
     sha256: str
-    priority: str = "on-demand"  # contracted | on-demand (sent to pools in x-meshgate-priority)
+    priority: Literal["contracted", "on-demand"] = "on-demand"  # sent to pools in x-meshgate-priority
     models: tuple[str, ...] = ()  # models the key may use; empty: all
     requests_per_min: int = 0  # 0: unlimited
     tokens_per_min: int = 0  # prompt + completion (estimated at admission, settled at the end); 0: unlimited
@@ -218,8 +236,6 @@ class ApiKeyConfig:
             raise ConfigError(f"{path}.id: must not be empty")
         if not _SHA256_HEX.fullmatch(self.sha256):
             raise ConfigError(f"{path}.sha256: expected 64 hex digits (the SHA-256 of the key; see `meshgate hash-key`)")
-        if self.priority not in PRIORITY_CLASSES:
-            raise ConfigError(f"{path}.priority: expected contracted or on-demand, got {self.priority!r}")
         for name in ("requests_per_min", "tokens_per_min", "max_concurrent"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{path}.{name}: must be 0 (unlimited) or positive")
@@ -285,18 +301,25 @@ class ProfileConfig:
     """A routing profile: filters, weighted scorers and a picker, by plug-in name."""
 
     filters: tuple[str, ...] = ("serves-model", "available", "residency")
-    scorers: dict[str, float] = field(default_factory=dict)
+    scorers: Mapping[str, float] = field(default_factory=_frozen_map)
     picker: str = "max-score"
+
+    def validate(self, path: str) -> None:
+        for i, f in enumerate(self.filters):
+            _one_of(f"{path}.filters[{i}]", f, ROUTING_FILTERS)
+        for name in self.scorers:
+            _one_of(f"{path}.scorers.{name}", name, ROUTING_SCORERS)
+        _one_of(f"{path}.picker", self.picker, ROUTING_PICKERS)
 
 
 @dataclass(frozen=True, slots=True)
 class RoutingOptions:
     """What the routing plug-ins need besides the profile's name."""
 
-    profiles: dict[str, ProfileConfig] = field(default_factory=dict)  # extra profiles, by name
-    slo_policy: str = "spill"  # no pool predicted to meet x-meshgate-ttft-slo-ms: spill | shed (429)
+    profiles: Mapping[str, ProfileConfig] = field(default_factory=_frozen_map)  # extra profiles, by name
+    slo_policy: Literal["spill", "shed"] = "spill"  # no pool predicted to meet x-meshgate-ttft-slo-ms: spill to the best, or shed (429)
     # Distance prior: rtt_ms = intercept + inflation * km / 100, as fitted on the 246-city WonderProxy
-    # matrix (python -m benchmarks.wonderproxy: median relative error 0.167).
+    # matrix (python -m benchmarks.wonderproxy; its error is in benchmarks/RESULTS.md).
     rtt_inflation: float = 1.705
     rtt_intercept_ms: float = 7.44
     default_prefill_tps: float = 2000.0  # a pool's prefill speed until it reports one
@@ -304,7 +327,7 @@ class RoutingOptions:
     # farther ones ranked by RTT + expected wait (gateway/routing/candidates.py)
     candidates_near: int = 16
     candidates_spill: int = 8
-    client_prefixes: dict[str, str] = field(default_factory=dict)  # CIDR -> site id (client location)
+    client_prefixes: Mapping[str, str] = field(default_factory=_frozen_map)  # CIDR -> site id (client location)
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +352,6 @@ class GatewayConfig:
     access_log: bool = True  # one JSON line per request on the meshgate.access logger
 
 
-DISCOVERY_KINDS = ("static", "etcd")
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +361,7 @@ class DiscoveryConfig:
     etcd: pools and gateways register under `{prefix}pools/{id}` and `{prefix}gateways/{id}` with a
     lease; gateways list and watch the prefix. Load never goes through etcd."""
 
-    kind: str = "static"  # static | etcd
+    kind: Literal["static", "etcd"] = "static"
     endpoints: tuple[str, ...] = ("127.0.0.1:2379",)  # host:port of etcd members, tried in turn
     prefix: str = "/meshgate/"
     lease_ttl_s: int = 10  # a registrant that stops refreshing vanishes this long after (etcd: whole seconds)
@@ -357,8 +379,6 @@ class DiscoveryConfig:
     password: str | None = None
 
     def validate(self, path: str) -> None:
-        if self.kind not in DISCOVERY_KINDS:
-            raise ConfigError(f"{path}.kind: expected static or etcd, got {self.kind!r}")
         if self.kind == "etcd" and not self.endpoints:
             raise ConfigError(f"{path}.endpoints: etcd discovery needs at least one host:port")
         for i, ep in enumerate(self.endpoints):
@@ -417,12 +437,14 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     cfg.gateway.usage_log.validate("gateway.usage_log")
     cfg.discovery.validate("discovery")
     cfg.gateway.load_stream.validate("gateway.load_stream")
+    options = cfg.gateway.routing_options
+    for name, profile in options.profiles.items():
+        profile.validate(f"gateway.routing_options.profiles.{name}")
+    _one_of("gateway.routing", cfg.gateway.routing, (*BUILTIN_PROFILES, *options.profiles))
     for i, p in enumerate(cfg.pools):
         p.validate(f"pools[{i}]")
         p.engine.validate(f"pools[{i}].engine")
     for i, p in enumerate(cfg.pools):
-        if p.kind not in ("meshgate", "openai"):
-            raise ConfigError(f"pools[{i}].kind: expected meshgate or openai, got {p.kind!r}")
         if p.emulate_rtt_ms is not None and not p.url:
             raise ConfigError(f"pools[{i}]: emulate_rtt_ms needs url (where the delaying proxy listens)")
         if p.kind == "openai" and not (p.url and p.models):
@@ -454,6 +476,11 @@ def _with_key_file(cfg: Config, base_dir: Path) -> Config:
         k.validate(f"gateway.auth.keys_file[{i}]")  # here, so errors name the file's index, not the merged one
     auth = dataclasses.replace(auth, keys=auth.keys + extra)
     return dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, auth=auth))
+
+
+def _one_of(path: str, value: object, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
 def _build(cls: type, data: Any, path: str) -> Any:
@@ -491,11 +518,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
         (inner, _) = typing.get_args(tp)
         return tuple(_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
+    if origin is Literal:
+        _one_of(path, value, typing.get_args(tp))
+        return value
+    if origin in (dict, Mapping, collections.abc.Mapping):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
         _, inner = typing.get_args(tp)
-        return {str(k): _convert(inner, v, f"{path}.{k}") for k, v in value.items()}
+        return MappingProxyType({str(k): _convert(inner, v, f"{path}.{k}") for k, v in value.items()})
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):

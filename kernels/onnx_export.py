@@ -136,7 +136,7 @@ class PreAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = ref.rms_norm(hidden, self.norm, self.eps)  # (T, E)
         qkv = F.linear(x, self.qkv, self.qkv_bias)  # (T, (H + 2 KVH) * D)
-        q, k, v = qkv.split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
+        q, k, v = torch.split(qkv, [self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
         # reshape, not view: the token count is symbolic in the exported graph
         q = rotary_rows(q.reshape(-1, self.h, self.d), rope)  # (T, H, D)
         k = rotary_rows(k.reshape(-1, self.kvh, self.d), rope)  # (T, KVH, D)

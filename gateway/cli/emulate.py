@@ -33,7 +33,8 @@ class DelayProxy:
     @property
     def port(self) -> int:
         assert self.server is not None
-        return self.server.sockets[0].getsockname()[1]
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
 
     async def stop(self) -> None:
         if self.server is not None:

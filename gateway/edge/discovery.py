@@ -59,7 +59,7 @@ def attach_gateway(cfg: Config, geo: GeoView, upstreams: Upstreams, lifecycle: L
         return dataclasses.replace(me, coords=geo.coord().to_dict())
 
     view.on_change.append(_Follower(geo, upstreams, view, cfg, me.id))
-    metrics.register(view.collector())  # type: ignore[arg-type]
+    metrics.register(view.collector())
     registrant = Registrant(d, f"{d.prefix}{GATEWAYS}{me.id}", lambda: encode(current()))
 
     async def start() -> None:

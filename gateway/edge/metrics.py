@@ -44,7 +44,7 @@ def enable_multiprocess(path: Path) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     # prometheus_client picks its value class once, when first imported (already done: this module
     # imports it); choosing again is how its own tests and gunicorn-style servers switch after import.
-    values.ValueClass = values.MultiProcessValue()
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     _multiprocess_dir = path
 
 
@@ -56,7 +56,7 @@ def process_dead(pid: int) -> None:
     none today. No-op outside multiprocess mode.
     """
     if _multiprocess_dir is not None:
-        multiprocess.mark_process_dead(pid, str(_multiprocess_dir))
+        multiprocess.mark_process_dead(pid, str(_multiprocess_dir))  # type: ignore[no-untyped-call]
 
 
 class GatewayMetrics:
@@ -69,7 +69,7 @@ class GatewayMetrics:
         # MultiProcessCollector; registering the metrics themselves too would expose them twice.
         own = r if _multiprocess_dir is None else None
         if _multiprocess_dir is not None:
-            multiprocess.MultiProcessCollector(r, path=str(_multiprocess_dir))
+            multiprocess.MultiProcessCollector(r, path=str(_multiprocess_dir))  # type: ignore[no-untyped-call]
         self.requests = Counter("meshgate_requests", "Client requests answered, by route, status and pool.",
                                 ["route", "status", "pool"], registry=own)
         self.attempts = Counter("meshgate_upstream_attempts", "Requests sent to pools, by pool and outcome.",

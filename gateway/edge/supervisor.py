@@ -21,13 +21,17 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.config import Config
+
+if TYPE_CHECKING:
+    from gateway.edge.gateway import SharedState
 
 log = logging.getLogger("meshgate")
 
 
-def serve_workers(cfg: Config, run_worker: Callable[[Config, object, int], int]) -> int:
+def serve_workers(cfg: Config, run_worker: Callable[[Config, SharedState, int], int]) -> int:
     """Fork cfg.gateway.workers processes running run_worker(cfg, shared, index); supervise them."""
     from gateway.edge import metrics
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -14,6 +15,7 @@ from gateway.config import DiscoveryConfig
 from gateway.registry.etcd import Backoff, EtcdSession, RegistryUnavailable, cancel_and_wait
 from gateway.registry.records import GATEWAYS, POOLS, GatewayRecord, PoolRecord, decode_gateway, decode_pool
 
+R = TypeVar("R", PoolRecord, GatewayRecord)
 log = logging.getLogger("meshgate.registry")
 
 
@@ -117,28 +119,31 @@ class RegistryView:
                value: bytes) -> bool:
         """One change into the given maps; False when it changes nothing we route on."""
         rel = key[len(self.cfg.prefix):]
-        for part, table, decode in ((POOLS, pools, decode_pool), (GATEWAYS, gateways, decode_gateway)):
-            if not rel.startswith(part):
-                continue
-            entry_id = rel[len(part):]
-            if kind == "DELETE":
-                gone = table.pop(entry_id, None)  # type: ignore[attr-defined]
-                if isinstance(gone, PoolRecord) and table is self.pools:
-                    self._lapse(gone)
-                return gone is not None
-            try:
-                record = decode(value)  # type: ignore[operator]
-            except (ValueError, TypeError, KeyError) as e:
-                log.warning("registry: ignoring %s: bad value (%r)", key, e)
-                return False
-            if table.get(entry_id) == record:  # type: ignore[attr-defined]
-                return False  # a republish with nothing new
-            if isinstance(record, PoolRecord) and record.draining:
-                return table.pop(entry_id, None) is not None  # type: ignore[attr-defined]
-            table[entry_id] = record  # type: ignore[index]
-            self.lapsed.pop(entry_id, None)
-            return True
+        if rel.startswith(POOLS):
+            return self._apply_to(pools, rel[len(POOLS):], kind, key, value, decode_pool)
+        if rel.startswith(GATEWAYS):
+            return self._apply_to(gateways, rel[len(GATEWAYS):], kind, key, value, decode_gateway)
         return False
+
+    def _apply_to(self, table: dict[str, R], entry_id: str, kind: str, key: str, value: bytes,
+                  decode: Callable[[bytes], R]) -> bool:
+        if kind == "DELETE":
+            gone = table.pop(entry_id, None)
+            if isinstance(gone, PoolRecord) and table is self.pools:
+                self._lapse(gone)
+            return gone is not None
+        try:
+            record = decode(value)
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("registry: ignoring %s: bad value (%r)", key, e)
+            return False
+        if table.get(entry_id) == record:
+            return False  # a republish with nothing new
+        if isinstance(record, PoolRecord) and record.draining:
+            return table.pop(entry_id, None) is not None
+        table[entry_id] = record
+        self.lapsed.pop(entry_id, None)
+        return True
 
     def _lapse(self, record: PoolRecord) -> None:
         if not record.draining:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from gateway.config import RoutingOptions
 from gateway.core.types import Endpoint, RouteRequest
-from gateway.routing.framework import MaxScorePicker, Profile
+from gateway.routing.framework import Filter, MaxScorePicker, Picker, Profile, Scorer
 from gateway.routing.latency import LatencyScorer, NearestScorer, PrefixAffinity, Residency, SloFilter, TtftModel
 
 
@@ -109,17 +109,16 @@ def build_profile(name: str, options: RoutingOptions | None = None, rng: random.
     else:
         raise ValueError(f"unknown routing profile {name!r} (known: {', '.join([*BUILTIN, *options.profiles])})")
     model = TtftModel(options.default_prefill_tps, clock)
-    make_filter = {"serves-model": ServesModel, "available": Available, "residency": Residency,
+    make_filter: dict[str, Callable[[], Filter]] = {"serves-model": ServesModel, "available": Available, "residency": Residency,
                    "slo": lambda: SloFilter(model, options.slo_policy)}
-    make_scorer = {"latency": lambda: LatencyScorer(model), "nearest": lambda: NearestScorer(model),
+    make_scorer: dict[str, Callable[[], Scorer]] = {"latency": lambda: LatencyScorer(model), "nearest": lambda: NearestScorer(model),
                    "least-load": LeastLoad, "prefix-affinity": PrefixAffinity}
-    make_picker = {"max-score": lambda: MaxScorePicker(rng), "round-robin": RoundRobinPicker,
+    make_picker: dict[str, Callable[[], Picker]] = {"max-score": lambda: MaxScorePicker(rng), "round-robin": RoundRobinPicker,
                    "random": lambda: RandomPicker(rng), "p2c": lambda: PowerOfTwoPicker(rng)}
     for kind, names, known in (("filter", filters, make_filter), ("scorer", scorers, make_scorer),
                                ("picker", [picker], make_picker)):
         for n in names:
             if n not in known:
                 raise ValueError(f"profile {name!r}: unknown {kind} {n!r} (known: {', '.join(known)})")
-    return Profile(name, [make_filter[f]() for f in filters],  # type: ignore[operator]
-                   [(make_scorer[sc](), w) for sc, w in scorers.items()],  # type: ignore[operator]
-                   make_picker[picker](), predictor=model)  # type: ignore[operator]
+    return Profile(name, [make_filter[f]() for f in filters], [(make_scorer[sc](), w) for sc, w in scorers.items()],
+                   make_picker[picker](), predictor=model)

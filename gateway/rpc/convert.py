@@ -97,12 +97,15 @@ def _logprobs(req: pb.GenerateRequest, body: dict[str, Any], chat: bool) -> None
 # -- answers ----------------------------------------------------------------------------------
 def whole_response(body: dict[str, Any]) -> pb.GenerateResponse:
     """A non-streamed chat.completion or text_completion body as one message."""
-    return _fill(pb.GenerateResponse(id=_str(body.get("id")), model=_str(body.get("model"))), body, "message")
+    msg: pb.GenerateResponse = _fill(pb.GenerateResponse(id=_str(body.get("id")), model=_str(body.get("model"))),
+                                     body, "message")
+    return msg
 
 
 def stream_response(event: dict[str, Any]) -> pb.GenerateStreamResponse | None:
     """One stream chunk as a message; None for a chunk that carries nothing (a role-only delta)."""
-    msg = _fill(pb.GenerateStreamResponse(id=_str(event.get("id")), model=_str(event.get("model"))), event, "delta")
+    msg: pb.GenerateStreamResponse = _fill(pb.GenerateStreamResponse(id=_str(event.get("id")),
+                                                                     model=_str(event.get("model"))), event, "delta")
     if not (msg.text or msg.finish_reason or msg.logprobs or msg.HasField("usage")):
         return None
     return msg

@@ -199,7 +199,7 @@ class RpcFront:
             ("grpc.so_reuseport", 0),  # gRPC's default would let a second server share the port silently
             ("grpc.max_receive_message_length", self.gw.cfg.limits.max_body_bytes),
         ])
-        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.gw), server)
+        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.gw), server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)

@@ -145,8 +145,8 @@ class BlockManager:
     def hot_prefix_hashes(self, max_count: int) -> list[int]:
         """Hashes of cached blocks, most recently used first (for the load report)."""
         used = [h for b, h in enumerate(self.block_hash) if h is not None and self.ref_counts[b] > 0]
-        free = [self.block_hash[b] for b in reversed(self.free) if self.block_hash[b] is not None]
-        return (used + free)[:max_count]  # type: ignore[operator]
+        free = [h for b in reversed(self.free) if (h := self.block_hash[b]) is not None]
+        return (used + free)[:max_count]
 
     def check_invariants(self) -> None:
         used = sum(1 for r in self.ref_counts if r > 0)

@@ -59,8 +59,8 @@ class Tokenizer:
 
 def _token_str(v: Any) -> str | None:
     if isinstance(v, dict):  # AddedToken serialised as a dict
-        return v.get("content")
-    return v
+        v = v.get("content")
+    return v if isinstance(v, str) else None
 
 
 class Detokenizer:
