@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -14,9 +15,13 @@ from tests.servers import start_mesh, wait_until
 PROBE_S = 0.2
 
 
+_LOGS: dict[str, Callable[[], str]] = {}  # gateway URL -> its process' log, for failure messages
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     url, cfg, proc = start_mesh(tmp_path_factory.mktemp("mesh"), PROBE_S)
+    _LOGS[url] = proc.log
     yield url, cfg, proc
     assert proc.stop() == 0, proc.log()
 
@@ -24,7 +29,7 @@ def mesh(tmp_path_factory):
 def route(url: str, headers: dict[str, str] | None = None, max_tokens: int = 4) -> str:
     r = httpx.post(url + "/v1/completions", headers=headers, timeout=60,
                    json={"model": "meshgate-tiny", "prompt": "The keeper", "max_tokens": max_tokens})
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200, r.text + ("\n" + _LOGS[url]()[-4000:] if url in _LOGS else "")
     return r.headers["x-meshgate-pool"]
 
 
