@@ -45,15 +45,17 @@ class HttpClient:
         if origin is None:
             origin = self._origins[base] = _Origin(base, self)
         data = origin.encode(method, path, body, headers)
-        for _ in range(2):
-            conn = await origin.acquire()
+        for attempt in range(2):
+            # The resend goes on a new connection: when the server dropped one kept-alive connection
+            # (a restart, a killed pool behind a proxy), its other idle ones are as stale.
+            conn = await origin.acquire(fresh=attempt > 0)
             reused = conn.used
             try:
                 return await conn.send(data)
             except UpstreamError:
-                if not (reused and conn.no_answer):
+                if attempt or not (reused and conn.no_answer):
                     raise
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # the second attempt returned or raised
 
     async def close(self) -> None:
         for origin in self._origins.values():
@@ -95,8 +97,10 @@ class _Origin:
         length = f"content-length: {len(body)}\r\n" if body or method == "POST" else ""
         return f"{method} {path} HTTP/1.1\r\n{self.fixed}{length}{extra}\r\n".encode("latin-1") + body
 
-    async def acquire(self) -> _Conn:
-        while self.idle:
+    async def acquire(self, fresh: bool = False) -> _Conn:
+        """An idle kept-alive connection, else a new one (waiting while max_connections are open).
+        fresh: a new one (idle ones count against the limit until they close)."""
+        while self.idle and not fresh:
             conn = self.idle.pop()  # the most recently used: the least likely to have timed out
             if not conn.closed:
                 return conn

@@ -13,10 +13,11 @@ class Server:
     """Answers each request after `delay_s`; `close_after` answers per connection, then closes it
     (a keep-alive timer that beat the client's); `stall`: send the head and half a body, then wait."""
 
-    def __init__(self, delay_s: float = 0.0, close_after: int = 0, stall: bool = False):
+    def __init__(self, delay_s: float = 0.0, close_after: int = 0, stall: bool = False, drop_reused: bool = False):
         self.delay_s = delay_s
         self.close_after = close_after
         self.stall = stall
+        self.drop_reused = drop_reused  # a second request on a connection is dropped unanswered (stale keep-alive)
         self.connections = 0
         self.open = 0
         self.peak_open = 0
@@ -33,6 +34,8 @@ class Server:
                 length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length:")), 0)
                 body = await reader.readexactly(length)
+                if self.drop_reused and answered:
+                    return
                 await asyncio.sleep(self.delay_s)
                 if self.stall:
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
@@ -98,6 +101,19 @@ async def test_a_server_closed_keepalive_is_retried_on_a_new_connection() -> Non
         assert (await _post(c, url, b"b"))[1] == b"echo:b"
         await c.close()
     assert s.connections == 2
+
+
+async def test_the_resend_takes_a_new_connection_when_every_idle_one_is_stale() -> None:
+    """A killed pool behind a proxy, a restarted server: all kept-alive connections go stale at once.
+    The one resend must not land on another stale one (it did, and the request failed)."""
+    s = Server(delay_s=0.05, drop_reused=True)
+    async with s as url:
+        c = HttpClient(8, 1.0, 5.0)
+        first = await asyncio.gather(_post(c, url, b"a"), _post(c, url, b"b"))  # two connections, both idle now
+        assert [b for _, b, _ in first] == [b"echo:a", b"echo:b"] and s.connections == 2
+        assert (await _post(c, url, b"c"))[1] == b"echo:c"
+        await c.close()
+    assert s.connections == 3
 
 
 async def test_an_unread_answer_closes_the_connection_so_the_pool_sees_it() -> None:
