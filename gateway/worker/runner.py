@@ -1,11 +1,13 @@
 """Model runners share one interface: execute(batch) -> logits (S, vocab) fp32.
 
 `torch` runs the Llama model with the torch reference ops, on CPU or CUDA. The GPU runners
-(`cuda`, `tensorrt`) live in their own modules and are imported only when configured.
+(`cuda`, `tensorrt`) live in their own modules and are imported only when configured. `null`
+runs no model at all (fixed logits), so the host's cost of a step can be measured anywhere.
 """
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +22,7 @@ RUNNERS = {
     "torch": "gateway.worker.runner:TorchRunner",
     "cuda": "gateway.worker.cuda_runner:CudaRunner",
     "tensorrt": "gateway.worker.trt_runner:TrtRunner",
+    "null": "gateway.worker.runner:NullRunner",
 }
 
 
@@ -45,6 +48,33 @@ class TorchRunner:
 
     def execute(self, batch: Batch) -> torch.Tensor:
         return self.model(batch, self.kv_caches)
+
+
+class NullRunner:
+    """No model: every sampling row gets the same fixed logits (seeded noise over the folder's
+    vocabulary). What is left of a step is the host's work around the model: schedule, batch
+    update, sampling, output processing (benchmarks.engine_host measures it)."""
+
+    def __init__(self, folder: str | Path, cfg: EngineConfig):
+        self.device = torch.device(cfg.device)
+        d = json.loads((Path(folder) / "config.json").read_text())
+        eos = d.get("eos_token_id")
+        self.config = NullModelConfig(int(d["vocab_size"]), eos[0] if isinstance(eos, list) else eos)
+        g = torch.Generator().manual_seed(0)
+        row = torch.randn(self.config.vocab_size, generator=g)  # (V,) fp32
+        # (max_num_seqs, V): a step samples at most one row per running sequence
+        self._logits = row.expand(cfg.max_num_seqs, -1).contiguous().to(self.device)
+
+    def execute(self, batch: Batch) -> torch.Tensor:
+        return self._logits[: batch.logits_indices.shape[0]]  # read-only: samplers copy
+
+
+class NullModelConfig:
+    __slots__ = ("vocab_size", "eos_token_id")
+
+    def __init__(self, vocab_size: int, eos_token_id: int | None):
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
 
 
 def make_kv_caches(mc: LlamaConfig, cfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:

@@ -1,0 +1,193 @@
+"""Host overhead of an engine step, with the `null` runner (fixed logits, no model).
+
+    python -m benchmarks.engine_host [--quick] [--json PATH] [--before REF]
+
+What is left of Engine.step() when the model costs nothing: schedule, batch update, sampling and
+output processing (detokenization included). Measured in steady decode with 64 and 256 running
+sequences (prompts 32-512 tokens, log-uniform; outputs never end during the measurement), for
+greedy and for seeded top-k/top-p sampling, in µs per step (p50/p99 over the measured steps).
+
+--before REF: the same measurement of another commit (a temporary `git worktree` of REF, which
+must have this script), run side by side: before and after alternate, each in its own process,
+`repeats` times, and the repeat with the median p99 is reported for each.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+
+BLOCK_SIZE = 16
+SEQ_COUNTS = (64, 256)
+KINDS = ("greedy", "sampled")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class HostWorkload:
+    num_steps: int = 1000
+    min_prompt_tokens: int = 32
+    max_prompt_tokens: int = 512
+    repeats: int = 3
+    seed: int = 0
+
+
+FULL = HostWorkload()
+QUICK = replace(FULL, num_steps=200, repeats=1)
+
+
+def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
+    return min(hi, max(lo, round(math.exp(rng.uniform(math.log(lo), math.log(hi))))))
+
+
+def measure(num_seqs: int, kind: str, w: HostWorkload) -> dict[str, Any]:
+    """One engine with the null runner: admit num_seqs requests, run until every one decodes, then
+    time w.num_steps calls of Engine.step()."""
+    import torch
+
+    from gateway.config import EngineConfig, ModelConfig, TinyModelConfig
+    from gateway.worker.engine import Engine
+    from gateway.worker.request import Request, SamplingParams
+
+    torch.set_num_threads(1)
+    rng = random.Random(w.seed)
+    max_len = w.max_prompt_tokens + w.num_steps + 4 * BLOCK_SIZE
+    blocks_per_seq = -(-max_len // BLOCK_SIZE)
+    cfg = EngineConfig(
+        runner="null", block_size=BLOCK_SIZE, num_blocks=num_seqs * blocks_per_seq + 64,
+        max_num_seqs=num_seqs, max_num_batched_tokens=8192, max_model_len=blocks_per_seq * BLOCK_SIZE,
+        num_threads=1,
+    )
+    engine = Engine(ModelConfig(tiny=TinyModelConfig(train_steps=0)), cfg)
+    vocab = engine.tokenizer.vocab_size
+    for i in range(num_seqs):
+        n = _log_uniform(rng, w.min_prompt_tokens, w.max_prompt_tokens)
+        if kind == "greedy":
+            params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
+        else:
+            params = SamplingParams(max_tokens=10**6, temperature=0.8, top_p=0.95, top_k=50, seed=i,
+                                    ignore_eos=True)
+        engine.add_request(Request(f"h{i}", [rng.randrange(1, vocab) for _ in range(n)], params))
+    while engine.scheduler.waiting or any(not r.output_token_ids for r in engine.scheduler.running):
+        engine.step()
+    for _ in range(20):  # warm: first decode steps pay one-off allocations
+        engine.step()
+    gc.collect()
+    times_us: list[float] = []
+    for _ in range(w.num_steps):
+        t0 = time.perf_counter()
+        outs = engine.step()
+        times_us.append(1e6 * (time.perf_counter() - t0))
+        assert len(outs) == num_seqs, "a sequence stalled or ended during the measurement"
+    return {
+        "num_seqs": num_seqs, "kind": kind, "num_steps": len(times_us),
+        "p50_us": common.percentile(times_us, 50), "p99_us": common.percentile(times_us, 99),
+        "mean_us": sum(times_us) / len(times_us),
+    }
+
+
+def measure_all(w: HostWorkload) -> list[dict[str, Any]]:
+    return [measure(n, k, w) for n in SEQ_COUNTS for k in KINDS]
+
+
+def _run_child(src: Path, w: HostWorkload) -> list[dict[str, Any]]:
+    """measure_all in a fresh process on the tree at src."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", "benchmarks.engine_host", "--child", f.name,
+               "--steps", str(w.num_steps)]
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        subprocess.run(cmd, cwd=src, env=env, check=True, timeout=1800)
+        rows: list[dict[str, Any]] = json.loads(Path(f.name).read_text())
+        return rows
+
+
+def side_by_side(w: HostWorkload, before_ref: str | None) -> dict[str, Any]:
+    """Rows for 'after' (this tree) and, when before_ref is given, 'before' (that commit), measured
+    alternately in fresh processes; per row the repeat with the median p99."""
+    trees: dict[str, Path] = {"after": ROOT}
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    commit = None
+    if before_ref:
+        tmp = tempfile.TemporaryDirectory(prefix="meshgate-before-")
+        wt = Path(tmp.name) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(wt), before_ref], cwd=ROOT, check=True,
+                       capture_output=True)
+        commit = subprocess.run(["git", "rev-parse", "--short", before_ref], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout.strip()
+        trees = {"before": wt, "after": ROOT}
+    try:
+        runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in trees}
+        for _ in range(w.repeats):
+            for name, src in trees.items():
+                runs[name].append(_run_child(src, w))
+    finally:
+        if tmp is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(Path(tmp.name) / "tree")], cwd=ROOT,
+                           capture_output=True)
+            tmp.cleanup()
+    rows = []
+    for name, reps in runs.items():
+        for i in range(len(reps[0])):
+            cands = sorted((rep[i] for rep in reps), key=lambda r: r["p99_us"])
+            rows.append({**cands[len(cands) // 2], "tree": name,
+                         "p99_us_runs": [r["p99_us"] for r in cands]})
+    return {"before_ref": before_ref, "before_commit": commit, "rows": rows}
+
+
+def goals(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for r in res["rows"]:
+        if r["tree"] != "after":
+            continue
+        limit = 200.0 if r["num_seqs"] == 64 else 1000.0
+        out[f"host_step_p99_us_{r['num_seqs']}_{r['kind']}"] = common.goal(
+            r["p99_us"], f"<= {limit:.0f}", r["p99_us"] <= limit)
+    return out
+
+
+def print_report(res: dict[str, Any]) -> None:
+    rows = [[r["tree"], r["num_seqs"], r["kind"], r["p50_us"], r["p99_us"], r["mean_us"],
+             " / ".join(f"{x:.0f}" for x in r["p99_us_runs"])] for r in res["rows"]]
+    before = f" (before = {res['before_commit']})" if res.get("before_commit") else ""
+    common.print_table(f"host µs per engine step, null runner, steady decode{before}",
+                       ["tree", "running seqs", "sampling", "p50 µs", "p99 µs", "mean µs", "p99 of runs"], rows)
+    common.print_goals(res["goals"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = common.arg_parser("engine_host", __doc__.split("\n")[0])
+    p.add_argument("--before", help="a git ref to measure side by side (default: this tree only)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    w = QUICK if args.quick else FULL
+    if args.steps:
+        w = replace(w, num_steps=args.steps)
+    if args.child:  # one measurement of the tree this process imports
+        Path(args.child).write_text(json.dumps(measure_all(w)))
+        return {}
+    common.setup_logging()
+    machine = common.machine_info()
+    res: dict[str, Any] = {"benchmark": "engine_host", "machine": machine, "date": common.now_iso(),
+                           "quick": bool(args.quick), "workload": asdict(w), **side_by_side(w, args.before)}
+    res["goals"] = goals(res)
+    print_report(res)
+    out = common.write_json(args.json, res)
+    print(f"\nwrote {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
