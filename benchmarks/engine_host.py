@@ -3,12 +3,16 @@
     python -m benchmarks.engine_host [--quick] [--json PATH] [--before REF]
 
 What is left of Engine.step() when the model costs nothing: schedule, batch update, sampling and
-output processing (detokenization included). Measured in steady decode with 64 and 256 running
+output processing (detokenization included). Where the engine runs output processing apart from
+the step (Engine.step_tokens, then process_outputs on the event loop), "p50/p99" is the engine's
+critical path, step_tokens, and "+out" adds the output processing of the same step. "CPU" is the
+engine thread's CPU time (time.thread_time) over the same steps: on a shared machine, wall time
+also holds the time other processes had the core. Measured in steady decode with 64 and 256 running
 sequences (prompts 32-512 tokens, log-uniform; outputs never end during the measurement), for
 greedy and for seeded top-k/top-p sampling, in µs per step (p50/p99 over the measured steps).
 
---before REF: the same measurement of another commit (a temporary `git worktree` of REF, which
-must have this script), run side by side: before and after alternate, each in its own process,
+--before REF: the same measurement of another commit (a temporary `git worktree` of REF, with this
+script copied in, so only the engine differs), run side by side: before and after alternate, each in its own process,
 `repeats` times, and the repeat with the median p99 is reported for each.
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +76,8 @@ def measure(num_seqs: int, kind: str, w: HostWorkload) -> dict[str, Any]:
         num_threads=1,
     )
     engine = Engine(ModelConfig(tiny=TinyModelConfig(train_steps=0)), cfg)
+    if hasattr(engine, "finish_stopped"):  # this tree's warm_up is the serving set-up (gc.freeze)
+        engine.warm_up(64)
     vocab = engine.tokenizer.vocab_size
     for i in range(num_seqs):
         n = _log_uniform(rng, w.min_prompt_tokens, w.max_prompt_tokens)
@@ -85,17 +92,36 @@ def measure(num_seqs: int, kind: str, w: HostWorkload) -> dict[str, Any]:
     for _ in range(20):  # warm: first decode steps pay one-off allocations
         engine.step()
     gc.collect()
-    times_us: list[float] = []
+    wall_us: list[float] = []
+    cpu_us: list[float] = []  # this thread's CPU time: what the step costs, whatever else runs
+    out_wall_us: list[float] = []
+    out_cpu_us: list[float] = []
+    split = hasattr(engine, "step_tokens")  # output processing apart from the step (off its path)
+    clock, cpu = time.perf_counter, time.thread_time
     for _ in range(w.num_steps):
-        t0 = time.perf_counter()
-        outs = engine.step()
-        times_us.append(1e6 * (time.perf_counter() - t0))
+        t0, c0 = clock(), cpu()
+        if split:
+            events = engine.step_tokens()
+            t1, c1 = clock(), cpu()
+            outs, _ = engine.process_outputs(events)
+            out_wall_us.append(1e6 * (clock() - t1))
+            out_cpu_us.append(1e6 * (cpu() - c1))
+        else:
+            outs = engine.step()
+            t1, c1 = clock(), cpu()
+        wall_us.append(1e6 * (t1 - t0))
+        cpu_us.append(1e6 * (c1 - c0))
         assert len(outs) == num_seqs, "a sequence stalled or ended during the measurement"
-    return {
-        "num_seqs": num_seqs, "kind": kind, "num_steps": len(times_us),
-        "p50_us": common.percentile(times_us, 50), "p99_us": common.percentile(times_us, 99),
-        "mean_us": sum(times_us) / len(times_us),
-    }
+    pct = common.percentile
+    res = {"num_seqs": num_seqs, "kind": kind, "num_steps": len(wall_us), "outputs_off_path": split}
+    for name, step, extra in (("", wall_us, out_wall_us), ("cpu_", cpu_us, out_cpu_us)):
+        total = [a + b for a, b in zip(step, extra)] if extra else step
+        res.update({
+            f"{name}p50_us": pct(step, 50), f"{name}p99_us": pct(step, 99),
+            # the step with its output processing, wherever that runs (the host's whole cost)
+            f"{name}with_outputs_p50_us": pct(total, 50), f"{name}with_outputs_p99_us": pct(total, 99),
+        })
+    return res
 
 
 def measure_all(w: HostWorkload) -> list[dict[str, Any]]:
@@ -124,6 +150,8 @@ def side_by_side(w: HostWorkload, before_ref: str | None) -> dict[str, Any]:
         wt = Path(tmp.name) / "tree"
         subprocess.run(["git", "worktree", "add", "--detach", str(wt), before_ref], cwd=ROOT, check=True,
                        capture_output=True)
+        # The same harness measures both trees: only the engine under it differs.
+        shutil.copy(Path(__file__), wt / "benchmarks" / "engine_host.py")
         commit = subprocess.run(["git", "rev-parse", "--short", before_ref], cwd=ROOT, check=True,
                                 capture_output=True, text=True).stdout.strip()
         trees = {"before": wt, "after": ROOT}
@@ -158,11 +186,13 @@ def goals(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def print_report(res: dict[str, Any]) -> None:
-    rows = [[r["tree"], r["num_seqs"], r["kind"], r["p50_us"], r["p99_us"], r["mean_us"],
+    rows = [[r["tree"], r["num_seqs"], r["kind"], r["p50_us"], r["p99_us"], r["with_outputs_p50_us"],
+             r["with_outputs_p99_us"], r["cpu_p50_us"], r["cpu_p99_us"], r["cpu_with_outputs_p99_us"],
              " / ".join(f"{x:.0f}" for x in r["p99_us_runs"])] for r in res["rows"]]
     before = f" (before = {res['before_commit']})" if res.get("before_commit") else ""
     common.print_table(f"host µs per engine step, null runner, steady decode{before}",
-                       ["tree", "running seqs", "sampling", "p50 µs", "p99 µs", "mean µs", "p99 of runs"], rows)
+                       ["tree", "seqs", "sampling", "p50 µs", "p99 µs", "+out p50", "+out p99",
+                        "CPU p50", "CPU p99", "CPU+out p99", "p99 of runs"], rows)
     common.print_goals(res["goals"])
 
 

@@ -2,13 +2,15 @@
 
 The whole batch is sampled with a few tensor ops on the device that holds the logits; only the
 sampled ids (and, for requests that asked, their logprobs) come back to the host, in one copy
-each. Randomness is counter-based: the noise for a request's n-th output token is a hash of
-(its seed, n, token id), so a seeded request draws the same tokens alone or in any batch, after a
-preemption (recompute), on CPU or GPU, and whichever sampler (batched or the per-row reference
-below) runs it. A request without a seed gets a random one when first sampled.
+each. Randomness is counter-based: the uniform number behind a request's n-th output token is a
+hash of (its seed, n), so a seeded request draws the same tokens alone or in any batch, after a
+preemption (recompute), and whichever sampler (batched, or the per-row reference below) runs it.
+A request without a seed gets a random one when first sampled.
 
-Sampling is the Gumbel-max trick: argmax(logits / T + G) with G = -log(-log U) is a draw from
-softmax(logits / T), restricted to the rows' top-k / top-p sets by masking the rest to -inf.
+A draw is the inverse CDF: the first token whose cumulative probability exceeds u, over the
+candidates (the top max-k tokens by topk when every sampled row has a top-k, else the whole
+vocabulary, sorted only when a top-p asks for it), with the tokens outside a row's top-k and top-p
+sets given probability 0. One uniform per row: no (rows, vocab) noise to make.
 
 The interface other logit transforms hook into: `sample(logits, requests)` with logits (S, V) fp32
 on the device, one row per request in `requests` (whose .params carry the per-request settings).
@@ -33,33 +35,43 @@ def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     return (x >> s) & ((1 << (64 - s)) - 1)
 
 
-def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(S, V) fp32 in (0, 1): splitmix64 of (seed, counter, token id), the top 24 bits.
-    seeds, counters: (S,) int64 on the device the noise is wanted on."""
-    base = seeds * _GOLDEN + counters * _COUNTER_MUL  # (S,)
-    ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    z = base[:, None] + ids[None, :] * _GOLDEN  # (S, V)
+def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """(S,) fp64 in (0, 1): splitmix64 of (seed, counter), its top 52 bits.
+    seeds, counters: (S,) int64 on the device the numbers are wanted on."""
+    z = seeds * _GOLDEN + (counters + 1) * _COUNTER_MUL
     z = (z ^ _shr(z, 30)) * _M1
     z = (z ^ _shr(z, 27)) * _M2
     z = z ^ _shr(z, 31)
-    return (_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return (_shr(z, 12).to(torch.float64) + 0.5) * (1.0 / (1 << 52))
 
 
-def gumbel_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    return -torch.log(-torch.log(uniform_noise(seeds, counters, vocab_size)))
-
-
-def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """(S, V) bool, True outside each row's top-k and top-p nucleus (the most likely token always
-    stays). logits are already temperature-scaled; top_k: (S,) int64 (V: no cut); top_p: (S,) fp32."""
-    vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    cut = ranks >= top_k[:, None]
-    probs = sorted_logits.softmax(dim=-1)
-    # Keep the smallest prefix whose mass reaches p.
-    cut |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-    return torch.empty_like(cut).scatter_(-1, order, cut)
+def draw(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token ids (R,) drawn from softmax(x) restricted to each row's top-k / top-p set.
+    x: (R, V) temperature-scaled logits; top_k: (R,) int64 (V: no cut); top_p: (R,) fp32 (> 1: no
+    cut); u: (R,) fp64 uniforms. The most likely token is always kept. The CDF runs over the kept
+    tokens in token-id order (so the reference needs no sort to agree)."""
+    vocab = x.shape[-1]
+    k_max = int(top_k.max())
+    probs = (x - x.logsumexp(dim=-1, keepdim=True)).exp()  # (R, V) over the whole vocabulary
+    cut_p = bool((top_p <= 1.0).any())
+    idx = None
+    if k_max < vocab or cut_p:
+        if k_max < vocab:
+            vals, idx = x.topk(k_max, dim=-1)  # (R, K), most likely first
+        else:
+            vals, idx = x.sort(dim=-1, descending=True, stable=True)
+        p_sorted = probs.gather(1, idx)
+        ranks = torch.arange(idx.shape[-1], device=x.device)[None, :]
+        cut = ranks >= top_k[:, None]
+        if cut_p:  # keep the smallest prefix whose mass reaches p
+            cut |= (p_sorted.cumsum(dim=-1) - p_sorted) >= top_p[:, None]
+        p_sorted = p_sorted.masked_fill(cut, 0.0)
+        idx, order = idx.sort(dim=-1)  # candidates in token-id order
+        probs = p_sorted.gather(1, order)
+    cdf = probs.double().cumsum(dim=-1)  # (R, K)
+    target = (u * cdf[:, -1])[:, None]
+    j = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # (R, 1)
+    return (j if idx is None else idx.gather(1, j))[:, 0]
 
 
 def _top_p(p: float) -> float:
@@ -86,7 +98,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits: (S, V) fp32 on the runner's device, one row per request; not modified. Returns
         a token id per request and records logprobs on requests that asked for them."""
-        rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        rows = [i for i, r in enumerate(requests) if r.params.temperature > 1e-5]  # not greedy
         if not rows:
             tokens = logits.argmax(dim=-1)
         else:
@@ -104,13 +116,11 @@ class Sampler:
         temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev)
         seeds = torch.tensor([self.seed_of(requests[i]) for i in rows], dtype=torch.int64, device=dev)
         counters = torch.tensor([len(requests[i].output_token_ids) for i in rows], dtype=torch.int64, device=dev)
+        top_k = torch.tensor([_top_k(p.top_k, vocab) for p in params], dtype=torch.int64, device=dev)
+        top_p = torch.tensor([_top_p(p.top_p) for p in params], dtype=torch.float32, device=dev)
         idx = None if len(rows) == len(requests) else torch.tensor(rows, device=dev)
-        sub = (logits if idx is None else logits[idx]) / temps[:, None]  # (R, V), a copy
-        if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
-            top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
-            top_p = torch.tensor([_top_p(p.top_p) for p in params], dtype=torch.float32, device=dev)
-            sub.masked_fill_(top_k_top_p_mask(sub, top_k, top_p), float("-inf"))
-        drawn = (sub + gumbel_noise(seeds, counters, vocab)).argmax(dim=-1)  # (R,)
+        sub = (logits if idx is None else logits[idx]) / temps[:, None]  # (R, V)
+        drawn = draw(sub, top_k, top_p, uniform(seeds, counters))
         if idx is None:
             return drawn
         tokens = logits.argmax(dim=-1)
@@ -143,14 +153,28 @@ def reference_sample(logits: torch.Tensor, req: Request, seed: int) -> int:
         return int(logits.argmax())
     x = logits / max(p.temperature, 1e-5)
     vocab = x.shape[0]
-    sorted_x, order = x.sort(descending=True, stable=True)
-    k = p.top_k if 0 < p.top_k < vocab else vocab
-    probs = sorted_x.softmax(dim=0)
-    mass_before = probs.cumsum(dim=0) - probs
-    for rank in range(vocab):  # the kept set is a prefix of the sorted tokens
-        if rank >= k or bool(mass_before[rank] >= _top_p(p.top_p)):
-            x[order[rank:]] = float("-inf")
+    probs = (x - x.logsumexp(dim=0)).exp()  # (V,)
+    order = x.argsort(descending=True, stable=True)
+    sorted_probs = probs[order]
+    mass_before = sorted_probs.cumsum(dim=0) - sorted_probs
+    top_p = torch.tensor(_top_p(p.top_p), dtype=torch.float32)
+    kept: list[int] = []
+    for rank in range(_top_k(p.top_k, vocab)):
+        if rank > 0 and bool(mass_before[rank] >= top_p):
             break
-    counter = torch.tensor([len(req.output_token_ids)])
-    g = gumbel_noise(torch.tensor([seed]), counter, vocab)[0]
-    return int((x + g).argmax())
+        kept.append(int(order[rank]))
+    u = float(uniform(torch.tensor([seed]), torch.tensor([len(req.output_token_ids)]))[0])
+    kept.sort()  # the CDF runs in token-id order
+    total = 0.0
+    for t in kept:
+        total += float(probs[t])
+    cdf = 0.0
+    for t in kept:
+        cdf += float(probs[t])
+        if cdf > u * total:
+            return t
+    return kept[-1]
+
+
+def _top_k(k: int, vocab: int) -> int:
+    return k if 0 < k < vocab else vocab
