@@ -15,6 +15,7 @@ import torch
 
 from gateway.config import EngineConfig
 from gateway.worker.batch import Batch
+from gateway.worker.families import check_context, rope_table
 from gateway.worker.model import LlamaConfig, LlamaForCausalLM, load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,6 +38,7 @@ class TorchRunner:
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         mc = LlamaConfig.from_folder(folder)
+        check_context(mc, cfg.max_model_len)
         self.config = mc
         with torch.device("meta"):
             model = LlamaForCausalLM(mc)
@@ -84,9 +86,7 @@ def make_kv_caches(mc: LlamaConfig, cfg: EngineConfig, dtype: torch.dtype, devic
 
 
 def _cos_sin(mc: LlamaConfig) -> torch.Tensor:
-    from kernels.reference import rope_cos_sin
-
-    return rope_cos_sin(mc.max_position_embeddings, mc.head_dim, mc.rope_theta)
+    return rope_table(mc)
 
 
 def make_runner(folder: str | Path, cfg: EngineConfig) -> Runner:
