@@ -193,7 +193,8 @@ def print_report(res: dict[str, Any]) -> None:
     common.print_table(f"host µs per engine step, null runner, steady decode{before}",
                        ["tree", "seqs", "sampling", "p50 µs", "p99 µs", "+out p50", "+out p99",
                         "CPU p50", "CPU p99", "CPU+out p99", "p99 of runs"], rows)
-    common.print_goals(res["goals"])
+    if res["goals"]:
+        common.print_goals(res["goals"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
