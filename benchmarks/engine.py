@@ -23,8 +23,10 @@ every core busy, a core taken by other work stalls OpenMP's spinning threads (me
 
 TTFT and TPOT count from t=0 (Request.arrival_s is set to the mode's start) with the engine's own
 timestamps (Request.first_token_s, finish_s). Also measured: scheduler + batch-building time per
-step at 256 running sequences (Scheduler + BlockManager + build_batch, no model), and prefix-cache
-TTFT of a cold request against warm ones that share its 512-token prefix.
+step at 256 running sequences (Scheduler + BlockManager + BatchState, no model), prefix-cache
+TTFT of a cold request against warm ones that share its 512-token prefix, and the host-overhead
+table of benchmarks.engine_host (whole engine steps with the null runner; --host-before REF adds
+another commit side by side).
 """
 from __future__ import annotations
 
@@ -38,10 +40,10 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, engine_host
 from benchmarks.common import Progress, percentile, ratio
 from gateway.config import EngineConfig, ModelConfig, TinyModelConfig
-from gateway.worker.batch import build_batch
+from gateway.worker.batch_state import BatchState
 from gateway.worker.engine import Engine
 from gateway.worker.kv_cache import BlockManager
 from gateway.worker.request import Request, SamplingParams
@@ -221,7 +223,8 @@ def summarize(run: ModeRun) -> dict[str, Any]:
 
 # -- scheduler + batch building, no model ---------------------------------------------------
 def bench_scheduler(w: Workload) -> dict[str, Any]:
-    """Time schedule() + build_batch() + update() per decode step with sched_num_running sequences
+    """Time schedule() + batch preparation (BatchState.prepare, what the engine runs) + update()
+    (BatchState.advance + Scheduler.update) per decode step with sched_num_running sequences
     running (prompts from the workload's distribution, fake sampled tokens)."""
     n = w.sched_num_running
     rng = random.Random(w.seed + 2)
@@ -232,6 +235,7 @@ def bench_scheduler(w: Workload) -> dict[str, Any]:
     # A budget that takes every prompt in the first step: a decode-only step (what is measured)
     # does the same work under any budget >= n, and the set-up takes one step, not hundreds.
     sched = Scheduler(SchedulerConfig(n, sum(lengths) + n, max_len + BLOCK_SIZE), kv)
+    state = BatchState(n, max_len + BLOCK_SIZE, BLOCK_SIZE, "cpu", sum(lengths) + n)
     for i, k in enumerate(lengths):
         sched.add(Request(f"s{i}", [rng.randrange(vocab) for _ in range(k)], greedy(10**6)))
     fake = [rng.randrange(vocab) for _ in range(4096)]
@@ -246,10 +250,12 @@ def bench_scheduler(w: Workload) -> dict[str, Any]:
             out = sched.schedule()
             b = time.perf_counter()
             assert out and len(sched.requests) == n, "a sequence ended or stalled before the measurement"
-            batch = build_batch(out, BLOCK_SIZE, "cpu")
+            batch = state.prepare(out)  # the engine's batch path (persistent rows)
             c = time.perf_counter()
-            sampled = {r.request_id: fake[(step + j) % len(fake)] for j, r in enumerate(batch.sampling)}
+            tokens = [fake[(step + j) % len(fake)] for j in range(len(batch.sampling))]
+            sampled = dict(zip((r.request_id for r in batch.sampling), tokens))
             d = time.perf_counter()
+            state.advance(batch, tokens)
             sched.update(out, sampled)
             e = time.perf_counter()
             step += 1
@@ -415,6 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--max-num-seqs", type=int, help="override the batch size shared by continuous and static")
     p.add_argument("--max-num-batched-tokens", type=int, help="override the engine's token budget per step")
+    p.add_argument("--host-before", help="a git ref whose host overhead is measured side by side (benchmarks.engine_host)")
     args: argparse.Namespace = p.parse_args(argv)
     common.setup_logging()
     w = QUICK if args.quick else FULL
@@ -439,6 +446,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                            pad_to_longest=mode == "static"))
     sched = bench_scheduler(w)
     prefix = bench_prefix_cache(new_engine(model_cfg, cfg, w), w)
+    hw = engine_host.QUICK if args.quick else engine_host.FULL
+    host = engine_host.side_by_side(hw, args.host_before)
 
     runs = {m: median_run(all_runs[m]) for m in MODES}
     modes = {m: {**summarize(runs[m]), "output_tok_s_runs": [output_tok_s(r) for r in all_runs[m]]} for m in MODES}
@@ -461,9 +470,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "scheduler_step_ms": sched,
         "prefix_cache": prefix,
+        "host_overhead": host,
     }
-    res["goals"] = goals(res)
+    res["goals"] = {**goals(res), **engine_host.goals(host)}
     print_report(res)
+    engine_host.print_report({**host, "goals": {}})
     out = common.write_json(args.json, res)
     png = common.png_path(out)
     plot(res, runs, png)

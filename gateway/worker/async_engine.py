@@ -1,7 +1,9 @@
 """Runs the Engine on its own thread; the event loop talks to it through queues.
 
-Commands (add, abort) go in through a thread-safe queue; each step's outputs come back to the
-loop in one call_soon_threadsafe and are fanned out to per-request asyncio queues. A request whose
+Commands (add, abort, stop) go in through a thread-safe queue; each step's TokenEvents come back
+to the loop in one call_soon_threadsafe, where they become RequestOutputs (detokenization and stop
+strings, off the engine thread's critical path) and are fanned out to per-request asyncio queues;
+a request a stop string ended goes back to the engine as a `stop` command. A request whose
 consumer goes away (client disconnect, timeout) is aborted, which frees its KV blocks before the
 next step.
 """
@@ -15,7 +17,7 @@ import time
 from collections.abc import AsyncGenerator
 
 from gateway.core.types import LoadReport
-from gateway.worker.engine import Engine, RequestOutput
+from gateway.worker.engine import Engine, RequestOutput, TokenEvent
 from gateway.worker.request import Request
 
 log = logging.getLogger("meshgate.worker")
@@ -105,15 +107,15 @@ class AsyncEngine:
             self._drain_commands(block=not self.engine.has_work())
             if self.engine.has_work():
                 try:
-                    outputs = self.engine.step()
+                    events = self.engine.step_tokens()
                 except Exception as e:  # a bug: fail the requests in flight, keep serving
                     log.exception("engine step failed")
                     self._fail_all(e)
                     continue
                 self.num_steps += 1
-                if outputs:
+                if events:
                     assert self._loop is not None
-                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+                    self._loop.call_soon_threadsafe(self._dispatch, events)
             now = time.monotonic()
             # Refresh on a period while busy, soon after the queue or the batch changed, and at
             # once when the engine falls idle.
@@ -136,6 +138,8 @@ class AsyncEngine:
                 self._add(*arg)  # type: ignore[misc]
             elif cmd == "abort":
                 self.engine.abort_request(arg)  # type: ignore[arg-type]
+            elif cmd == "stop":
+                self.engine.finish_stopped(arg)  # type: ignore[arg-type]
             try:
                 cmd, arg = self._cmds.get_nowait()
             except queue.Empty:
@@ -164,7 +168,10 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._dispatch_error, ids, dead)
 
     # -- event loop side --------------------------------------------------------------------
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _dispatch(self, events: list[TokenEvent]) -> None:
+        outputs, stopped = self.engine.process_outputs(events)
+        if stopped:
+            self._cmds.put(("stop", stopped))
         for out in outputs:
             q = self._streams.get(out.request_id)
             if q is not None:

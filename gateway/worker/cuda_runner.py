@@ -135,10 +135,14 @@ class CudaRunner(GraphedRunner):
         q = qkv[:, : h * d].view(t, h, d)
         k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
         v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
+        a = self.model.model.layers[i].self_attn
+        if a.q_norm is not None and a.k_norm is not None:  # Qwen3: per-head norms, in place (torch)
+            q.copy_(a.q_norm(q))
+            k.copy_(a.k_norm(k))
         K.rotary(q, k, batch.positions, self.model.cos_sin)
         K.write_kv(k, v, kv, batch.slot_mapping)
         o = self.attn(q, kv, batch, d**-0.5)  # (T, H, D)
-        return self.model.model.layers[i].self_attn.o_proj(o.view(t, h * d))
+        return a.o_proj(o.view(t, h * d))
 
 
 def _cat(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,49 +1,39 @@
-"""The engine: Engine.step() = schedule -> build batch -> run model -> sample -> update.
+"""The engine: Engine.step() = schedule -> update the batch state -> run model -> sample -> update
+-> process outputs.
 
 Engine is synchronous and single-threaded; AsyncEngine runs it on its own thread and talks to
-the event loop through queues.
+the event loop through queues. step_tokens() is the step up to the sampled tokens (the engine's
+critical path); process_outputs() turns its TokenEvents into RequestOutputs (detokenization, stop
+strings) and may run elsewhere (AsyncEngine runs it on the event loop).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gateway.config import EngineConfig, ModelConfig
 from gateway.core.types import LoadReport
-from gateway.worker.batch import build_batch
+from gateway.worker.batch_state import BatchState
 from gateway.worker.kv_cache import BlockManager
+from gateway.worker.outputs import OutputProcessor, RequestOutput, TokenEvent, token_event
 from gateway.worker.request import Request, RequestStatus, SamplingParams
 from gateway.worker.runner import Runner, make_runner
 from gateway.worker.sampler import Sampler
 from gateway.worker.scheduler import Scheduler, SchedulerConfig
-from gateway.worker.tokenizer import Detokenizer, Tokenizer
+from gateway.worker.tokenizer import Tokenizer
+
+__all__ = ["Engine", "RequestOutput", "TokenEvent", "model_folder"]
 
 log = logging.getLogger("meshgate.worker")
 
 MAX_HOT_PREFIXES = 64
 REQUEST_S_ALPHA = 0.05  # EWMA weight of one finished request in mean_request_s
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    token_ids: list[int]  # new tokens
-    text: str  # new text that is safe to show
-    logprobs: list[tuple[float, list[tuple[int, float]]]]  # for the new tokens, if asked
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    error: str | None = None
 
 
 def model_folder(cfg: ModelConfig) -> Path:
@@ -70,7 +60,10 @@ class Engine:
             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len), self.kv
         )
         self.sampler = Sampler()
-        self.detoks: dict[str, Detokenizer] = {}
+        self.batch_state = BatchState(cfg.max_num_seqs, cfg.max_model_len, cfg.block_size, self.runner.device,
+                                      cfg.max_num_batched_tokens)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._last_advanced: list[Request] = []  # the requests of the last step_tokens' events
         self.stats = _StepStats()
         self.num_aborted = 0
         self.mean_request_s = 0.0  # how long a finished request held its slot (EWMA); 0: none yet
@@ -87,6 +80,10 @@ class Engine:
             self.step()
         self.kv.reset_prefix_cache()
         self.mean_request_s = 0.0  # the warm-up's 4 tokens say nothing about real requests
+        # Everything alive now (model, tokenizer, tables) lives as long as the engine: leave it
+        # out of the collector's full passes, which otherwise walk it all in the middle of a step.
+        gc.collect()
+        gc.freeze()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -96,7 +93,7 @@ class Engine:
             raise ValueError(f"prompt of {req.num_prompt_tokens} tokens; the context is {self.cfg.max_model_len}")
         if req.eos_token_id is None:
             req.eos_token_id = self.tokenizer.eos_token_id
-        self.detoks[req.request_id] = Detokenizer(self.tokenizer, req.params.stop)
+        self.outputs.add(req.request_id, req.params.stop)
         self.scheduler.add(req)
 
     def abort_request(self, request_id: str) -> bool:
@@ -105,6 +102,7 @@ class Engine:
             return False
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         self._forget(req)
+        self.outputs.forget(request_id)
         self.num_aborted += 1
         return True
 
@@ -112,56 +110,69 @@ class Engine:
         return self.scheduler.has_work()
 
     def _forget(self, req: Request) -> None:
-        self.detoks.pop(req.request_id, None)
+        """Engine-side state of a request that ended (the output side forgets on its own)."""
+        self.batch_state.remove(req)
         self.sampler.forget(req.request_id)
+
+    def finish_stopped(self, stopped: list[tuple[Request | str, str]]) -> None:
+        """End requests the output side found a stop string in: (request or its id, the string)."""
+        now = time.monotonic()
+        for key, stop in stopped:
+            req = self.scheduler.requests.get(key) if isinstance(key, str) else key
+            if req is None:
+                continue
+            req.stop_reason = stop
+            if not req.finished:
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                self._finished(req, now)
+            elif req.status == RequestStatus.FINISHED_LENGTH:  # the stop came with the last token
+                req.status = RequestStatus.FINISHED_STOPPED
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
-        if not sched:
-            return []
-        batch = build_batch(sched, self.cfg.block_size, self.runner.device)
-        logits = self.runner.execute(batch)
-        tokens = self.sampler.sample(logits, batch.sampling)
-        sampled = {r.request_id: t for r, t in zip(batch.sampling, tokens)}
-        advanced = self.scheduler.update(sched, sampled)
-        outputs = [self._output(req) for req in advanced]
-        num_decode = batch.num_decodes
-        self.stats.record(t0, time.perf_counter(), batch.num_tokens - num_decode, num_decode, len(advanced))
+        """One step with its outputs processed inline (a stop string ends its request at once)."""
+        events = self.step_tokens()
+        outputs, stopped = self.process_outputs(events)
+        if stopped:  # inline, the request objects are at hand (a finished one has left the scheduler)
+            reqs = {r.request_id: r for r in self._last_advanced}
+            self.finish_stopped([(reqs[rid], stop) for rid, stop in stopped])
         return outputs
 
-    def _output(self, req: Request) -> RequestOutput:
-        detok = self.detoks[req.request_id]
+    def process_outputs(self, events: list[TokenEvent]) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
+        return self.outputs.process(events)
+
+    def step_tokens(self) -> list[TokenEvent]:
+        """Schedule, run and sample one step; a TokenEvent per request that got a token."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        state = self.batch_state
+        for victim in sched.preempted:
+            state.remove(victim)
+        if not sched:
+            return []
+        batch = state.prepare(sched)
+        logits = self.runner.execute(batch)
+        tokens = self.sampler.sample(logits, batch.sampling)
+        state.advance(batch, tokens)
+        sampled = {r.request_id: t for r, t in zip(batch.sampling, tokens)}
+        advanced = self.scheduler.update(sched, sampled)
         now = time.monotonic()
-        if req.first_token_s is None:
-            req.first_token_s = now
-        token = req.output_token_ids[-1]
-        is_stop_token = req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason == token
-        text = "" if is_stop_token else detok.add([token])
-        if detok.stopped_by is not None and req.status != RequestStatus.FINISHED_STOPPED:
-            req.stop_reason = detok.stopped_by
-            if req.finished:  # max_tokens hit by the very token that completed the stop string
-                req.status = RequestStatus.FINISHED_STOPPED
-            else:
-                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-        if req.finished:
-            req.finish_s = now
-            self._record_duration(req, now)
-            if detok.stopped_by is None:
-                text += detok.flush()
-            self._forget(req)
-        return RequestOutput(
-            request_id=req.request_id,
-            token_ids=[token],
-            text=text,
-            logprobs=req.output_logprobs[-1:] if req.params.logprobs is not None else [],
-            finished=req.finished,
-            finish_reason=req.finish_reason,
-            num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=len(req.output_token_ids),
-            num_cached_tokens=req.num_cached_tokens,
-        )
+        events = []
+        self._last_advanced = advanced
+        for req in advanced:
+            if req.first_token_s is None:
+                req.first_token_s = now
+            events.append(token_event(req))
+            if req.finished:
+                self._finished(req, now)
+        num_decode = batch.num_decodes
+        self.stats.record(t0, time.perf_counter(), batch.num_tokens - num_decode, num_decode, len(advanced))
+        return events
+
+    def _finished(self, req: Request, now: float) -> None:
+        req.finish_s = now
+        self._record_duration(req, now)
+        self._forget(req)
 
     def _record_duration(self, req: Request, now: float) -> None:
         """Time in the batch: first token to finish, plus the prefill (at the measured speed)."""

@@ -1,8 +1,9 @@
-"""Llama architecture (RMSNorm, RoPE, GQA, SwiGLU) over the flattened batch and a paged KV cache.
+"""Llama architecture (RMSNorm, RoPE, GQA, SwiGLU) over the flattened batch and a paged KV cache,
+with the switches that make it Mistral, Qwen2/2.5 and Qwen3 too (gateway/worker/families.py).
 
-Parameter names follow Hugging Face's LlamaForCausalLM, so a safetensors checkpoint loads with
-load_state_dict as is. Attention is a pluggable backend (torch references here; our CUDA kernels
-in the cuda runner).
+Parameter names follow Hugging Face's *ForCausalLM of those families, so a safetensors checkpoint
+loads as is. Attention is a pluggable backend (torch references here; our CUDA kernels in the cuda
+runner).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gateway.worker import families
 from gateway.worker.batch import Batch
 from kernels import reference as ref
 
@@ -32,17 +34,24 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # o_proj's bias (Llama's attention_bias also sets qkv_bias)
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    model_type: str = "llama"
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+    rope_type: str = "default"  # default | linear | llama3
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    sliding_window: int | None = None  # served only when the context never exceeds it
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise ValueError(f"unsupported rope scaling {rope_type!r} in config.json")
+        """From a config.json of a supported family (UnsupportedModel otherwise)."""
+        fam = families.family_fields(d)
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
@@ -57,21 +66,15 @@ class LlamaConfig:
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            attention_bias=d.get("attention_bias", False),
-            mlp_bias=d.get("mlp_bias", False),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos,
+            **fam,
         )
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> LlamaConfig:
-        d = json.loads((Path(folder) / "config.json").read_text())
-        archs = d.get("architectures") or ["LlamaForCausalLM"]
-        if d.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in archs:
-            raise ValueError(f"not a Llama model: model_type={d.get('model_type')!r}")
-        return cls.from_hf(d)
+        return cls.from_hf(json.loads((Path(folder) / "config.json").read_text()))
 
 
 class AttentionBackend(Protocol):
@@ -124,10 +127,13 @@ class LlamaAttention(nn.Module):
             c.head_dim,
         )
         self.scale = c.head_dim**-0.5
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+        # Qwen3: per-head RMSNorm of q and k (before rotary)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
 
     def forward(
         self,
@@ -141,6 +147,8 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = ref.rotary(q, batch.positions, cos_sin)
         k = ref.rotary(k, batch.positions, cos_sin)
         ref.write_kv(k, v, kv_cache, batch.slot_mapping)
@@ -194,11 +202,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer(
-            "cos_sin",
-            ref.rope_cos_sin(c.max_position_embeddings, c.head_dim, c.rope_theta),
-            persistent=False,
-        )
+        self.register_buffer("cos_sin", families.rope_table(c), persistent=False)
 
     @torch.inference_mode()
     def forward(
@@ -222,12 +226,11 @@ class LlamaForCausalLM(nn.Module):
 
 
 def load_weights(model: LlamaForCausalLM, folder: str | Path) -> None:
-    """Load every *.safetensors file of a Hugging Face folder into the model (strict)."""
+    """Load a Hugging Face folder's safetensors (its index's shards when it has one) into the model
+    (strict)."""
     from safetensors.torch import load_file
 
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {folder}")
+    files = families.weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
@@ -240,6 +243,9 @@ def load_weights(model: LlamaForCausalLM, folder: str | Path) -> None:
     unexpected = set(state) - expected - {k for k in state if "rotary_emb" in k}
     if missing or unexpected:
         raise ValueError(f"checkpoint mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    if model.config.tie_word_embeddings:
+        # to_empty() (meta -> real tensors) gives each module its own tensor: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
     with torch.no_grad():
         params = dict(model.named_parameters())
         for k in expected:

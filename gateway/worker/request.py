@@ -61,6 +61,7 @@ class Request:
     first_token_s: float | None = None
     finish_s: float | None = None
     stop_reason: str | int | None = None
+    batch_row: int = -1  # its row in the engine's persistent batch state (-1: none)
     # FCFS order within a priority class; a preempted request keeps its place.
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
 

@@ -1,73 +1,180 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, top logprobs."""
+"""Token sampling on the runner's device: greedy, temperature, top-k, top-p, seeds, top logprobs.
+
+The whole batch is sampled with a few tensor ops on the device that holds the logits; only the
+sampled ids (and, for requests that asked, their logprobs) come back to the host, in one copy
+each. Randomness is counter-based: the uniform number behind a request's n-th output token is a
+hash of (its seed, n), so a seeded request draws the same tokens alone or in any batch, after a
+preemption (recompute), and whichever sampler (batched, or the per-row reference below) runs it.
+A request without a seed gets a random one when first sampled.
+
+A draw is the inverse CDF: the first token whose cumulative probability exceeds u, over the
+candidates (the top max-k tokens by topk when every sampled row has a top-k, else the whole
+vocabulary, sorted only when a top-p asks for it), with the tokens outside a row's top-k and top-p
+sets given probability 0. One uniform per row: no (rows, vocab) noise to make.
+
+The interface other logit transforms hook into: `sample(logits, requests)` with logits (S, V) fp32
+on the device, one row per request in `requests` (whose .params carry the per-request settings).
+"""
 from __future__ import annotations
+
+import random
 
 import torch
 
 from gateway.worker.request import Request
 
+# splitmix64's constants as signed int64 (torch has no uint64 arithmetic); products wrap.
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M2 = 0x94D049BB133111EB - (1 << 64)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_COUNTER_MUL = 0xD1B54A32D192ED03 - (1 << 64)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic on signed types)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """(S,) fp64 in (0, 1): splitmix64 of (seed, counter), its top 52 bits.
+    seeds, counters: (S,) int64 on the device the numbers are wanted on."""
+    z = seeds * _GOLDEN + (counters + 1) * _COUNTER_MUL
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 12).to(torch.float64) + 0.5) * (1.0 / (1 << 52))
+
+
+def draw(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token ids (R,) drawn from softmax(x) restricted to each row's top-k / top-p set.
+    x: (R, V) temperature-scaled logits; top_k: (R,) int64 (V: no cut); top_p: (R,) fp32 (> 1: no
+    cut); u: (R,) fp64 uniforms. The most likely token is always kept. The CDF runs over the kept
+    tokens in token-id order (so the reference needs no sort to agree)."""
+    vocab = x.shape[-1]
+    k_max = int(top_k.max())
+    probs = (x - x.logsumexp(dim=-1, keepdim=True)).exp()  # (R, V) over the whole vocabulary
+    cut_p = bool((top_p <= 1.0).any())
+    idx = None
+    if k_max < vocab or cut_p:
+        if k_max < vocab:
+            vals, idx = x.topk(k_max, dim=-1)  # (R, K), most likely first
+        else:
+            vals, idx = x.sort(dim=-1, descending=True, stable=True)
+        p_sorted = probs.gather(1, idx)
+        ranks = torch.arange(idx.shape[-1], device=x.device)[None, :]
+        cut = ranks >= top_k[:, None]
+        if cut_p:  # keep the smallest prefix whose mass reaches p
+            cut |= (p_sorted.cumsum(dim=-1) - p_sorted) >= top_p[:, None]
+        p_sorted = p_sorted.masked_fill(cut, 0.0)
+        idx, order = idx.sort(dim=-1)  # candidates in token-id order
+        probs = p_sorted.gather(1, order)
+    cdf = probs.double().cumsum(dim=-1)  # (R, K)
+    target = (u * cdf[:, -1])[:, None]
+    j = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # (R, 1)
+    return (j if idx is None else idx.gather(1, j))[:, 0]
+
+
+def _top_p(p: float) -> float:
+    """top_p >= 1 cuts nothing: above any sum of probabilities, fp32 rounding included."""
+    return p if p < 1.0 else 2.0
+
 
 class Sampler:
     def __init__(self) -> None:
-        self._generators: dict[str, torch.Generator] = {}
+        self._seeds: dict[str, int] = {}  # request id -> the seed of an unseeded request
+        self._rng = random.Random()
 
-    def _generator(self, req: Request) -> torch.Generator:
-        g = self._generators.get(req.request_id)
-        if g is None:
-            g = torch.Generator()
-            if req.params.seed is not None:
-                g.manual_seed(req.params.seed)
-            else:
-                g.seed()
-            self._generators[req.request_id] = g
-        return g
+    def seed_of(self, req: Request) -> int:
+        if req.params.seed is not None:
+            return req.params.seed
+        s = self._seeds.get(req.request_id)
+        if s is None:
+            s = self._seeds[req.request_id] = self._rng.getrandbits(62)
+        return s
 
     def forget(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
+        self._seeds.pop(request_id, None)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """logits: (S, V) fp32, one row per request. Returns a token id per request and records
-        logprobs on requests that asked for them."""
-        logits = logits.cpu()
-        tokens = logits.argmax(dim=-1)
-        rows = [i for i, r in enumerate(requests) if not r.params.greedy]
-        if rows:
-            idx = torch.tensor(rows)
-            sub = logits[idx]  # (R, V)
-            temps = torch.tensor([requests[i].params.temperature for i in rows])
-            sub = sub / temps[:, None]
-            sub = _top_k_top_p(
-                sub,
-                [requests[i].params.top_k for i in rows],
-                [requests[i].params.top_p for i in rows],
-            )
-            probs = sub.softmax(dim=-1)
-            for j, i in enumerate(rows):
-                # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p.
-                e = torch.empty_like(probs[j]).exponential_(generator=self._generator(requests[i]))
-                tokens[i] = (probs[j] / e).argmax()
-        out = tokens.tolist()
-        for i, r in enumerate(requests):
-            if r.params.logprobs is not None:
-                lp = logits[i].log_softmax(dim=-1)
-                k = r.params.logprobs
-                top = lp.topk(k) if k > 0 else None
-                alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-                r.output_logprobs.append((float(lp[out[i]]), alts))
+        """logits: (S, V) fp32 on the runner's device, one row per request; not modified. Returns
+        a token id per request and records logprobs on requests that asked for them."""
+        rows = [i for i, r in enumerate(requests) if r.params.temperature > 1e-5]  # not greedy
+        if not rows:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample_rows(logits, requests, rows)
+        out: list[int] = tokens.tolist()  # the step's one device -> host copy of ids
+        lp_rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        if lp_rows:
+            self._logprobs(logits, requests, lp_rows, tokens)
         return out
 
+    def _sample_rows(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
+        dev = logits.device
+        vocab = logits.shape[-1]
+        params = [requests[i].params for i in rows]
+        temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev)
+        seeds = torch.tensor([self.seed_of(requests[i]) for i in rows], dtype=torch.int64, device=dev)
+        counters = torch.tensor([len(requests[i].output_token_ids) for i in rows], dtype=torch.int64, device=dev)
+        top_k = torch.tensor([_top_k(p.top_k, vocab) for p in params], dtype=torch.int64, device=dev)
+        top_p = torch.tensor([_top_p(p.top_p) for p in params], dtype=torch.float32, device=dev)
+        idx = None if len(rows) == len(requests) else torch.tensor(rows, device=dev)
+        sub = (logits if idx is None else logits[idx]) / temps[:, None]  # (R, V)
+        drawn = draw(sub, top_k, top_p, uniform(seeds, counters))
+        if idx is None:
+            return drawn
+        tokens = logits.argmax(dim=-1)
+        tokens[idx] = drawn
+        return tokens
 
-def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Mask to -inf everything outside each row's top-k and top-p nucleus."""
-    vocab = logits.shape[-1]
-    if all(k <= 0 or k >= vocab for k in top_k) and all(p >= 1.0 for p in top_p):
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_k])
-    ranks = torch.arange(vocab)[None, :]
-    mask = ranks >= k[:, None]
-    probs = sorted_logits.softmax(dim=-1)
-    # Keep the smallest prefix whose mass reaches p (the first token always stays).
-    mass_before = probs.cumsum(dim=-1) - probs
-    mask |= mass_before >= torch.tensor(top_p)[:, None]
-    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    def _logprobs(self, logits: torch.Tensor, requests: list[Request], rows: list[int], tokens: torch.Tensor) -> None:
+        """Logprobs of the raw distribution (before temperature and cuts), as OpenAI reports them:
+        the sampled token's and the top-k alternatives', k the largest any row asked for."""
+        dev = logits.device
+        idx = torch.tensor(rows, device=dev)
+        lp = logits[idx].log_softmax(dim=-1)  # (R, V)
+        k = max(requests[i].params.logprobs or 0 for i in rows)
+        chosen = lp.gather(1, tokens[idx][:, None])[:, 0]  # (R,)
+        top = lp.topk(k, dim=-1) if k > 0 else None
+        # One copy for the floats and one for the ids, however many rows asked.
+        chosen_h = chosen.tolist()
+        vals = top.values.tolist() if top is not None else [[] for _ in rows]
+        ids = top.indices.tolist() if top is not None else [[] for _ in rows]
+        for j, i in enumerate(rows):
+            n = requests[i].params.logprobs or 0
+            requests[i].output_logprobs.append((chosen_h[j], list(zip(ids[j][:n], vals[j][:n]))))
+
+
+def reference_sample(logits: torch.Tensor, req: Request, seed: int) -> int:
+    """One row, written plainly: the meaning the batched sampler must match token for token.
+    logits: (V,) fp32."""
+    p = req.params
+    if p.greedy:
+        return int(logits.argmax())
+    x = logits / max(p.temperature, 1e-5)
+    vocab = x.shape[0]
+    probs = (x - x.logsumexp(dim=0)).exp()  # (V,)
+    order = x.argsort(descending=True, stable=True)
+    sorted_probs = probs[order]
+    mass_before = sorted_probs.cumsum(dim=0) - sorted_probs
+    top_p = torch.tensor(_top_p(p.top_p), dtype=torch.float32)
+    kept: list[int] = []
+    for rank in range(_top_k(p.top_k, vocab)):
+        if rank > 0 and bool(mass_before[rank] >= top_p):
+            break
+        kept.append(int(order[rank]))
+    u = float(uniform(torch.tensor([seed]), torch.tensor([len(req.output_token_ids)]))[0])
+    kept.sort()  # the CDF runs in token-id order
+    total = 0.0
+    for t in kept:
+        total += float(probs[t])
+    cdf = 0.0
+    for t in kept:
+        cdf += float(probs[t])
+        if cdf > u * total:
+            return t
+    return kept[-1]
+
+
+def _top_k(k: int, vocab: int) -> int:
+    return k if 0 < k < vocab else vocab

@@ -78,16 +78,22 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # Decodes first, then unfinished prefills, each in priority order: a decode never waits
-        # behind a prefill chunk, whatever the classes.
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
-        for req in decodes + prefills:
+        # behind a prefill chunk, whatever the classes. (Hot loop: locals, no property calls.)
+        left = [(r, len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens) for r in self.running]
+        order = [p for p in left if p[1] == 1] + [p for p in left if p[1] > 1]
+        running, bs, kv = RequestStatus.RUNNING, self.kv.block_size, self.kv
+        for req, remaining in order:
             if budget <= 0:
                 break
-            if req.status != RequestStatus.RUNNING:  # preempted earlier in this step
+            if req.status != running:  # preempted earlier in this step
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req, n):
+            n = remaining if remaining < budget else budget
+            if req.num_computed_tokens + n <= len(req.block_ids) * bs:  # fits the blocks it holds
+                out.requests.append(req)
+                out.num_tokens.append(n)
+                budget -= n
+                continue
+            while not kv.allocate_slots(req, n):
                 victim = self.running[-1]  # lowest priority, latest arrival
                 if victim in out.requests:  # scheduled earlier in this step: give its tokens back
                     i = out.requests.index(victim)
@@ -129,24 +135,26 @@ class Scheduler:
         """Account for the step's computed tokens and append sampled tokens; finish requests that
         hit EOS, a stop token or max_tokens. Returns the requests that got a new token."""
         advanced: list[Request] = []
+        finished_from = RequestStatus.FINISHED_STOPPED
+        kv, bs, caching = self.kv, self.kv.block_size, self.kv.enable_prefix_caching
+        max_len = self.config.max_model_len
         for req, n in zip(out.requests, out.num_tokens):
-            if req.finished:  # aborted while the step ran
+            if req.status >= finished_from:  # aborted while the step ran
                 continue
             req.num_computed_tokens += n
-            self.kv.cache_full_blocks(req)
+            if caching and req.num_computed_tokens // bs > req.num_registered_blocks:
+                kv.cache_full_blocks(req)  # a block filled up
             token = sampled.get(req.request_id)
             if token is None:  # a prefill chunk that did not reach the end of the prompt
                 continue
-            req.output_token_ids.append(token)
+            outs = req.output_token_ids
+            outs.append(token)
             advanced.append(req)
             p = req.params
             if (not p.ignore_eos and token == req.eos_token_id) or token in p.stop_token_ids:
                 req.stop_reason = token
                 self.finish(req, RequestStatus.FINISHED_STOPPED)
-            elif (
-                len(req.output_token_ids) >= p.max_tokens
-                or req.num_tokens >= self.config.max_model_len
-            ):
+            elif len(outs) >= p.max_tokens or len(req.prompt_token_ids) + len(outs) >= max_len:
                 self.finish(req, RequestStatus.FINISHED_LENGTH)
         return advanced
 

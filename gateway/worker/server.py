@@ -31,6 +31,7 @@ from gateway.worker.load_feed import LoadFeed
 from gateway.worker.metrics import EngineCounters, WorkerMetrics
 from gateway.worker.request import Request, SamplingParams
 from gateway.worker.responses import ResponseBuilder, usage
+from gateway.worker.tokenizer import ChatTemplateError
 
 log = logging.getLogger("meshgate.worker")
 
@@ -152,7 +153,10 @@ class WorkerServer:
             raise Overloaded("the pool's queue is full; retry later", retry_after_s=1)
         tok = engine.engine.tokenizer
         if g.kind == "chat":
-            prompt_ids = tok.apply_chat_template(list(g.messages or ()))
+            try:
+                prompt_ids = tok.apply_chat_template(list(g.messages or ()))
+            except ChatTemplateError as e:
+                raise BadRequest(str(e), param="messages") from None
         elif g.prompt_token_ids is not None:
             prompt_ids = list(g.prompt_token_ids)
             if max(prompt_ids) >= engine.engine.runner.config.vocab_size:  # type: ignore[attr-defined]

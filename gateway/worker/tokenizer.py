@@ -16,6 +16,10 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+class ChatTemplateError(ValueError):
+    pass
+
+
 class Tokenizer:
     def __init__(self, folder: str | Path, eos_token_id: int | None = None):
         folder = Path(folder)
@@ -28,6 +32,9 @@ class Tokenizer:
             eos_token_id = self._tok.token_to_id(self.eos_token)
         self.eos_token_id = eos_token_id
         template = cfg.get("chat_template")
+        jinja_file = folder / "chat_template.jinja"  # where recent transformers save it
+        if template is None and jinja_file.exists():
+            template = jinja_file.read_text()
         if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
             named = {t["name"]: t["template"] for t in template}
             template = named.get("default") or next(iter(named.values()), None)
@@ -43,18 +50,40 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         if self._compiled is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            self._compiled = _compile(self.chat_template)
+        from jinja2.exceptions import TemplateError
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            self._compiled = env.from_string(self.chat_template)
-        text = self._compiled.render(
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-        )
+        try:
+            text = self._compiled.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except TemplateError as e:  # e.g. the template's raise_exception("roles must alternate")
+            raise ChatTemplateError(f"the model's chat template refused the messages: {e}") from e
         # The template already placed any BOS token.
         return self.encode(text, add_special_tokens=False)
+
+
+def _compile(template: str) -> Any:
+    """The template in the environment Hugging Face templates are written for: a sandbox with
+    trim_blocks/lstrip_blocks, loop controls, raise_exception() and a tojson that keeps non-ASCII
+    (Qwen's and Llama 3's templates use them)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
 
 
 def _token_str(v: Any) -> str | None:

@@ -21,6 +21,7 @@ import torch
 from gateway.config import EngineConfig
 from gateway.worker.batch import Batch
 from gateway.worker.cuda_runner import CudaAttention, DecodeGraphs, GraphedRunner, require_cuda
+from gateway.worker.families import check_context
 from gateway.worker.model import LlamaConfig
 from gateway.worker.runner import DTYPES, _cos_sin, make_kv_caches
 from gateway.worker.trt_build import ENGINE_ROOT, build_engines, dims_of, export_onnx
@@ -53,6 +54,9 @@ class TrtRunner(GraphedRunner):
         engines that run the ONNX files in onnxruntime. engines: segment name -> callable
         (*inputs) -> tuple of outputs, in kernels.onnx_export.segment_specs' order and shapes."""
         self.device, self.dtype, self.config = torch.device(cfg.device), DTYPES[cfg.dtype], mc
+        if mc.qk_norm:  # the exported dense segments have no per-head q/k norm
+            raise ValueError(f"engine.runner 'tensorrt' does not serve {mc.model_type} (q/k norm); use 'cuda' or 'torch'")
+        check_context(mc, cfg.max_model_len)
         specs = ox.segment_specs(dims_of(mc), self.dtype)
         missing = {s.name for s in specs} - set(engines)
         assert not missing, f"no engine for segments {sorted(missing)}"

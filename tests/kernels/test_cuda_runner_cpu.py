@@ -91,15 +91,20 @@ def _eager_capture(self: cuda_runner.DecodeGraphs, size: int) -> tuple[Any, torc
     return _EagerGraph(lambda: self.runner.forward(static), out), out
 
 
-def _run_both(tmp_path: Path, graphs: bool, num_requests: int, max_prompt: int, max_tokens: int) -> Both:
+def _run_both(tmp_path: Path, graphs: bool, num_requests: int, max_prompt: int, max_tokens: int,
+              family: str | None = None) -> Both:
     """An engine whose steps run the torch runner and the cuda runner (built without the CUDA
-    checks) on the same batches, checking their logits agree."""
+    checks) on the same batches, checking their logits agree. family: a transformers-built
+    Qwen2/Qwen3 folder instead of the tiny Llama."""
     tiny = TinyModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1)  # head_dim 64, GQA 2
     mcfg = ModelConfig(tiny=tiny, cache_dir=str(tmp_path))
     cfg = EngineConfig(block_size=8, num_blocks=128, max_num_seqs=8, max_num_batched_tokens=48,
                        max_model_len=600, num_threads=1)
     folder = model_folder(mcfg)
+    if family is not None:
+        folder = _family_folder(family, folder, tmp_path / family)
+        mcfg = ModelConfig(path=str(folder))
     runner = cuda_runner.CudaRunner.__new__(cuda_runner.CudaRunner)
     runner._setup(TorchRunner(folder, cfg), cfg, use_cuda_graphs=graphs)
     both = Both(TorchRunner(folder, cfg), runner)
@@ -112,6 +117,33 @@ def _run_both(tmp_path: Path, graphs: bool, num_requests: int, max_prompt: int, 
     while engine.has_work():
         engine.step()
     return both
+
+
+def _family_folder(family: str, tiny: Path, out: Path) -> Path:
+    """A Qwen2 (q/k/v biases) or Qwen3 (q/k norms) model with random weights, head_dim 64."""
+    transformers = pytest.importorskip("transformers")
+    cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    cfg = cls(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=64, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((tiny / name).read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_cuda_runner_wiring_on_cpu_for_qwen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str) -> None:
+    """The fused q/k/v with Qwen2's biases, Qwen3's per-head q/k norms on the strided views."""
+    monkeypatch.setattr(K, "check_device", lambda *named: None)
+    monkeypatch.setattr(K, "library", lambda device: _NoLaunch())
+    monkeypatch.setattr(cuda_runner, "K", _ref_ops())
+    both = _run_both(tmp_path, False, num_requests=4, max_prompt=40, max_tokens=4, family=family)
+    assert both.num_checked >= 4 and both.config.model_type == family
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "padded-static-buffers"])

@@ -174,7 +174,9 @@ def test_abort_frees_blocks_before_the_next_step(make_engine) -> None:
 
 def test_streamed_text_concatenates_to_the_decoded_output(make_engine) -> None:
     engine = make_engine(max_num_batched_tokens=32)
-    prompts = random_prompts([3, 8, 15, 4, 11, 6], seed=12)
+    # Sampled outputs of the untrained tiny model often end inside a UTF-8 character (checked
+    # differently below): enough requests that several end on a whole one.
+    prompts = random_prompts([3, 8, 15, 4, 11, 6, 9, 5, 13, 7], seed=12)
     reqs = [
         Request(f"r{i}", list(p), SamplingParams(max_tokens=24, temperature=0.0 if i % 2 else 1.0, seed=i, ignore_eos=True))
         for i, p in enumerate(prompts)
