@@ -36,6 +36,8 @@ ROUTING_FILTERS = ("serves-model", "available", "residency", "slo")
 ROUTING_SCORERS = ("latency", "nearest", "least-load", "prefix-affinity")
 ROUTING_PICKERS = ("max-score", "round-robin", "random", "p2c")
 BUILTIN_PROFILES = ("latency", "nearest", "least-load", "round-robin", "random", "p2c")
+PoolKind = Literal["meshgate", "openai"]  # our worker | any OpenAI-compatible server
+POOL_KINDS: tuple[PoolKind, ...] = ("meshgate", "openai")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -106,7 +108,7 @@ class PoolConfig:
     host: str = "127.0.0.1"
     port: int = 8101
     site: str | None = None
-    kind: Literal["meshgate", "openai"] = "meshgate"  # our worker | any OpenAI-compatible server
+    kind: PoolKind = "meshgate"
     url: str | None = None  # how gateways reach it; default http://host:port
     models: tuple[str, ...] = ()  # models it serves; default (model.name,)
     # `meshgate up` only: emulate this round trip between the gateway and the pool with a delaying

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from gateway.config import Config, PoolConfig, SiteConfig
+from gateway.config import POOL_KINDS, Config, PoolConfig, PoolKind, SiteConfig
 
 POOLS = "pools/"
 GATEWAYS = "gateways/"
@@ -21,7 +21,7 @@ class PoolRecord:
     site: SiteConfig | None = None  # with its coordinates, so gateways place a pool they never configured
     models: tuple[str, ...] = ()
     capacity: int = 0  # sequences it runs at once (engine.max_num_seqs); 0: unknown (third-party)
-    kind: str = "meshgate"
+    kind: PoolKind = "meshgate"
     # Network coordinates (geo.vivaldi.Coord.to_dict). Workers leave it empty: they do not probe, so
     # they have no coordinate; a pool stands at its site's gateway's (GatewayRecord.coords).
     coords: dict[str, Any] | None = None
@@ -53,8 +53,11 @@ def decode_pool(raw: bytes) -> PoolRecord:
     """Raises ValueError (or TypeError, KeyError) on a value another version or a person wrote badly."""
     d = orjson.loads(raw)
     site = SiteConfig(**d["site"]) if d.get("site") else None
+    kind = next((k for k in POOL_KINDS if k == (d.get("kind") or "meshgate")), None)
+    if kind is None:
+        raise ValueError(f"unknown pool kind {d.get('kind')!r}")
     return PoolRecord(id=str(d["id"]), url=str(d["url"]), site=site, models=tuple(d.get("models") or ()),
-                      capacity=int(d.get("capacity") or 0), kind=str(d.get("kind") or "meshgate"),
+                      capacity=int(d.get("capacity") or 0), kind=kind,
                       coords=d.get("coords"), draining=bool(d.get("draining", False)))
 
 

@@ -101,9 +101,10 @@ class CudaRunner(GraphedRunner):
 
     def _fuse_weights(self) -> None:
         """One GEMM for q/k/v and one for gate/up: (out_features, hidden) concatenations."""
+        self.layers = self.model.model.decoder_layers()
         self.qkv: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.gate_up: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        for layer in self.model.model.layers:
+        for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
             self.qkv.append(_cat(a.q_proj, a.k_proj, a.v_proj))
             self.gate_up.append(_cat(m.gate_proj, m.up_proj))
@@ -113,7 +114,7 @@ class CudaRunner(GraphedRunner):
         mc, inner = self.config, self.model.model
         h = inner.embed_tokens(batch.input_ids)  # (T, hidden)
         residual: torch.Tensor | None = None
-        for i, (layer, kv) in enumerate(zip(inner.layers, self.kv_caches)):
+        for i, (layer, kv) in enumerate(zip(inner.decoder_layers(), self.kv_caches)):
             n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
             if residual is None:
                 residual, x = h, K.rms_norm(h, n1.weight, n1.eps)
@@ -122,8 +123,9 @@ class CudaRunner(GraphedRunner):
             a = self._attention(i, x, batch, kv)
             x, residual = K.fused_add_rms_norm(a, residual, n2.weight, n2.eps)
             gu = F.linear(x, *self.gate_up[i])  # (T, 2 * intermediate)
-            g, u = gu.split(mc.intermediate_size, dim=-1)
+            g, u = torch.split(gu, mc.intermediate_size, dim=-1)
             h = layer.mlp.down_proj(F.silu(g) * u)
+        assert residual is not None  # a model has layers
         h = (h + residual)[batch.logits_indices]  # (S, hidden)
         norm = inner.norm
         return self.model.lm_head(K.rms_norm(h.contiguous(), norm.weight, norm.eps)).float()
@@ -135,7 +137,7 @@ class CudaRunner(GraphedRunner):
         q = qkv[:, : h * d].view(t, h, d)
         k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
         v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
-        a = self.model.model.layers[i].self_attn
+        a = self.layers[i].self_attn
         if a.q_norm is not None and a.k_norm is not None:  # Qwen3: per-head norms, in place (torch)
             q.copy_(a.q_norm(q))
             k.copy_(a.k_norm(k))
@@ -174,7 +176,7 @@ class DecodeGraphs:
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device=dev)  # warmup and capture share it (one cuda.core wrap)
+        self.stream = torch.cuda.Stream(device=dev)  # type: ignore[no-untyped-call]  # warmup and capture share it (one cuda.core wrap)
 
     def run(self, batch: Batch) -> torch.Tensor | None:
         """Logits (S, vocab), or None when the step is not a graph-able decode."""

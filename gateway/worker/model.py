@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -193,8 +193,14 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
+    def decoder_layers(self) -> list[LlamaDecoderLayer]:
+        """The layers, typed (iterating an nn.ModuleList yields plain Modules)."""
+        return cast("list[LlamaDecoderLayer]", list(self.layers))
+
 
 class LlamaForCausalLM(nn.Module):
+    cos_sin: torch.Tensor  # a buffer: (max_position, head_dim) rotary table
+
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.config = c
@@ -211,7 +217,7 @@ class LlamaForCausalLM(nn.Module):
         """Logits (S, vocab) in fp32 for the batch's sampling positions."""
         h = self.model.embed_tokens(batch.input_ids)  # (T, hidden)
         residual: torch.Tensor | None = None
-        for layer, kv in zip(self.model.layers, kv_caches):
+        for layer, kv in zip(self.model.decoder_layers(), kv_caches):
             n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
             if residual is None:
                 residual, x = h, n1(h)
@@ -220,7 +226,8 @@ class LlamaForCausalLM(nn.Module):
             a = layer.self_attn(x, batch, kv, self.cos_sin, attn)
             x, residual = ref.fused_add_rms_norm(a, residual, n2.weight, n2.eps)
             h = layer.mlp(x)
-        h = h + residual  # type: ignore[operator]
+        assert residual is not None  # a model has layers
+        h = h + residual
         h = h[batch.logits_indices]
         return self.lm_head(self.model.norm(h)).float()
 

@@ -15,7 +15,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,9 @@ import torch.nn.functional as F
 from gateway.config import TinyModelConfig
 from gateway.worker.model import LlamaConfig, LlamaForCausalLM
 from kernels import reference as ref
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 log = logging.getLogger("meshgate.worker")
 
@@ -105,7 +110,7 @@ def make_tiny_model(folder: Path, cfg: TinyModelConfig) -> None:
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _train_tokenizer(vocab_size: int):  # -> tokenizers.Tokenizer
+def _train_tokenizer(vocab_size: int) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -131,7 +136,7 @@ def dense_logits(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     b, length = ids.shape
     pos = torch.arange(length).repeat(b)
     h = model.model.embed_tokens(ids)  # (B, L, hidden)
-    for layer in model.model.layers:
+    for layer in model.model.decoder_layers():
         att = layer.self_attn
         x = layer.input_layernorm(h).view(b * length, -1)
         q = ref.rotary(att.q_proj(x).view(b * length, c.num_attention_heads, c.head_dim), pos, model.cos_sin)
@@ -147,7 +152,7 @@ def dense_logits(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.model.norm(h))
 
 
-def _train(model: LlamaForCausalLM, tok, steps: int, seed: int, seq_len: int = 128, batch: int = 16) -> None:
+def _train(model: LlamaForCausalLM, tok: Tokenizer, steps: int, seed: int, seq_len: int = 128, batch: int = 16) -> None:
     text = CORPUS.read_text()
     eos = tok.token_to_id("<|eos|>")
     ids = torch.tensor(tok.encode(text).ids + [eos])
@@ -164,13 +169,13 @@ def _train(model: LlamaForCausalLM, tok, steps: int, seed: int, seq_len: int = 1
         y = torch.stack([ids[s + 1 : s + seq_len + 1] for s in starts])
         loss = F.cross_entropy(dense_logits(model, x).flatten(0, 1), y.flatten())
         opt.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         show(step + 1, loss.item())
     model.eval()
 
 
-def _progress(total: int, what: str):
+def _progress(total: int, what: str) -> Callable[[int, float], None]:
     """A bar on a terminal, a log line every 10% otherwise."""
     if sys.stderr.isatty():
         from tqdm import tqdm
