@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from gateway.core.tls import ClientFiles, ServerFiles
+
 
 class ConfigError(ValueError):
     pass
@@ -81,6 +83,77 @@ class EngineConfig:
             )
 
 
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsServerConfig:
+    """TLS on a listening side (a gateway's HTTP and gRPC fronts, a pool worker). Files are PEM, relative
+    to the config file; they are re-read when they change (gateway/core/tls.py), no restart needed."""
+
+    cert_file: str | None = None  # None (with key_file): cleartext
+    key_file: str | None = None
+    client_ca_file: str | None = None  # verify client certificates against this CA (mutual TLS)
+    require_client_cert: bool = False  # refuse clients without a certificate the CA signed
+    # A client certificate must carry one of these names (DNS SAN or common name); empty: any the CA signed
+    allowed_client_names: tuple[str, ...] = ()
+    handshake_timeout_s: float = 10.0  # a client that has not finished its handshake by then is dropped
+    min_version: str = "1.2"  # 1.2 | 1.3
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    def files(self, alpn: tuple[str, ...] = ("http/1.1",)) -> ServerFiles:
+        assert self.cert_file is not None and self.key_file is not None
+        return ServerFiles(self.cert_file, self.key_file, self.client_ca_file, self.require_client_cert,
+                           self.min_version, alpn)
+
+    def validate(self, path: str) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError(f"{path}: cert_file and key_file go together")
+        if self.min_version not in TLS_VERSIONS:
+            raise ConfigError(f"{path}.min_version: expected 1.2 or 1.3, got {self.min_version!r}")
+        if not self.handshake_timeout_s > 0:
+            raise ConfigError(f"{path}.handshake_timeout_s: must be positive")
+        if (self.require_client_cert or self.allowed_client_names) and self.client_ca_file is None:
+            raise ConfigError(f"{path}: require_client_cert and allowed_client_names need client_ca_file")
+        if self.client_ca_file is not None and not self.enabled:
+            raise ConfigError(f"{path}.client_ca_file: needs cert_file and key_file (TLS on)")
+        if self.allowed_client_names and not self.require_client_cert:
+            raise ConfigError(f"{path}.allowed_client_names: needs require_client_cert: true")
+        _check_files(self, path, ("cert_file", "key_file", "client_ca_file"))
+
+
+@dataclass(frozen=True, slots=True)
+class TlsClientConfig:
+    """How the gateway reaches https pools: the CA it trusts and the certificate it presents."""
+
+    ca_file: str | None = None  # None: the system's trust store (a private CA is the normal case)
+    cert_file: str | None = None  # client certificate for pools that require one (mutual TLS), with key_file
+    key_file: str | None = None
+    server_name: str | None = None  # the name pools' certificates must carry; None: each pool URL's host
+    min_version: str = "1.2"  # 1.2 | 1.3
+
+    def files(self) -> ClientFiles:
+        return ClientFiles(self.ca_file, self.cert_file, self.key_file, self.min_version)
+
+    def validate(self, path: str) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError(f"{path}: cert_file and key_file go together")
+        if self.min_version not in TLS_VERSIONS:
+            raise ConfigError(f"{path}.min_version: expected 1.2 or 1.3, got {self.min_version!r}")
+        _check_files(self, path, ("ca_file", "cert_file", "key_file"))
+
+
+def _check_files(section: Any, path: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{path}.{name}: no such file {value!r}")
+
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     id: str
@@ -105,8 +178,10 @@ class PoolConfig:
     load_stream_interval_s: float = 0.01
     load_stream_heartbeat_s: float = 0.5
     max_load_streams: int = 1024
+    tls: TlsServerConfig = field(default_factory=TlsServerConfig)  # on: gateways reach it at https://host:port
 
     def validate(self, path: str) -> None:
+        self.tls.validate(f"{path}.tls")
         for name in ("load_stream_interval_s", "load_stream_heartbeat_s", "max_load_streams"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{path}.{name}: must be positive")
@@ -115,7 +190,8 @@ class PoolConfig:
 
     @property
     def base_url(self) -> str:
-        return (self.url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.tls.enabled else "http"
+        return (self.url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -133,6 +209,7 @@ class UpstreamConfig:
     max_attempts: int = 5
     breaker_failures: int = 5  # consecutive failures that open a pool's circuit
     breaker_cooldown_s: float = 5.0  # open -> half-open (one trial request)
+    tls: TlsClientConfig = field(default_factory=TlsClientConfig)  # for https pools (probes and load streams too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +404,7 @@ class GatewayConfig:
     workers: int = 1
     tracing: TracingConfig = field(default_factory=TracingConfig)
     access_log: bool = True  # one JSON line per request on the meshgate.access logger
+    tls: TlsServerConfig = field(default_factory=TlsServerConfig)  # client-facing TLS: the HTTP and gRPC fronts
 
 
 DISCOVERY_KINDS = ("static", "etcd")
@@ -410,6 +488,9 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     """base_dir: where relative file paths in the config (gateway.auth.keys_file) start; default the cwd."""
     cfg = _build(Config, data, "")
     cfg = _with_key_file(cfg, base_dir or Path.cwd())
+    cfg = _with_tls_paths(cfg, base_dir or Path.cwd())
+    cfg.gateway.tls.validate("gateway.tls")
+    cfg.gateway.upstream.tls.validate("gateway.upstream.tls")
     if not 1 <= cfg.gateway.workers <= 256:
         raise ConfigError(f"gateway.workers: expected 1..256, got {cfg.gateway.workers}")
     cfg.gateway.limits.validate("gateway.limits")
@@ -431,6 +512,19 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"pools: duplicate ids in {ids}")
     return cfg
+
+
+def _with_tls_paths(cfg: Config, base_dir: Path) -> Config:
+    """TLS file paths relative to the config file's folder, as keys_file is."""
+    def fix(section: Any) -> Any:
+        changes = {name: str(base_dir / Path(v).expanduser()) for name in ("cert_file", "key_file", "ca_file", "client_ca_file")
+                   if isinstance(v := getattr(section, name, None), str)}
+        return dataclasses.replace(section, **changes) if changes else section
+
+    gw = cfg.gateway
+    gw = dataclasses.replace(gw, tls=fix(gw.tls), upstream=dataclasses.replace(gw.upstream, tls=fix(gw.upstream.tls)))
+    pools = tuple(dataclasses.replace(p, tls=fix(p.tls)) for p in cfg.pools)
+    return dataclasses.replace(cfg, gateway=gw, pools=pools)
 
 
 def _with_key_file(cfg: Config, base_dir: Path) -> Config:

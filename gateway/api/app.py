@@ -20,6 +20,7 @@ from gateway.api.operator import OperatorView
 from gateway.config import Config
 from gateway.core.errors import BadRequest, InternalError, NotFound
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
+from gateway.core.tls import ServerTls
 from gateway.edge.forward import StreamBroken, Upstream
 from gateway.edge.gateway import Gateway, SharedState
 
@@ -36,6 +37,8 @@ class GatewayServer(Gateway):
         if not self.cfg.access_log:
             logging.getLogger("meshgate.access").setLevel(logging.WARNING)
         self.http: HttpServer | None = None
+        # Client-facing TLS (gateway.tls): made here so bad files fail the start, in every process
+        self.tls = ServerTls(self.cfg.tls.files(("http/1.1",))) if self.cfg.tls.enabled else None
 
     def make_server(self) -> HttpServer:
         """The HTTP front (gateway/api/h1.py); start() it, and call shutdown() then stop() at the end."""
@@ -58,7 +61,9 @@ class GatewayServer(Gateway):
         await self.start()
         http = self.make_server()
         try:
-            await http.start(host, port, reuse_port=self.cfg.workers > 1)
+            await http.start(host, port, reuse_port=self.cfg.workers > 1,
+                             tls=self.tls.context if self.tls else None,
+                             tls_handshake_timeout_s=self.cfg.tls.handshake_timeout_s)
         except OSError:
             await self.stop()
             raise

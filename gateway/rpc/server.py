@@ -33,6 +33,7 @@ from gateway.edge.gateway import Gateway
 from gateway.rpc import convert
 from gateway.rpc import meshgate_pb2 as pb
 from gateway.rpc import meshgate_pb2_grpc as pb_grpc
+from gateway.rpc.tls import RpcTls
 
 log = logging.getLogger("meshgate.rpc")
 
@@ -195,9 +196,11 @@ class RpcFront:
     async def start(self) -> str:
         """Bind and serve; returns HOST:PORT (the bound port when 0 was asked). OSError when the
         port cannot be had."""
+        tls = self.gw.cfg.tls
         server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 0),  # gRPC's default would let a second server share the port silently
             ("grpc.max_receive_message_length", self.gw.cfg.limits.max_body_bytes),
+            ("grpc.server_handshake_timeout_ms", int(tls.handshake_timeout_s * 1000)),
         ])
         pb_grpc.add_GenerationServicer_to_server(GenerationService(self.gw), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -206,7 +209,8 @@ class RpcFront:
         if self.port:
             _check_free(self.host, self.port)
         try:
-            port = server.add_insecure_port(self.address)
+            port = (server.add_secure_port(self.address, RpcTls(tls).credentials()) if tls.enabled
+                    else server.add_insecure_port(self.address))
         except RuntimeError as e:  # grpcio's own message ends with advice on its log verbosity
             raise OSError(str(e).split(";")[0]) from None
         if port == 0:
