@@ -26,10 +26,11 @@ class TestPKI:
                               start_days=start_days).write(self.folder, stem)
         return str(cert), str(key)
 
-    def replace(self, cert_file: str, key_file: str, names: tuple[str, ...] = LOOPBACK) -> Issued:
+    def replace(self, cert_file: str, key_file: str, names: tuple[str, ...] = LOOPBACK,
+                client: bool = False) -> Issued:
         """New certificate and key over the old files, each by an atomic rename (as Kubernetes and
         cert-manager replace mounted Secrets): the key first, then the certificate."""
-        issued = make_cert(self.ca, names)
+        issued = make_cert(self.ca, names, server=not client, client=client)
         for path, data in ((key_file, issued.key_pem()), (cert_file, issued.cert_pem())):
             tmp = f"{path}.tmp"
             Path(tmp).write_bytes(data)

@@ -1,5 +1,6 @@
 """The emulated mesh end to end (`meshgate up`): a gateway in Frankfurt and pools in Frankfurt,
-Munich, Paris and Amsterdam behind delaying proxies with real round trips."""
+Munich, Paris and Amsterdam behind delaying proxies with real round trips. Every test runs twice:
+gateway to pools in cleartext, and over mutual TLS (probes, load streams and requests alike)."""
 from __future__ import annotations
 
 import subprocess
@@ -14,9 +15,9 @@ from tests.servers import start_mesh, wait_until
 PROBE_S = 0.2
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    url, cfg, proc = start_mesh(tmp_path_factory.mktemp("mesh"), PROBE_S)
+@pytest.fixture(scope="module", params=["cleartext", "mtls"])
+def mesh(tmp_path_factory, request):
+    url, cfg, proc = start_mesh(tmp_path_factory.mktemp("mesh"), PROBE_S, mtls=request.param == "mtls")
     yield url, cfg, proc
     assert proc.stop() == 0, proc.log()
 
@@ -45,6 +46,18 @@ def test_pools_push_their_load_to_the_gateway(mesh):
 
     # every pool is among the gateway's nearest here: each keeps a GET /load/stream open to it
     assert wait_until(lambda: pushed() == {"fra-1", "muc-1", "par-1", "ams-1"}, timeout_s=5), pushed()
+
+
+def test_requests_are_metered(mesh):
+    url, cfg, _ = mesh
+    route(url, max_tokens=3)
+    text = httpx.get(url + "/metrics").text
+    done = [ln for ln in text.splitlines() if ln.startswith("meshgate_usage_requests_total{") and 'status="complete"' in ln]
+    assert done and sum(float(ln.rsplit(" ", 1)[1]) for ln in done) >= 1
+    tokens = [ln for ln in text.splitlines() if ln.startswith("meshgate_usage_completion_tokens_total{")]
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in tokens) >= 3
+    if "pki" in {p.name for p in cfg.parent.iterdir()}:  # mutual TLS: the client certificate's expiry is shown
+        assert 'meshgate_tls_cert_expiry_seconds{cert="upstream_client"}' in text
 
 
 def test_residency_keeps_requests_in_the_allowed_countries(mesh):
