@@ -289,6 +289,9 @@ class ApiKeyConfig:
     tokens_per_min: int = 0  # prompt + completion (estimated at admission, settled at the end); 0: unlimited
     max_concurrent: int = 0  # 0: unlimited
     countries: tuple[str, ...] = ()  # residency: ISO-2 countries its requests may be served in; empty: any
+    # The operator's views (/dashboard, /v1/meshgate/mesh, .../decisions/stream, .../gateways) and every
+    # key's usage: admin keys only. Other keys (tenants) get 403 there and their own /v1/meshgate/usage.
+    admin: bool = False
 
     def validate(self, path: str) -> None:
         if not self.id:
@@ -307,8 +310,13 @@ class AuthConfig:
     enabled: bool = False  # off only for the embedded default (loopback); every shared gateway turns it on
     keys: tuple[ApiKeyConfig, ...] = ()  # after loading, also holds the entries of keys_file
     keys_file: str | None = None  # YAML/JSON list of key entries (or {keys: [...]}), relative to the config file
+    # Failed key checks (401) allowed per client address a minute; past it that address gets 429 without
+    # its key being looked at, until the minute is over. 0: no bound.
+    max_failures_per_min: int = 30
 
     def validate(self, path: str) -> None:
+        if self.max_failures_per_min < 0:
+            raise ConfigError(f"{path}.max_failures_per_min: must be 0 (no bound) or positive")
         if self.enabled and not self.keys:
             raise ConfigError(f"{path}: enabled, but no keys (set keys or keys_file)")
         for i, k in enumerate(self.keys):

@@ -91,11 +91,11 @@ MESH_SITES = [
 MESH_RTT_MS = {"fra": 1.0, "muc": 7.6, "par": 10.5, "ams": 13.7}
 
 
-def start_mesh(tmp: Path, probe_s: float, mtls: bool = False) -> tuple[str, Path, Proc]:
+def start_mesh(tmp: Path, probe_s: float, mtls: bool = False, auth: dict | None = None) -> tuple[str, Path, Proc]:
     """`meshgate up` on a Frankfurt gateway and four emulated sites (untrained tiny model, 2 slots
     per pool, free ports). Returns the gateway's URL, the config path and the process.
     mtls: the gateway reaches the pools over mutual TLS (a test CA; pools require the gateway's
-    client certificate by name); the client-facing front stays cleartext."""
+    client certificate by name); the client-facing front stays cleartext. auth: gateway.auth."""
     pool_tls: dict = {}
     upstream_tls: dict = {}
     if mtls:
@@ -120,6 +120,7 @@ def start_mesh(tmp: Path, probe_s: float, mtls: bool = False) -> tuple[str, Path
     cfg = tmp / "mesh.yaml"
     cfg.write_text(yaml.safe_dump({
         "gateway": {"site": "fra", "port": port, "routing": "latency", "upstream": upstream_tls,
+                    **({"auth": auth} if auth else {}),
                     "probe": {"period_s": probe_s, "timeout_s": 1.0, "down_after": 2, "up_after": 1}},
         "sites": MESH_SITES, "pools": pools}))
     proc = Proc(["up", "--config", str(cfg)], ready_marker="meshgate is up", timeout_s=180)

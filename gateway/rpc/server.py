@@ -92,7 +92,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         try:
-            who = self.gw.admission.authenticate(_headers(context))
+            who = self.gw.admission.authenticate(_headers(context), _peer_ip(context))
         except APIError as e:
             await _abort(context, e, False)
         # as GET /v1/models: a key limited to some models sees only those
@@ -123,7 +123,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         arrival = time.monotonic()
         headers = _headers(context)
         # Before anything else, as over HTTP: a caller without a key learns nothing of its request.
-        principal = self.gw.admission.authenticate(headers)
+        principal = self.gw.admission.authenticate(headers, _peer_ip(context))
         path, body = convert.request_body(request, stream)
         parse = parse_chat if path == convert.CHAT_PATH else parse_completion
         call = tally.call = self.gw.prepare(path, orjson.dumps(body), parse(body), headers, arrival, principal)
@@ -176,6 +176,17 @@ async def _abort(context: grpc.aio.ServicerContext, e: APIError, deadline_passed
 
 
 # -- the server -------------------------------------------------------------------------------
+def _peer_ip(context: grpc.aio.ServicerContext) -> str | None:
+    """The client's address from grpc's peer string (ipv4:1.2.3.4:5678, ipv6:[::1]:5678), for the
+    per-address bound on failed key checks."""
+    kind, _, rest = context.peer().partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return None
+
+
 class RpcFront:
     """The gRPC server beside the HTTP one: the same edge Gateway (whose HTTP front starts and
     closes it), the generation service, health and reflection."""
