@@ -9,7 +9,7 @@ TORCH ?= torch
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'A-Za-z0-9.\n' '_')
 
-.PHONY: install run test bench proto clean
+.PHONY: install run run-tls test bench proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/meshgate up --config configs/local.yaml
+
+# The embedded mesh with TLS on every hop (configs/local-tls.yaml), with a development CA made first.
+run-tls: $(STAMP)
+	test -f certs/ca.pem || $(BIN)/meshgate certs --out certs
+	$(BIN)/meshgate up --config configs/local-tls.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
