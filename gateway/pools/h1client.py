@@ -123,22 +123,22 @@ class _Origin:
         try:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.client.connect_timeout_s):
-                _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port, **self._tls())
+                context, name = self._tls()
+                _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=context,
+                                                       server_hostname=name)
         except (OSError, TimeoutError) as e:
             self.count -= 1
             self._wake(None)
             raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {e}") from None
         return conn
 
-    def _tls(self) -> dict[str, object]:
+    def _tls(self) -> tuple[ssl.SSLContext | None, str | None]:
         """create_connection's TLS arguments: none for http; for https the client's current context
-        (and the name the pool's certificate must carry, when configured apart from the URL's host)."""
+        and the name the pool's certificate must carry (None: the URL's host)."""
         tls = self.client.tls
-        if not self.https:
-            return {}
-        if tls is None:
-            return {"ssl": self.ssl}
-        return {"ssl": tls.context(), "server_hostname": tls.server_name or self.host}
+        if not self.https or tls is None:
+            return self.ssl, None
+        return tls.context(), tls.server_name
 
     def release(self, conn: _Conn) -> None:
         """A connection whose exchange ended: reuse it if it may be, else drop it."""

@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway.core.tls import peer_names
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def client_name_middleware(allowed: frozenset[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def client_name_middleware(allowed: frozenset[str]) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         transport = request.transport
