@@ -98,7 +98,7 @@ class TlsServerConfig:
     # A client certificate must carry one of these names (DNS SAN or common name); empty: any the CA signed
     allowed_client_names: tuple[str, ...] = ()
     handshake_timeout_s: float = 10.0  # a client that has not finished its handshake by then is dropped
-    min_version: str = "1.2"  # 1.2 | 1.3
+    min_version: str = "1.2"  # 1.2 | 1.3 (the gRPC front keeps grpc's own floor, 1.2)
 
     @property
     def enabled(self) -> bool:
@@ -123,6 +123,12 @@ class TlsServerConfig:
         if self.allowed_client_names and not self.require_client_cert:
             raise ConfigError(f"{path}.allowed_client_names: needs require_client_cert: true")
         _check_files(self, path, ("cert_file", "key_file", "client_ca_file"))
+
+    def validate_front(self, path: str) -> None:
+        """The gateway's client-facing fronts: client certificates may be required, names are not checked."""
+        self.validate(path)
+        if self.allowed_client_names:
+            raise ConfigError(f"{path}.allowed_client_names: checked by pool workers only (pools[].tls)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,7 +503,7 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     cfg = _build(Config, data, "")
     cfg = _with_key_file(cfg, base_dir or Path.cwd())
     cfg = _with_tls_paths(cfg, base_dir or Path.cwd())
-    cfg.gateway.tls.validate("gateway.tls")
+    cfg.gateway.tls.validate_front("gateway.tls")
     cfg.gateway.upstream.tls.validate("gateway.upstream.tls")
     if not 1 <= cfg.gateway.workers <= 256:
         raise ConfigError(f"gateway.workers: expected 1..256, got {cfg.gateway.workers}")

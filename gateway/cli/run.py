@@ -43,17 +43,29 @@ class _AiohttpFront:
 
     def __init__(self, app: web.Application, drain_timeout_s: float, tls: TlsServerConfig | None = None):
         self.tls = ServerTls(tls.files()) if tls is not None and tls.enabled else None
+        self.handshake_timeout_s = tls.handshake_timeout_s if tls is not None else None
         if tls is not None and tls.allowed_client_names:
             from gateway.worker.tls_names import client_name_middleware
 
             app.middlewares.append(client_name_middleware(frozenset(tls.allowed_client_names)))
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_timeout_s)
+        self._listener: asyncio.Server | None = None
 
     async def bind(self, host: str, port: int) -> None:
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port, ssl_context=self.tls.context if self.tls else None).start()
+        if self.tls is None:
+            await web.TCPSite(self.runner, host, port).start()
+            return
+        # TLS: the listening socket made here rather than by a TCPSite, which cannot bound the handshake
+        server = self.runner.server
+        assert server is not None
+        self._listener = await asyncio.get_running_loop().create_server(
+            server, host, port, ssl=self.tls.context, ssl_handshake_timeout=self.handshake_timeout_s,
+            backlog=128, reuse_address=True)
 
     async def close(self) -> None:
+        if self._listener is not None:  # stop accepting first, as runner.cleanup does with its sites
+            self._listener.close()
         await self.runner.cleanup()
 
 

@@ -93,7 +93,10 @@ def test_saturated_nearest_pool_spills_to_the_next_best(mesh):
             t.start()
             holders.append(t)
             time.sleep(0.05)
-        time.sleep(PROBE_S)  # fra-1 refuses (it is full) or the next probe already reports it full
+        # all four admitted and forwarded (over mutual TLS a stream's new upstream connection costs a
+        # handshake first), then a probe period: fra-1 refuses (it is full) or the next probe reports it full
+        assert wait_until(lambda: "meshgate_in_flight_requests 4.0" in httpx.get(url + "/metrics").text, timeout_s=10)
+        time.sleep(PROBE_S)
         assert route(url) != "fra-1"
     finally:
         stop.set()

@@ -156,6 +156,9 @@ def test_tls_config_is_checked_at_load(pki, tmp_path):
     with pytest.raises(ConfigError, match=r"pools\[0\]\.tls: require_client_cert and allowed_client_names need"):
         config_from_dict({"pools": [{"id": "a", "tls": {"cert_file": cert, "key_file": key,
                                                          "require_client_cert": True}}]})
+    with pytest.raises(ConfigError, match=r"gateway\.tls\.allowed_client_names: checked by pool workers only"):
+        config_from_dict({"gateway": {"tls": {"cert_file": cert, "key_file": key, "client_ca_file": pki.ca_file,
+                                              "require_client_cert": True, "allowed_client_names": ["x"]}}})
     with pytest.raises(ConfigError, match=r"gateway\.upstream\.tls\.bogus: unknown key"):
         config_from_dict({"gateway": {"upstream": {"tls": {"bogus": 1}}}})
     # relative paths start at the config file's folder; a TLS pool's URL is https

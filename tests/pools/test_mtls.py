@@ -119,3 +119,23 @@ async def test_client_certificate_replaced_applies_to_new_connections(worker, pk
         resp.close()
     finally:
         await client.close()
+
+
+async def test_a_silent_client_is_dropped_at_the_handshake_timeout(pki):
+    import asyncio
+
+    cert, key = pki.issue("pool")
+    front = _AiohttpFront(StubPool("p").app(), 1.0, TlsServerConfig(cert_file=cert, key_file=key,
+                                                                     handshake_timeout_s=0.3))
+    port = free_port()
+    await front.bind("127.0.0.1", port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # TCP, and never a ClientHello
+        assert await _get(f"https://127.0.0.1:{port}", ClientFiles(ca_file=pki.ca_file)) == 200  # others served
+        try:
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+    finally:
+        await front.close()
