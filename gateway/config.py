@@ -441,7 +441,7 @@ class DiscoveryConfig:
     backoff_max_s: float = 5.0  # reconnect backoff cap (doubling from 0.1 s, with jitter)
     deregister_wait_s: float = 1.0  # on drain: after deleting its key, a pool waits this long for watches
     instance_id: str | None = None  # a gateway's key; default {site}-{hostname}-{port}
-    advertise_url: str | None = None  # how others reach this gateway; default http://host:port
+    advertise_url: str | None = None  # how others reach this gateway; default http(s)://host:port (https with gateway.tls)
     ca_file: str | None = None  # TLS: a CA bundle turns TLS on
     cert_file: str | None = None  # client certificate (mutual TLS), with key_file
     key_file: str | None = None

@@ -73,3 +73,28 @@ async def test_grpc_certificate_replaced_without_restart(tls_front):
     async with _channel(pki, address) as channel:
         with pytest.raises(grpc.aio.AioRpcError):
             await pb_grpc.GenerationStub(channel).Generate(chat(), timeout=3)
+
+
+async def test_a_silent_client_is_dropped_by_the_grpc_front(tmp_path):
+    import asyncio
+
+    pki = TestPKI(tmp_path)
+    cert, key = pki.issue("gateway")
+    http = Harness()
+    await http.start(["a"], tls={"cert_file": cert, "key_file": key, "handshake_timeout_s": 0.5})
+    assert http.server is not None
+    front = RpcFront(http.server, "127.0.0.1", 0)
+    address = await front.start()
+    try:
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))  # TCP, and never a ClientHello
+        async with _channel(pki, address) as channel:  # others are served meanwhile
+            assert (await pb_grpc.GenerationStub(channel).Generate(chat(), timeout=10)).text
+        try:
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+    finally:
+        await front.stop(0)
+        await http.stop()
