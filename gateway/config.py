@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import ssl
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from gateway.core.tls import ClientFiles, ServerFiles
+from gateway.core.tls import ClientFiles, ServerFiles, client_context, server_context
 
 
 class ConfigError(ValueError):
@@ -122,7 +123,14 @@ class TlsServerConfig:
             raise ConfigError(f"{path}.client_ca_file: needs cert_file and key_file (TLS on)")
         if self.allowed_client_names and not self.require_client_cert:
             raise ConfigError(f"{path}.allowed_client_names: needs require_client_cert: true")
-        _check_files(self, path, ("cert_file", "key_file", "client_ca_file"))
+
+    def check_files(self, path: str) -> None:
+        """The files exist and load (a certificate and key that match, a CA bundle). Called by the
+        process that serves with them, not at load: gateways and workers share a config, and each
+        has only its own certificates (configs/k8s mounts each pod's Secrets)."""
+        if self.enabled:
+            _check_files(self, path, ("cert_file", "key_file", "client_ca_file"))
+            _try_load(lambda: server_context(self.files()), path)
 
     def validate_front(self, path: str) -> None:
         """The gateway's client-facing fronts: client certificates may be required, names are not checked."""
@@ -149,7 +157,18 @@ class TlsClientConfig:
             raise ConfigError(f"{path}: cert_file and key_file go together")
         if self.min_version not in TLS_VERSIONS:
             raise ConfigError(f"{path}.min_version: expected 1.2 or 1.3, got {self.min_version!r}")
+
+    def check_files(self, path: str) -> None:
+        """As TlsServerConfig.check_files, for the gateway's upstream client."""
         _check_files(self, path, ("ca_file", "cert_file", "key_file"))
+        _try_load(lambda: client_context(self.files()), path)
+
+
+def _try_load(make: Any, path: str) -> None:
+    try:
+        make()
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"{path}: cannot load the certificate, key or CA files: {e}") from None
 
 
 def _check_files(section: Any, path: str, names: tuple[str, ...]) -> None:
@@ -476,6 +495,15 @@ class Config:
     sites: tuple[SiteConfig, ...] = ()
     pools: tuple[PoolConfig, ...] = ()
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+
+    def check_gateway_tls(self) -> None:
+        """A gateway's TLS files (its fronts', its upstream client's) exist and load: ConfigError if not."""
+        self.gateway.tls.check_files("gateway.tls")
+        self.gateway.upstream.tls.check_files("gateway.upstream.tls")
+
+    def check_pool_tls(self, pool: PoolConfig) -> None:
+        i = self.pools.index(pool)
+        pool.tls.check_files(f"pools[{i}].tls")
 
     def pool(self, pool_id: str | None) -> PoolConfig:
         if not self.pools:

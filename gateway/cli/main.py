@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.command == "worker":
             pool = cfg.pool(args.pool)
+            cfg.check_pool_tls(pool)  # this worker's certificates; the gateways' are not here
             return run(worker(cfg, pool, args.host or pool.host, args.port or pool.port))
+        cfg.check_gateway_tls()
         gw = cfg.gateway
         cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(gw, host=getattr(args, "host", None) or gw.host,
                                                                    port=args.port or gw.port,

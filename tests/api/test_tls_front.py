@@ -149,8 +149,15 @@ def test_tls_config_is_checked_at_load(pki, tmp_path):
     cert, key = pki.issue("gw")
     with pytest.raises(ConfigError, match=r"gateway\.tls: cert_file and key_file go together"):
         config_from_dict({"gateway": {"tls": {"cert_file": cert}}})
+    # files are checked by the process that uses them (gateways and workers share a config)
     with pytest.raises(ConfigError, match=r"gateway\.tls\.key_file: no such file"):
-        config_from_dict({"gateway": {"tls": {"cert_file": cert, "key_file": "missing.pem"}}})
+        config_from_dict({"gateway": {"tls": {"cert_file": cert, "key_file": "missing.pem"}}}).check_gateway_tls()
+    with pytest.raises(ConfigError, match=r"gateway\.upstream\.tls: cannot load"):
+        config_from_dict({"gateway": {"upstream": {"tls": {"ca_file": key}}}}).check_gateway_tls()  # a key, not a CA
+    other_cert, other_key = pki.issue("other")
+    mismatched = config_from_dict({"pools": [{"id": "a", "tls": {"cert_file": cert, "key_file": other_key}}]})
+    with pytest.raises(ConfigError, match=r"pools\[0\]\.tls: cannot load"):
+        mismatched.check_pool_tls(mismatched.pools[0])
     with pytest.raises(ConfigError, match=r"gateway\.tls\.min_version: expected 1\.2 or 1\.3"):
         config_from_dict({"gateway": {"tls": {"cert_file": cert, "key_file": key, "min_version": "1.0"}}})
     with pytest.raises(ConfigError, match=r"pools\[0\]\.tls: require_client_cert and allowed_client_names need"):

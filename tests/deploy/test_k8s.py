@@ -123,16 +123,7 @@ def _load_meshgate_config(path: Path, tmp_path: Path) -> Any:
     if auth and auth.get("keys_file"):  # the Secret is made out of band; stand in a valid key file
         (tmp_path / "keys.yaml").write_text(yaml.safe_dump([{"id": "k", "sha256": "0" * 64}]))
         auth["keys_file"] = "keys.yaml"
-    sections = _tls_sections(data)
-    if sections:  # the Secrets' files exist only in the pods: stand in real ones (a test CA)
-        from tests.tlsutil import TestPKI
-
-        pki = TestPKI(tmp_path / "pki")
-        cert, key = pki.issue("stand-in", server=True, client=True)
-        for t in sections:
-            for name in ("cert_file", "key_file", "ca_file", "client_ca_file"):
-                if name in t:
-                    t[name] = {"cert_file": cert, "key_file": key}.get(name, pki.ca_file)
+    # TLS files are not read at load (each pod holds only its own Secrets): the config loads without them
     return config_from_dict(data, tmp_path)
 
 
