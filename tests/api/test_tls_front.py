@@ -210,3 +210,22 @@ async def test_every_process_of_serve_workers_serves_tls(pki, tmp_path):
         rc = await asyncio.to_thread(proc.stop)
         await stub.stop()
     assert rc == 0, proc.log()
+
+
+@pytest.mark.parametrize("head", [
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",  # both framings
+    b"Content-Length: 5\r\nContent-Length: 6\r\n",  # two lengths
+    b"Transfer-Encoding: chunked, identity\r\n",  # chunked not last
+    b"Transfer-Encoding: xchunked\r\n",  # obfuscated
+], ids=["cl-te", "dup-cl", "te-not-last", "te-obfuscated"])
+async def test_request_smuggling_shapes_are_refused_over_tls(tls_gateway, pki, head):
+    """TLS changes the transport, not the parser: the shapes a front proxy and the gateway could read
+    differently are answered 400 and the connection closed."""
+    _, port, _ = tls_gateway
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_context(),
+                                                   server_hostname="localhost")
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n0\r\n\r\nGET /health HTTP/1.1\r\n"
+                 b"Host: x\r\n\r\n")
+    out = await asyncio.wait_for(reader.read(), 10)  # the gateway closes after its answer
+    assert out.startswith(b"HTTP/1.1 400 ") and out.count(b"HTTP/1.1") == 1, out[:200]
+    writer.close()
