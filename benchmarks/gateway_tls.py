@@ -40,7 +40,16 @@ import orjson
 
 from benchmarks import common
 from benchmarks.common import percentile
-from benchmarks.routers import CHAT_PATH, HOST, MODEL, REPO, Proc, StartError, free_port, start_stub
+from benchmarks.routers import (
+    CHAT_PATH,
+    HOST,
+    MODEL,
+    REPO,
+    Proc,
+    StartError,
+    free_port,
+    start_stub,
+)
 
 log = logging.getLogger("meshgate.bench")
 MODES = ("nonstream", "stream")

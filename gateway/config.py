@@ -178,7 +178,6 @@ def _check_files(section: Any, path: str, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{path}.{name}: no such file {value!r}")
 
 
-
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     id: str

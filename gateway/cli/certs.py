@@ -55,7 +55,7 @@ def _name(cn: str) -> x509.Name:
 
 def make_ca(cn: str = "meshgate dev CA", days: int = 365) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
@@ -73,7 +73,7 @@ def make_cert(ca: Issued, names: tuple[str, ...], server: bool = True, client: b
     """A leaf certificate signed by `ca` for `names` (the first is the common name), valid from
     `start_days` from now (negative: in the past) for `days`."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=start_days)
+    now = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=start_days)
     alt: list[x509.GeneralName] = []
     for n in names:
         try:

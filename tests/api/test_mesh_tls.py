@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tls_mesh(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tlsmesh")
-    out = subprocess.run([sys.executable, "-m", "gateway", "certs", "--out", str(tmp / "certs")],
+    out = subprocess.run([sys.executable, "-m", "gateway", "certs", "--out", str(tmp / "certs")], check=False,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load((ROOT / "configs" / "local-tls.yaml").read_text())
@@ -97,9 +97,10 @@ def test_workers_serve_only_the_mesh_gateways(tls_mesh):
     r = httpx.get(worker + "/metrics", verify=ctx, timeout=5)
     assert r.status_code == 200 and 'meshgate_tls_cert_expiry_seconds{cert="pool"}' in r.text
     # a certificate from the same CA with a name other than the gateways' gets 403
-    from gateway.cli.certs import Issued, make_cert
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
+
+    from gateway.cli.certs import Issued, make_cert
 
     ca = Issued(x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes()),
                 serialization.load_pem_private_key((certs / "ca-key.pem").read_bytes(), None))  # type: ignore[arg-type]

@@ -133,7 +133,7 @@ async def test_replaced_certificate_files_serve_new_connections_while_a_stream_r
         await server.shutdown(1)
 
 
-async def test_files_that_do_not_load_keep_the_previous_certificate(pki, caplog):
+def test_files_that_do_not_load_keep_the_previous_certificate(pki, caplog):
     cert, key = pki.issue("front")
     tls = ServerTls(ServerFiles(cert, key))
     before = tls.current()
@@ -154,7 +154,7 @@ def test_tls_config_is_checked_at_load(pki, tmp_path):
         config_from_dict({"gateway": {"tls": {"cert_file": cert, "key_file": "missing.pem"}}}).check_gateway_tls()
     with pytest.raises(ConfigError, match=r"gateway\.upstream\.tls: cannot load"):
         config_from_dict({"gateway": {"upstream": {"tls": {"ca_file": key}}}}).check_gateway_tls()  # a key, not a CA
-    other_cert, other_key = pki.issue("other")
+    _, other_key = pki.issue("other")
     mismatched = config_from_dict({"pools": [{"id": "a", "tls": {"cert_file": cert, "key_file": other_key}}]})
     with pytest.raises(ConfigError, match=r"pools\[0\]\.tls: cannot load"):
         mismatched.check_pool_tls(mismatched.pools[0])
