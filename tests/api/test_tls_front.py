@@ -229,3 +229,25 @@ async def test_request_smuggling_shapes_are_refused_over_tls(tls_gateway, pki, h
     out = await asyncio.wait_for(reader.read(), 10)  # the gateway closes after its answer
     assert out.startswith(b"HTTP/1.1 400 ") and out.count(b"HTTP/1.1") == 1, out[:200]
     writer.close()
+
+
+async def test_the_front_can_require_client_certificates(pki):
+    cert, key = pki.issue("gateway")
+    stub = StubPool("p1")
+    url = await stub.start()
+    port = free_port()
+    server = GatewayServer(config_from_dict({
+        "gateway": {"port": port, "tls": {"cert_file": cert, "key_file": key, "client_ca_file": pki.ca_file,
+                                          "require_client_cert": True}},
+        "pools": [{"id": "p1", "url": url, "models": [MODEL]}]}))
+    await server.bind("127.0.0.1", port)
+    try:
+        with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake is refused
+            async with httpx.AsyncClient(verify=pki.client_context()) as http:
+                await http.get(f"https://localhost:{port}/health")
+        client = pki.issue("client", ("some-client",), server=False, client=True)
+        async with httpx.AsyncClient(verify=pki.client_context(client)) as http:
+            assert (await http.get(f"https://localhost:{port}/health")).status_code == 200
+    finally:
+        await server.close()
+        await stub.stop()
