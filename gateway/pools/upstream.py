@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import orjson
 
-from gateway.config import PoolConfig, ProbeConfig, UpstreamConfig
+from gateway.config import PoolConfig, ProbeConfig, TlsClientConfig, UpstreamConfig
 from gateway.pools.shared import SharedTable
 from gateway.core.types import Endpoint, LoadReport
 from gateway.core.wire import LOAD_HEADER
@@ -117,7 +117,7 @@ class Upstreams:
         self.client: HttpClient | None = None
         # https pools: gateway.upstream.tls (CA, client certificate); shared with the load streams' client
         t = up.tls
-        self.tls = ClientTls(t.files(), t.server_name) if (t.ca_file or t.cert_file or t.server_name) else None
+        self.tls = ClientTls(t.files(), t.server_name) if t != TlsClientConfig() else None
         self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
         self._probe_task: asyncio.Task[None] | None = None
         # Whom to probe each round (pool ids); the gateway sets it from its geography. Default: all.
