@@ -15,7 +15,7 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'A-Za-z0-9.\n' '_')
 
-.PHONY: install run test check bench proto clean
+.PHONY: install run run-tls test check bench proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/meshgate up --config configs/local.yaml
+
+# The embedded mesh with TLS on every hop (configs/local-tls.yaml), with a development CA made first.
+run-tls: $(STAMP)
+	test -f certs/ca.pem || $(BIN)/meshgate certs --out certs
+	$(BIN)/meshgate up --config configs/local-tls.yaml
 
 # Static types (pyproject.toml [tool.mypy]): a type error fails the build like a failing test.
 check: $(STAMP)

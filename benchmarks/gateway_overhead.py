@@ -315,7 +315,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "INFO measures it with its access log)")
     p.add_argument("--rate", type=float, help="open-loop req/s (default 200)")
     p.add_argument("--tokens", type=int, help="streamed chunks per answer (default 16)")
+    p.add_argument("--tls", action="store_true",
+                   help="instead: meshgate with client TLS and upstream mutual TLS beside cleartext, in one run "
+                        "(benchmarks/gateway_tls.py; JSON default benchmarks/results/gateway_tls.json)")
     args = p.parse_args(argv)
+    if args.tls:
+        from benchmarks import gateway_tls
+
+        out = args.json if args.json != common.RESULTS_DIR / "gateway_overhead.json" else None
+        return gateway_tls.main([*(["--quick"] if args.quick else []), *(["--rate", str(args.rate)] if args.rate else []),
+                                 *(["--json", str(out)] if out else [])])
     common.setup_logging()
     plan = QUICK if args.quick else FULL
     if args.rate:

@@ -91,7 +91,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, stream: bo
 
 
 async def run(urls: list[str], rate: float, duration_s: float, stream: bool, body: bytes, timeout_s: float = 10.0,
-              max_in_flight: int = 1000, warmup: int = 10) -> dict[str, Any]:
+              max_in_flight: int = 1000, warmup: int = 10, cafile: str | None = None) -> dict[str, Any]:
     """`rate` req/s to each of `urls`, interleaved: with two, the second's requests fall halfway
     between the first's, so a target and its baseline share the same moments of machine noise.
     warmup: requests per URL sent one after another before the schedule (connections, caches),
@@ -100,7 +100,12 @@ async def run(urls: list[str], rate: float, duration_s: float, stream: bool, bod
     k = len(urls)
     outs = [Samples() for _ in urls]
     scratch = [Samples() for _ in urls]
-    connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=60)
+    tls = None
+    if cafile is not None:  # https URLs whose certificates a private CA signed
+        import ssl
+
+        tls = ssl.create_default_context(cafile=cafile)
+    connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=60, ssl=tls if tls else True)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                      timeout=aiohttp.ClientTimeout(total=None)) as session:
         for url, sc in zip(urls, scratch):
@@ -157,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-in-flight", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=10, help="unmeasured requests before the schedule (default 10)")
     p.add_argument("--out", help="write the JSON here (default: stdout)")
+    p.add_argument("--cafile", help="trust this CA for https URLs (default: the system's store)")
     args = p.parse_args(argv)
     body_obj = orjson.loads(args.body) if args.body else dict(DEFAULT_BODY)
     body_obj["stream"] = bool(args.stream)
     body = orjson.dumps(body_obj)
     coro = run(list(args.url), args.rate, args.duration, args.stream, body, args.timeout, args.max_in_flight,
-               args.warmup)
+               args.warmup, args.cafile)
     try:
         import uvloop
     except ImportError:

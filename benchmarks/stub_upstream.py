@@ -306,12 +306,13 @@ class StubProtocol(asyncio.Protocol):
 
 
 async def serve(host: str, port: int, tokens: int, itl_ms: float, models: tuple[str, ...],
-                one_write: bool = False) -> None:
+                one_write: bool = False, tls: Any = None) -> None:
+    """tls: an ssl.SSLContext to serve HTTPS with (benchmarks/gateway_tls.py: a pool with mutual TLS)."""
     answers = Answers(tokens, models)
     stats = Stats()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: StubProtocol(answers, stats, itl_ms / 1000, one_write), host, port,
-                                      backlog=4096, reuse_address=True)
+                                      backlog=4096, reuse_address=True, ssl=tls)
     sock = server.sockets[0].getsockname()
     print(f"listening http={sock[0]}:{sock[1]} grpc=off", flush=True)
     stop = asyncio.Event()
@@ -334,16 +335,24 @@ def main(argv: list[str] | None = None) -> int:
                         "one write, since a write per event costs a syscall each and caps the stub near 5,000 "
                         "streams/s on 2 cores")
     p.add_argument("--model", action="append", help="model id(s) /v1/models lists (default: m); any is answered")
+    p.add_argument("--tls", nargs=3, metavar=("CERT", "KEY", "CLIENT_CA"),
+                   help="serve HTTPS, requiring a client certificate from CLIENT_CA (mutual TLS, as a pool worker)")
     args = p.parse_args(argv)
     if args.tokens < 1:
         p.error("--tokens must be at least 1")
     models = tuple(args.model or ["m"])
+    tls = None
+    if args.tls:
+        from gateway.core.tls import ServerFiles, server_context
+
+        tls = server_context(ServerFiles(args.tls[0], args.tls[1], args.tls[2], require_client_cert=True))
+    coro = serve(args.host, args.port, args.tokens, args.itl_ms, models, not args.write_per_event, tls)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.host, args.port, args.tokens, args.itl_ms, models, not args.write_per_event))
+        asyncio.run(coro)
     else:
-        uvloop.run(serve(args.host, args.port, args.tokens, args.itl_ms, models, not args.write_per_event))
+        uvloop.run(coro)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import re
+import ssl
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
+
+from gateway.core.tls import ClientFiles, ServerFiles, client_context, server_context
 
 
 class ConfigError(ValueError):
@@ -102,6 +105,100 @@ class EngineConfig:
             )
 
 
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsServerConfig:
+    """TLS on a listening side (a gateway's HTTP and gRPC fronts, a pool worker). Files are PEM, relative
+    to the config file; they are re-read when they change (gateway/core/tls.py), no restart needed."""
+
+    cert_file: str | None = None  # None (with key_file): cleartext
+    key_file: str | None = None
+    client_ca_file: str | None = None  # verify client certificates against this CA (mutual TLS)
+    require_client_cert: bool = False  # refuse clients without a certificate the CA signed
+    # A client certificate must carry one of these names (DNS SAN or common name); empty: any the CA signed
+    allowed_client_names: tuple[str, ...] = ()
+    handshake_timeout_s: float = 10.0  # a client that has not finished its handshake by then is dropped
+    min_version: str = "1.2"  # 1.2 | 1.3 (the gRPC front keeps grpc's own floor, 1.2)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    def files(self, alpn: tuple[str, ...] = ("http/1.1",)) -> ServerFiles:
+        assert self.cert_file is not None and self.key_file is not None
+        return ServerFiles(self.cert_file, self.key_file, self.client_ca_file, self.require_client_cert,
+                           self.min_version, alpn)
+
+    def validate(self, path: str) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError(f"{path}: cert_file and key_file go together")
+        if self.min_version not in TLS_VERSIONS:
+            raise ConfigError(f"{path}.min_version: expected 1.2 or 1.3, got {self.min_version!r}")
+        if not self.handshake_timeout_s > 0:
+            raise ConfigError(f"{path}.handshake_timeout_s: must be positive")
+        if (self.require_client_cert or self.allowed_client_names) and self.client_ca_file is None:
+            raise ConfigError(f"{path}: require_client_cert and allowed_client_names need client_ca_file")
+        if self.client_ca_file is not None and not self.enabled:
+            raise ConfigError(f"{path}.client_ca_file: needs cert_file and key_file (TLS on)")
+        if self.allowed_client_names and not self.require_client_cert:
+            raise ConfigError(f"{path}.allowed_client_names: needs require_client_cert: true")
+
+    def check_files(self, path: str) -> None:
+        """The files exist and load (a certificate and key that match, a CA bundle). Called by the
+        process that serves with them, not at load: gateways and workers share a config, and each
+        has only its own certificates (configs/k8s mounts each pod's Secrets)."""
+        if self.enabled:
+            _check_files(self, path, ("cert_file", "key_file", "client_ca_file"))
+            _try_load(lambda: server_context(self.files()), path)
+
+    def validate_front(self, path: str) -> None:
+        """The gateway's client-facing fronts: client certificates may be required, names are not checked."""
+        self.validate(path)
+        if self.allowed_client_names:
+            raise ConfigError(f"{path}.allowed_client_names: checked by pool workers only (pools[].tls)")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsClientConfig:
+    """How the gateway reaches https pools: the CA it trusts and the certificate it presents."""
+
+    ca_file: str | None = None  # None: the system's trust store (a private CA is the normal case)
+    cert_file: str | None = None  # client certificate for pools that require one (mutual TLS), with key_file
+    key_file: str | None = None
+    server_name: str | None = None  # the name pools' certificates must carry; None: each pool URL's host
+    min_version: str = "1.2"  # 1.2 | 1.3
+
+    def files(self) -> ClientFiles:
+        return ClientFiles(self.ca_file, self.cert_file, self.key_file, self.min_version)
+
+    def validate(self, path: str) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError(f"{path}: cert_file and key_file go together")
+        if self.min_version not in TLS_VERSIONS:
+            raise ConfigError(f"{path}.min_version: expected 1.2 or 1.3, got {self.min_version!r}")
+
+    def check_files(self, path: str) -> None:
+        """As TlsServerConfig.check_files, for the gateway's upstream client."""
+        _check_files(self, path, ("ca_file", "cert_file", "key_file"))
+        _try_load(lambda: client_context(self.files()), path)
+
+
+def _try_load(make: Any, path: str) -> None:
+    try:
+        make()
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"{path}: cannot load the certificate, key or CA files: {e}") from None
+
+
+def _check_files(section: Any, path: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{path}.{name}: no such file {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     id: str
@@ -126,8 +223,10 @@ class PoolConfig:
     load_stream_interval_s: float = 0.01
     load_stream_heartbeat_s: float = 0.5
     max_load_streams: int = 1024
+    tls: TlsServerConfig = field(default_factory=TlsServerConfig)  # on: gateways reach it at https://host:port
 
     def validate(self, path: str) -> None:
+        self.tls.validate(f"{path}.tls")
         for name in ("load_stream_interval_s", "load_stream_heartbeat_s", "max_load_streams"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{path}.{name}: must be positive")
@@ -136,7 +235,8 @@ class PoolConfig:
 
     @property
     def base_url(self) -> str:
-        return (self.url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.tls.enabled else "http"
+        return (self.url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -154,6 +254,7 @@ class UpstreamConfig:
     max_attempts: int = 5
     breaker_failures: int = 5  # consecutive failures that open a pool's circuit
     breaker_cooldown_s: float = 5.0  # open -> half-open (one trial request)
+    tls: TlsClientConfig = field(default_factory=TlsClientConfig)  # for https pools (probes and load streams too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +333,9 @@ class ApiKeyConfig:
     tokens_per_min: int = 0  # prompt + completion (estimated at admission, settled at the end); 0: unlimited
     max_concurrent: int = 0  # 0: unlimited
     countries: tuple[str, ...] = ()  # residency: ISO-2 countries its requests may be served in; empty: any
+    # The operator's views (/dashboard, /v1/meshgate/mesh, .../decisions/stream, .../gateways) and every
+    # key's usage: admin keys only. Other keys (tenants) get 403 there and their own /v1/meshgate/usage.
+    admin: bool = False
 
     def validate(self, path: str) -> None:
         if not self.id:
@@ -248,8 +352,13 @@ class AuthConfig:
     enabled: bool = False  # off only for the embedded default (loopback); every shared gateway turns it on
     keys: tuple[ApiKeyConfig, ...] = ()  # after loading, also holds the entries of keys_file
     keys_file: str | None = None  # YAML/JSON list of key entries (or {keys: [...]}), relative to the config file
+    # Failed key checks (401) allowed per client address a minute; past it that address gets 429 without
+    # its key being looked at, until the minute is over. 0: no bound.
+    max_failures_per_min: int = 30
 
     def validate(self, path: str) -> None:
+        if self.max_failures_per_min < 0:
+            raise ConfigError(f"{path}.max_failures_per_min: must be 0 (no bound) or positive")
         if self.enabled and not self.keys:
             raise ConfigError(f"{path}: enabled, but no keys (set keys or keys_file)")
         for i, k in enumerate(self.keys):
@@ -352,6 +461,7 @@ class GatewayConfig:
     workers: int = 1
     tracing: TracingConfig = field(default_factory=TracingConfig)
     access_log: bool = True  # one JSON line per request on the meshgate.access logger
+    tls: TlsServerConfig = field(default_factory=TlsServerConfig)  # client-facing TLS: the HTTP and gRPC fronts
 
 
 
@@ -373,7 +483,7 @@ class DiscoveryConfig:
     backoff_max_s: float = 5.0  # reconnect backoff cap (doubling from 0.1 s, with jitter)
     deregister_wait_s: float = 1.0  # on drain: after deleting its key, a pool waits this long for watches
     instance_id: str | None = None  # a gateway's key; default {site}-{hostname}-{port}
-    advertise_url: str | None = None  # how others reach this gateway; default http://host:port
+    advertise_url: str | None = None  # how others reach this gateway; default http(s)://host:port (https with gateway.tls)
     ca_file: str | None = None  # TLS: a CA bundle turns TLS on
     cert_file: str | None = None  # client certificate (mutual TLS), with key_file
     key_file: str | None = None
@@ -407,6 +517,15 @@ class Config:
     pools: tuple[PoolConfig, ...] = ()
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
+    def check_gateway_tls(self) -> None:
+        """A gateway's TLS files (its fronts', its upstream client's) exist and load: ConfigError if not."""
+        self.gateway.tls.check_files("gateway.tls")
+        self.gateway.upstream.tls.check_files("gateway.upstream.tls")
+
+    def check_pool_tls(self, pool: PoolConfig) -> None:
+        i = self.pools.index(pool)
+        pool.tls.check_files(f"pools[{i}].tls")
+
     def pool(self, pool_id: str | None) -> PoolConfig:
         if not self.pools:
             raise ConfigError("pools: the config defines no pool")
@@ -432,6 +551,9 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     """base_dir: where relative file paths in the config (gateway.auth.keys_file) start; default the cwd."""
     cfg = _build(Config, data, "")
     cfg = _with_key_file(cfg, base_dir or Path.cwd())
+    cfg = _with_tls_paths(cfg, base_dir or Path.cwd())
+    cfg.gateway.tls.validate_front("gateway.tls")
+    cfg.gateway.upstream.tls.validate("gateway.upstream.tls")
     if not 1 <= cfg.gateway.workers <= 256:
         raise ConfigError(f"gateway.workers: expected 1..256, got {cfg.gateway.workers}")
     cfg.gateway.limits.validate("gateway.limits")
@@ -455,6 +577,19 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"pools: duplicate ids in {ids}")
     return cfg
+
+
+def _with_tls_paths(cfg: Config, base_dir: Path) -> Config:
+    """TLS file paths relative to the config file's folder, as keys_file is."""
+    def fix(section: Any) -> Any:
+        changes = {name: str(base_dir / Path(v).expanduser()) for name in ("cert_file", "key_file", "ca_file", "client_ca_file")
+                   if isinstance(v := getattr(section, name, None), str)}
+        return dataclasses.replace(section, **changes) if changes else section
+
+    gw = cfg.gateway
+    gw = dataclasses.replace(gw, tls=fix(gw.tls), upstream=dataclasses.replace(gw.upstream, tls=fix(gw.upstream.tls)))
+    pools = tuple(dataclasses.replace(p, tls=fix(p.tls)) for p in cfg.pools)
+    return dataclasses.replace(cfg, gateway=gw, pools=pools)
 
 
 def _with_key_file(cfg: Config, base_dir: Path) -> Config:

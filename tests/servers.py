@@ -91,21 +91,36 @@ MESH_SITES = [
 MESH_RTT_MS = {"fra": 1.0, "muc": 7.6, "par": 10.5, "ams": 13.7}
 
 
-def start_mesh(tmp: Path, probe_s: float) -> tuple[str, Path, Proc]:
+def start_mesh(tmp: Path, probe_s: float, mtls: bool = False, auth: dict | None = None) -> tuple[str, Path, Proc]:
     """`meshgate up` on a Frankfurt gateway and four emulated sites (untrained tiny model, 2 slots
-    per pool, free ports). Returns the gateway's URL, the config path and the process."""
+    per pool, free ports). Returns the gateway's URL, the config path and the process.
+    mtls: the gateway reaches the pools over mutual TLS (a test CA; pools require the gateway's
+    client certificate by name); the client-facing front stays cleartext. auth: gateway.auth."""
+    pool_tls: dict = {}
+    upstream_tls: dict = {}
+    if mtls:
+        from tests.tlsutil import TestPKI
+
+        pki = TestPKI(tmp / "pki")
+        cert, key = pki.issue("pool")
+        client_cert, client_key = pki.issue("gateway-client", ("meshgate-gateway",), server=False, client=True)
+        pool_tls = {"tls": {"cert_file": cert, "key_file": key, "client_ca_file": pki.ca_file,
+                            "require_client_cert": True, "allowed_client_names": ["meshgate-gateway"]}}
+        upstream_tls = {"tls": {"ca_file": pki.ca_file, "cert_file": client_cert, "key_file": client_key}}
     pools = []
     for s in MESH_SITES:
         # A pool refuses a request (the gateway then tries the next) past 50 ms of predicted wait:
         # the tiny model decodes fast, so a "saturated" pool frees within a second.
         p = tiny_pool(f"{s['id']}-1", free_port(), str(tmp / "cache"), max_num_seqs=2, num_threads=1,
                       refuse_queue_wait_s=0.05)
-        p.update(site=s["id"], url=f"http://127.0.0.1:{free_port()}", emulate_rtt_ms=MESH_RTT_MS[s["id"]])
+        p.update(site=s["id"], url=f"{'https' if mtls else 'http'}://127.0.0.1:{free_port()}",
+                 emulate_rtt_ms=MESH_RTT_MS[s["id"]], **pool_tls)
         pools.append(p)
     port = free_port()
     cfg = tmp / "mesh.yaml"
     cfg.write_text(yaml.safe_dump({
-        "gateway": {"site": "fra", "port": port, "routing": "latency",
+        "gateway": {"site": "fra", "port": port, "routing": "latency", "upstream": upstream_tls,
+                    **({"auth": auth} if auth else {}),
                     "probe": {"period_s": probe_s, "timeout_s": 1.0, "down_after": 2, "up_after": 1}},
         "sites": MESH_SITES, "pools": pools}))
     proc = Proc(["up", "--config", str(cfg)], ready_marker="meshgate is up", timeout_s=180)

@@ -20,6 +20,7 @@ from gateway.api.operator import OperatorView
 from gateway.config import Config
 from gateway.core.errors import BadRequest, InternalError, NotFound
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
+from gateway.core.tls import ServerTls
 from gateway.edge.forward import StreamBroken, Upstream
 from gateway.edge.gateway import Gateway, SharedState
 
@@ -32,10 +33,13 @@ class GatewayServer(Gateway):
     def __init__(self, cfg: Config, shared: SharedState | None = None, worker_index: int = 0):
         super().__init__(cfg, shared, worker_index)
         self.operator = OperatorView(self.cfg.site, cfg.sites, self.admission, self.upstreams,
-                                     self.forwarder.profile, self.decisions, lambda: self.in_flight)
+                                     self.forwarder.profile, self.decisions, lambda: self.in_flight,
+                                     self.metering.window)
         if not self.cfg.access_log:
             logging.getLogger("meshgate.access").setLevel(logging.WARNING)
         self.http: HttpServer | None = None
+        # Client-facing TLS (gateway.tls): made here so bad files fail the start, in every process
+        self.tls = ServerTls(self.cfg.tls.files(("http/1.1",))) if self.cfg.tls.enabled else None
 
     def make_server(self) -> HttpServer:
         """The HTTP front (gateway/api/h1.py); start() it, and call shutdown() then stop() at the end."""
@@ -48,7 +52,7 @@ class GatewayServer(Gateway):
         r.add("GET", "/ready", self.ready)
         r.add("GET", "/metrics", self.prometheus)
         r.add("GET", "/v1/meshgate/gateways", self.gateways)
-        self.operator.add_routes(r)  # /v1/meshgate/mesh, /v1/meshgate/decisions/stream, /dashboard
+        self.operator.add_routes(r)  # /v1/meshgate/mesh, .../decisions/stream, .../usage, /dashboard
         self.http = HttpServer(r, self.cfg.limits.max_body_bytes, on_response=self._count)
         return self.http
 
@@ -58,7 +62,9 @@ class GatewayServer(Gateway):
         await self.start()
         http = self.make_server()
         try:
-            await http.start(host, port, reuse_port=self.cfg.workers > 1)
+            await http.start(host, port, reuse_port=self.cfg.workers > 1,
+                             tls=self.tls.context if self.tls else None,
+                             tls_handshake_timeout_s=self.cfg.tls.handshake_timeout_s)
         except OSError:
             await self.stop()
             raise
@@ -87,7 +93,8 @@ class GatewayServer(Gateway):
         return json_response({"status": "no healthy pool"}, 503)
 
     async def gateways(self, request: Request) -> Response:
-        self.admission.authenticate(request.headers)  # who runs where is for callers with a key
+        if (denied := self.operator.deny(request)) is not None:  # who runs where: for the operator (admin keys)
+            return denied
         return json_response({"object": "list", "data": self.gateway_list()})
 
     async def prometheus(self, request: Request) -> Response:
@@ -97,14 +104,14 @@ class GatewayServer(Gateway):
         return {"id": model, "object": "model", "created": self.created, "owned_by": "meshgate"}
 
     async def models(self, request: Request) -> Response:
-        who = self.admission.authenticate(request.headers)
+        who = self.admission.authenticate(request.headers, request.remote)
         return json_response({"object": "list", "data": [
             self._card(m) for m in self.upstreams.models() if who is None or who.may_use(m)]})
 
     async def model(self, request: Request) -> Response:
         name = request.path.removeprefix("/v1/models/")
         if name not in self.upstreams.models() or not self.admission.may_use(
-                self.admission.authenticate(request.headers), name):
+                self.admission.authenticate(request.headers, request.remote), name):
             raise NotFound(f"The model '{name}' does not exist", param="model", code="model_not_found")
         return json_response(self._card(name))
 
@@ -118,7 +125,7 @@ class GatewayServer(Gateway):
     async def _generate(self, request: Request, path: str, parse: Callable[[Any], GenerationRequest]) -> Response | Stream:
         arrival = time.monotonic()
         # Before parsing: a caller without a key learns nothing, not even whether its body is valid.
-        principal = self.admission.authenticate(request.headers)
+        principal = self.admission.authenticate(request.headers, request.remote)
         try:
             parsed = orjson.loads(request.body)
         except orjson.JSONDecodeError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -212,10 +213,14 @@ class HttpServer:
         self.closing = False
         self._server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False, tls: ssl.SSLContext | None = None,
+                    tls_handshake_timeout_s: float | None = None) -> None:
+        """tls: serve HTTPS with this context (gateway/core/tls.py); a client whose handshake has not
+        ended after tls_handshake_timeout_s is dropped (the loop's own timer, before _Conn exists)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Conn(self), host, port, backlog=2048,
-                                                reuse_port=reuse_port or None)
+                                                reuse_port=reuse_port or None, ssl=tls,
+                                                ssl_handshake_timeout=tls_handshake_timeout_s if tls else None)
 
     @property
     def port(self) -> int:

@@ -4,10 +4,15 @@
                                         the links this gateway measures, recent routing decisions
     GET /v1/meshgate/decisions/stream   routing decisions as they happen (SSE, heartbeats)
     GET /dashboard                      one self-contained HTML page over the two (no external assets)
+    GET /v1/meshgate/usage?window_s=S   requests and tokens by model and priority over the last S
+                                        seconds (default 3600): a tenant's own; an admin's: every key's
+                                        (or one: &key=ID)
 
-With gateway.auth on, all three need a valid API key, as the API does: `Authorization: Bearer KEY`,
-or HTTP Basic with the key as the password (any user name), which is what a browser can send: the
-401 asks for it, and the browser then sends it with the page's own requests too.
+With gateway.auth on, the operator's views (the first three, and /v1/meshgate/gateways) need an admin
+key (`admin: true` in its entry): other keys are tenants, who get 403 there, since the views show
+every tenant's routing decisions and client locations. A key goes as the API takes it,
+`Authorization: Bearer KEY`, or HTTP Basic with the key as the password (any user name), which is what
+a browser can send: the 401 asks for it, and the browser then sends it with the page's own requests too.
 """
 from __future__ import annotations
 
@@ -23,10 +28,12 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from gateway.api.h1 import Request, Response, Router, Stream, error_response, json_response
-from gateway.core.errors import APIError
+from gateway.core.errors import APIError, BadRequest, Forbidden
 from gateway.core.types import Endpoint, RouteRequest
 from gateway.edge.admission import Admission
+from gateway.edge.admission import Principal
 from gateway.edge.decisions import DecisionLog
+from gateway.edge.usage_window import UsageWindow
 from gateway.pools.breaker import BreakerState
 from gateway.pools.upstream import Upstreams
 from gateway.routing.framework import Profile
@@ -44,8 +51,10 @@ class OperatorView:
     count; and the admission to check keys."""
 
     def __init__(self, site: str, cfg_sites: tuple[Any, ...], admission: Admission, upstreams: Upstreams,
-                 profile: Profile, decisions: DecisionLog, in_flight: Callable[[], int]):
+                 profile: Profile, decisions: DecisionLog, in_flight: Callable[[], int],
+                 usage: UsageWindow | None = None):
         self.site = site
+        self.usage_window = usage or UsageWindow()
         self.admission = admission
         self.upstreams = upstreams
         self.profile = profile
@@ -59,15 +68,36 @@ class OperatorView:
         r.add("GET", "/v1/meshgate/mesh", self.mesh)
         r.add("GET", "/v1/meshgate/decisions/stream", self.stream)
         r.add("GET", "/dashboard", self.dashboard)
+        r.add("GET", "/v1/meshgate/usage", self.usage)
 
     # -- handlers -------------------------------------------------------------------------
+    async def usage(self, request: Request) -> Response:
+        """The caller's own usage (a tenant), or every key's (an admin; auth off: everyone's)."""
+        principal, denied = self._caller(request)
+        if denied is not None:
+            return denied
+        query = dict(p.partition("=")[::2] for p in request.query.split("&") if p)
+        try:
+            window_s = float(query.get("window_s", "3600"))
+        except ValueError:
+            raise BadRequest("'window_s' must be a number of seconds", param="window_s") from None
+        limit_s = 60.0 * self.usage_window.retention_min
+        if not 0 < window_s <= limit_s:
+            raise BadRequest(f"'window_s' must be in (0, {limit_s:g}]", param="window_s")
+        key = principal.key_id if principal is not None and not principal.admin else query.get("key")
+        rows = self.usage_window.query(window_s, key)
+        if principal is not None and not principal.admin:
+            for row in rows:
+                del row["key"]
+        return json_response({"object": "usage", "key": key, "window_s": window_s, "data": rows})
+
     async def mesh(self, request: Request) -> Response:
-        if (denied := self._authorize(request)) is not None:
+        if (denied := self.deny(request)) is not None:
             return denied
         return json_response(self.snapshot())
 
     async def stream(self, request: Request) -> Response | Stream:
-        if (denied := self._authorize(request)) is not None:
+        if (denied := self.deny(request)) is not None:
             return denied
         with self.decisions.subscribe() as feed:  # 503 here, before the stream starts, when refused
             out = request.start_stream(headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -81,7 +111,7 @@ class OperatorView:
             return out
 
     async def dashboard(self, request: Request) -> Response:
-        if (denied := self._authorize(request)) is not None:
+        if (denied := self.deny(request)) is not None:
             return denied
         return Response(self._page, content_type="text/html; charset=utf-8",
                         headers={"cache-control": "no-cache",
@@ -95,10 +125,19 @@ class OperatorView:
         land = (STATIC / "land.json").read_text()
         return html.replace(_LAND_MARK, land).encode()
 
-    def _authorize(self, request: Request) -> Response | None:
-        """None when the caller may look; else the 401 to send (asking browsers for Basic auth)."""
+    def deny(self, request: Request) -> Response | None:
+        """For an operator's view: None when the caller may look (an admin key, or auth off); else the
+        answer to send: 401 (asking browsers for Basic auth), 403 (a tenant's key), 429."""
+        principal, denied = self._caller(request)
+        if denied is None and principal is not None and not principal.admin:
+            denied = error_response(Forbidden("This key may not read the operator's views (an admin key may); "
+                                              "GET /v1/meshgate/usage has its own usage.", code="admin_only"))
+        return denied
+
+    def _caller(self, request: Request) -> tuple[Principal | None, Response | None]:
+        """Who asks (None with auth off), or the answer refusing them."""
         if not self.admission.enabled:
-            return None
+            return None, None
         headers: Any = request.headers
         scheme, _, value = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "basic":
@@ -108,12 +147,12 @@ class OperatorView:
                 key = ""
             headers = {"authorization": f"Bearer {key}"}
         try:
-            self.admission.authenticate(headers)
+            return self.admission.authenticate(headers, request.remote), None
         except APIError as e:
             resp = error_response(e)
-            resp.headers = {**(resp.headers or {}), "www-authenticate": 'Basic realm="meshgate", charset="UTF-8"'}
-            return resp
-        return None
+            if e.status == 401:
+                resp.headers = {**(resp.headers or {}), "www-authenticate": 'Basic realm="meshgate", charset="UTF-8"'}
+            return None, resp
 
     # -- the snapshot ---------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""meshgate command line (DESIGN.md §8): up | serve | worker | hash-key | build-engine."""
+"""meshgate command line (DESIGN.md §8): up | serve | worker | hash-key | build-engine | certs."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--dtype", choices=sorted(_BUILD_DTYPES), default="fp16")
     build.add_argument("--max-tokens", type=int, help="token budget of a step: the pool's engine.max_num_batched_tokens")
     build.add_argument("--max-seqs", type=int, help="sequences in a step: the pool's engine.max_num_seqs")
+    certs = sub.add_parser("certs", help="make a development CA and TLS certificates for the embedded mesh "
+                                          "(configs/local-tls.yaml)")
+    certs.add_argument("--out", default="certs", help="folder to write them to (default ./certs)")
+    certs.add_argument("--name", action="append", default=[],
+                       help="a DNS name or IP address the server certificates carry besides localhost and "
+                            "127.0.0.1 (repeatable)")
+    certs.add_argument("--days", type=int, default=90, help="validity of the leaf certificates (days)")
     args = parser.parse_args(argv)
+    if args.command == "certs":
+        from gateway.cli.certs import main as certs_main  # cryptography is imported only for this command
+
+        return certs_main(args)
     if args.command == "hash-key":
         return _hash_key()
     if args.command == "build-engine":
@@ -46,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.command == "worker":
             pool = cfg.pool(args.pool)
+            cfg.check_pool_tls(pool)  # this worker's certificates; the gateways' are not here
             return run(worker(cfg, pool, args.host or pool.host, args.port or pool.port))
+        cfg.check_gateway_tls()
         gw = cfg.gateway
         cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(gw, host=getattr(args, "host", None) or gw.host,
                                                                    port=args.port or gw.port,

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from gateway.config import Config, PoolConfig
+from gateway.config import Config, PoolConfig, TlsServerConfig
+from gateway.core.tls import CertExpiryCollector, ServerTls
 
 if TYPE_CHECKING:
     from gateway.edge.gateway import SharedState
@@ -37,16 +38,34 @@ class _Front(Protocol):
 
 
 class _AiohttpFront:
-    """The pool worker's aiohttp app."""
+    """The pool worker's aiohttp app; with pools[].tls, served over TLS (mutual TLS when it requires
+    client certificates), the certificate re-read when its files change (gateway/core/tls.py)."""
 
-    def __init__(self, app: web.Application, drain_timeout_s: float):
+    def __init__(self, app: web.Application, drain_timeout_s: float, tls: TlsServerConfig | None = None):
+        self.tls = ServerTls(tls.files()) if tls is not None and tls.enabled else None
+        self.handshake_timeout_s = tls.handshake_timeout_s if tls is not None else None
+        if tls is not None and tls.allowed_client_names:
+            from gateway.worker.tls_names import client_name_middleware
+
+            app.middlewares.append(client_name_middleware(frozenset(tls.allowed_client_names)))
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_timeout_s)
+        self._listener: asyncio.Server | None = None
 
     async def bind(self, host: str, port: int) -> None:
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port).start()
+        if self.tls is None:
+            await web.TCPSite(self.runner, host, port).start()
+            return
+        # TLS: the listening socket made here rather than by a TCPSite, which cannot bound the handshake
+        server = self.runner.server
+        assert server is not None
+        self._listener = await asyncio.get_running_loop().create_server(
+            server, host, port, ssl=self.tls.context, ssl_handshake_timeout=self.handshake_timeout_s,
+            backlog=128, reuse_address=True)
 
     async def close(self) -> None:
+        if self._listener is not None:  # stop accepting first, as runner.cleanup does with its sites
+            self._listener.close()
         await self.runner.cleanup()
 
 
@@ -109,7 +128,8 @@ async def worker(cfg: Config, pool: PoolConfig, host: str, port: int) -> int:
         await reg.stop()
         await asyncio.sleep(cfg.discovery.deregister_wait_s)
 
-    return await run_server(_AiohttpFront(server.make_app(), pool.drain_timeout_s), host, port,
+    server.metrics.registry.register(CertExpiryCollector({"pool": pool.tls.cert_file}))
+    return await run_server(_AiohttpFront(server.make_app(), pool.drain_timeout_s, pool.tls), host, port,
                              f"pool={pool.id} model={pool.model.name}", ready=server.start_engine(),
                              on_ready=reg.start if reg else None,
                              before_drain=leave if reg else None)

@@ -29,7 +29,8 @@ async def up(cfg: Config, config_path: str, log_level: str) -> int:
         proxies = await _start_links(cfg)
         gw = cfg.gateway
         grpc = "" if gw.grpc_port is None else f" grpc {gw.host}:{gw.grpc_port}"
-        print(f"meshgate is up: gateway http://{gw.host}:{gw.port}/v1{grpc}\n"
+        scheme = "https" if gw.tls.enabled else "http"
+        print(f"meshgate is up: gateway {scheme}://{gw.host}:{gw.port}/v1{grpc}\n"
               f"  mesh from {gw.site}: {_mesh_line(cfg)}", file=sys.stderr, flush=True)
         return await serve(cfg)
     finally:
@@ -44,7 +45,8 @@ async def _start_links(cfg: Config) -> list[DelayProxy]:
         if p.emulate_rtt_ms is None:
             continue
         u = urlsplit(p.base_url)
-        px = DelayProxy((u.hostname or "127.0.0.1", u.port or 80), (p.host, p.port), p.emulate_rtt_ms,
+        port = u.port or (443 if u.scheme == "https" else 80)
+        px = DelayProxy((u.hostname or "127.0.0.1", port), (p.host, p.port), p.emulate_rtt_ms,
                         jitter_ms=0.05 * p.emulate_rtt_ms)
         await px.start()
         proxies.append(px)

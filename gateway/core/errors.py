@@ -29,6 +29,13 @@ class Unauthorized(APIError):
     type = "authentication_error"
 
 
+class Forbidden(APIError):
+    """Authenticated, but this key may not do that (OpenAI's PermissionDeniedError)."""
+
+    status = 403
+    type = "permission_error"
+
+
 class NotFound(APIError):
     status = 404
     type = "not_found_error"

@@ -42,6 +42,7 @@ class Principal:
     priority: str  # contracted | on-demand
     models: frozenset[str]  # empty: every model
     countries: frozenset[str] = frozenset()  # residency; empty: any
+    admin: bool = False  # may read the operator's views and every key's usage
 
     def may_use(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -96,6 +97,50 @@ class TokenBucket:
         self._rec[self._used] = max(0.0, self._rec[self._used] - amount)
 
 
+class FailureLimiter:
+    """Failed key checks per client address, in fixed one-minute windows; past `per_min` the address
+    is refused (429) until its window ends. Bounded: at most `max_addresses` tracked (expired ones go
+    first; then the oldest), so a flood from many addresses costs memory once, not per address.
+    Per process: with N gateway processes an address may fail up to N times the bound."""
+
+    __slots__ = ("per_min", "clock", "max_addresses", "_seen")
+
+    def __init__(self, per_min: int, clock: Callable[[], float], max_addresses: int = 65536):
+        self.per_min = per_min
+        self.clock = clock
+        self.max_addresses = max_addresses
+        self._seen: dict[str, list[float]] = {}  # address -> [failures, window start]
+
+    def check(self, client: str) -> None:
+        rec = self._seen.get(client)
+        if rec is None or not self.per_min or rec[0] < self.per_min:
+            return
+        left = rec[1] + 60.0 - self.clock()
+        if left <= 0:
+            del self._seen[client]
+            return
+        raise RateLimited("Too many failed API key checks from this address; try again later.",
+                          retry_after_s=max(1, math.ceil(left)), code="too_many_auth_failures")
+
+    def failed(self, client: str) -> None:
+        if not self.per_min:
+            return
+        now = self.clock()
+        rec = self._seen.get(client)
+        if rec is None or now - rec[1] >= 60.0:
+            if rec is None and len(self._seen) >= self.max_addresses:
+                self._evict(now)
+            self._seen[client] = [1.0, now]
+        else:
+            rec[0] += 1
+
+    def _evict(self, now: float) -> None:
+        for addr in [a for a, r in self._seen.items() if now - r[1] >= 60.0]:
+            del self._seen[addr]
+        while len(self._seen) >= self.max_addresses:
+            del self._seen[next(iter(self._seen))]  # the oldest window first (insertion order)
+
+
 # A key's record in the limits table: its two buckets, its requests in flight in all processes, then
 # each worker's share of those (so a dead worker's share can be given back: release_worker).
 _REQUESTS, _TOKENS, _IN_FLIGHT, _WORKER_IN_FLIGHT = 0, 2, 4, 5
@@ -126,7 +171,8 @@ class _KeyState:
 
     def __init__(self, k: ApiKeyConfig, table: SharedTable, worker_index: int):
         self.digest = bytes.fromhex(k.sha256)
-        self.principal = Principal(k.id, k.priority, frozenset(k.models), frozenset(c.upper() for c in k.countries))
+        self.principal = Principal(k.id, k.priority, frozenset(k.models), frozenset(c.upper() for c in k.countries),
+                                   k.admin)
         self.table = table
         s = table.slot(f"key:{k.id}")
         self.rec = table.record(s)
@@ -201,24 +247,33 @@ class Admission:
         self._by_digest = {s.digest: s for s in states}
         self._by_id = {s.principal.key_id: s for s in states}
         self.shed_at = max(1, int(limits.max_in_flight * limits.shed_on_demand_at))
+        self.failures = FailureLimiter(cfg.max_failures_per_min, clock)
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal | None:
-        """The caller's principal; None when auth is off. Raises Unauthorized (401)."""
+    def authenticate(self, headers: Mapping[str, str], client: str | None = None) -> Principal | None:
+        """The caller's principal; None when auth is off. Raises Unauthorized (401), or RateLimited
+        (429) when `client` (its address) has failed too often this minute."""
         if not self.enabled:
             return None
+        if client is not None:
+            self.failures.check(client)  # before any hashing: a 401 storm costs a dict lookup a request
         value = headers.get("authorization") or headers.get("Authorization") or ""
         scheme, _, key = value.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
-            self.metrics.rejected.labels("", "unauthenticated").inc()
+            self._failed(client)
             raise Unauthorized("You didn't provide an API key. You need to provide your API key in an "
                                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
         digest = hashlib.sha256(key.encode()).digest()
         state = self._by_digest.get(digest)
         if state is None or not hmac.compare_digest(digest, state.digest):
-            self.metrics.rejected.labels("", "unauthenticated").inc()
+            self._failed(client)
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
         return state.principal
+
+    def _failed(self, client: str | None) -> None:
+        self.metrics.rejected.labels("", "unauthenticated").inc()
+        if client is not None:
+            self.failures.failed(client)
 
     def may_use(self, principal: Principal | None, model: str) -> bool:
         if principal is None or principal.may_use(model):

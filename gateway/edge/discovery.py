@@ -30,7 +30,8 @@ def gateway_record(cfg: Config) -> GatewayRecord:
     gw, d = cfg.gateway, cfg.discovery
     host = socket.gethostname() if gw.host in ("0.0.0.0", "::", "") else gw.host
     gid = d.instance_id or f"{gw.site}-{socket.gethostname()}-{gw.port}"
-    return GatewayRecord(id=gid, url=d.advertise_url or f"http://{host}:{gw.port}", site=site_of(cfg, gw.site))
+    scheme = "https" if gw.tls.enabled else "http"
+    return GatewayRecord(id=gid, url=d.advertise_url or f"{scheme}://{host}:{gw.port}", site=site_of(cfg, gw.site))
 
 
 @dataclasses.dataclass(frozen=True)

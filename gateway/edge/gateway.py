@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from gateway.config import Config, ConfigError
 from gateway.core.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge
 from gateway.core.protocol import GenerationRequest
+from gateway.core.tls import CertExpiryCollector
 from gateway.core.types import RouteRequest
 from gateway.core.wire import DEADLINE_HEADER, PRIORITIES, PRIORITY_HEADER, RESIDENCY_HEADER, SLO_HEADER
 from gateway.edge.admission import Admission, Principal, limit_table
@@ -78,6 +79,9 @@ class Gateway:
         self.requests = InFlight(shared.load, GATEWAY, worker_index)  # client requests, all processes
         self.metrics = GatewayMetrics(self.upstreams, lambda: self.in_flight,
                                       lambda pool_id: self.upstreams.pools[pool_id].requests.count)
+        # TLS certificates this gateway serves (gateway.tls) and presents to pools (gateway.upstream.tls)
+        self.metrics.registry.register(CertExpiryCollector(
+            {"gateway": self.cfg.tls.cert_file, "upstream_client": self.cfg.upstream.tls.cert_file}))
         try:
             profile = build_profile(self.cfg.routing, self.cfg.routing_options)
             self.geo = GeoView(cfg)
@@ -105,7 +109,8 @@ class Gateway:
         # GET /v1/meshgate/gateways: just this one; with discovery etcd, edge/discovery.py puts the registry's list here
         site = next((dataclasses.asdict(s) for s in cfg.sites if s.id == self.cfg.site), {"id": self.cfg.site})
         self.gateway_list: Callable[[], list[dict[str, object]]] = lambda: [
-            {"id": self.cfg.site, "url": f"http://{self.cfg.host}:{self.cfg.port}", "site": site}]
+            {"id": self.cfg.site, "url": f"{'https' if self.cfg.tls.enabled else 'http'}://{self.cfg.host}:{self.cfg.port}",
+             "site": site}]
         self.created = int(time.time())
         # Request ids: a random per-process prefix and a counter (uuid4 costs a getrandom call).
         prefix = uuid.uuid4().hex[:16]

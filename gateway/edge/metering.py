@@ -23,6 +23,7 @@ import orjson
 from gateway.edge.admission import Ticket
 from gateway.edge.metrics import GatewayMetrics
 from gateway.edge.usage_log import UsageLog
+from gateway.edge.usage_window import UsageWindow
 from gateway.config import UsageLogConfig
 from gateway.core.protocol import GenerationRequest
 
@@ -45,6 +46,7 @@ class Metering:
     def __init__(self, cfg: UsageLogConfig, metrics: GatewayMetrics, worker_index: int = 0):
         self.log = UsageLog(cfg, worker_index)  # a file per gateway process: see usage_log
         self.m = metrics
+        self.window = UsageWindow()  # recent usage by key, model and priority: GET /v1/meshgate/usage
 
     async def start(self) -> None:
         await self.log.start()
@@ -73,6 +75,7 @@ class Metering:
         if completion:
             m.child(m.usage_completion, key, meter.model, pool).inc(completion)
         m.child(m.usage_requests, key, meter.model, pool, status).inc()
+        self.window.add(key, meter.model, meter.ticket.priority or "", prompt, completion)
         self.log.append({"ts": round(time.time(), 3), "request_id": meter.request_id, "key": meter.ticket.key_id,
                          "model": meter.model, "pool": pool or None, "prompt_tokens": prompt,
                          "completion_tokens": completion, "status": status})

@@ -21,6 +21,8 @@ from urllib.parse import unquote, urlsplit
 
 import httptools
 
+from gateway.core.tls import ClientTls
+
 
 class UpstreamError(Exception):
     """The connection failed, closed early, or the answer was not HTTP."""
@@ -31,10 +33,15 @@ class ReadTimeout(UpstreamError):
 
 
 class HttpClient:
-    def __init__(self, max_connections: int, connect_timeout_s: float, idle_timeout_s: float):
+    def __init__(self, max_connections: int, connect_timeout_s: float, idle_timeout_s: float,
+                 tls: ClientTls | None = None):
+        """tls: for https origins, the CA to trust and the client certificate to present (mutual
+        TLS), asked for a context per new connection so replaced files apply without a restart;
+        None: the system's trust store, no client certificate."""
         self.max_connections = max_connections
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.tls = tls
         self._origins: dict[str, _Origin] = {}
 
     async def request(self, method: str, url: str, body: bytes = b"",
@@ -79,7 +86,8 @@ class _Origin:
         self.client = client
         self.host = u.hostname
         self.port = u.port or (443 if u.scheme == "https" else 80)
-        self.ssl = ssl.create_default_context() if u.scheme == "https" else None
+        self.https = u.scheme == "https"
+        self.ssl = ssl.create_default_context() if self.https and client.tls is None else None
         host_header = f"[{self.host}]" if ":" in self.host else self.host
         if u.port:
             host_header += f":{u.port}"
@@ -119,12 +127,22 @@ class _Origin:
         try:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.client.connect_timeout_s):
-                _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self.ssl)
+                context, name = self._tls()
+                _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=context,
+                                                       server_hostname=name)
         except (OSError, TimeoutError) as e:
             self.count -= 1
             self._wake(None)
             raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {e}") from None
         return conn
+
+    def _tls(self) -> tuple[ssl.SSLContext | None, str | None]:
+        """create_connection's TLS arguments: none for http; for https the client's current context
+        and the name the pool's certificate must carry (None: the URL's host)."""
+        tls = self.client.tls
+        if not self.https or tls is None:
+            return self.ssl, None
+        return tls.context(), tls.server_name
 
     def release(self, conn: _Conn) -> None:
         """A connection whose exchange ended: reuse it if it may be, else drop it."""

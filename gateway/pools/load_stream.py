@@ -95,7 +95,7 @@ class LoadStreams:
         except RuntimeError:  # called outside the gateway's loop (a test driving the callbacks)
             return
         if self.client is None and keep:
-            self.client = HttpClient(2, self.cfg.connect_timeout_s, self.cfg.idle_timeout_s)
+            self.client = HttpClient(2, self.cfg.connect_timeout_s, self.cfg.idle_timeout_s, self.up.tls)
         for pid, pool in keep.items():
             if pid not in self.streams:
                 self.streams[pid] = (asyncio.create_task(self._run(pool), name=f"load-stream {pid}"), pool)
@@ -145,7 +145,7 @@ class LoadStreams:
     async def _stream(self, pool: Pool) -> bool:
         """One stream, until it ends (returns whether any line came) or fails (raises)."""
         if self.client is None:
-            self.client = HttpClient(2, self.cfg.connect_timeout_s, self.cfg.idle_timeout_s)
+            self.client = HttpClient(2, self.cfg.connect_timeout_s, self.cfg.idle_timeout_s, self.up.tls)
         e = pool.endpoint
         async with asyncio.timeout(self.cfg.connect_timeout_s):
             resp = await self.client.request("GET", e.url + PATH)

@@ -9,11 +9,12 @@ from collections.abc import Callable
 
 import orjson
 
-from gateway.config import PoolConfig, ProbeConfig, UpstreamConfig
+from gateway.config import PoolConfig, ProbeConfig, TlsClientConfig, UpstreamConfig
 from gateway.pools.shared import SharedTable
 from gateway.core.types import Endpoint, LoadReport
 from gateway.core.wire import LOAD_HEADER
 from gateway.pools.breaker import BreakerState, CircuitBreaker
+from gateway.core.tls import ClientTls
 from gateway.pools.h1client import HttpClient, UpstreamError
 from gateway.pools.load import InFlight, load_table, num_workers
 
@@ -114,6 +115,9 @@ class Upstreams:
         self.pools = {p.id: self._pool(p) for p in pools}
         self.endpoints = [p.endpoint for p in self.pools.values()]
         self.client: HttpClient | None = None
+        # https pools: gateway.upstream.tls (CA, client certificate); shared with the load streams' client
+        t = up.tls
+        self.tls = ClientTls(t.files(), t.server_name) if t != TlsClientConfig() else None
         self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
         self._probe_task: asyncio.Task[None] | None = None
         # Whom to probe each round (pool ids); the gateway sets it from its geography. Default: all.
@@ -141,7 +145,8 @@ class Upstreams:
         return Pool(cfg, self.up, self.load, self.worker_index)
 
     async def start(self) -> None:
-        self.client = HttpClient(self.up.max_connections, self.up.connect_timeout_s, self.up.idle_timeout_s)
+        self.client = HttpClient(self.up.max_connections, self.up.connect_timeout_s, self.up.idle_timeout_s,
+                                 self.tls)
         await self.probe_all()
         self._probe_task = asyncio.create_task(self._probe_loop())
 

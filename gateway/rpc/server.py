@@ -33,6 +33,7 @@ from gateway.edge.gateway import Gateway
 from gateway.rpc import convert
 from gateway.rpc import meshgate_pb2 as pb
 from gateway.rpc import meshgate_pb2_grpc as pb_grpc
+from gateway.rpc.tls import RpcTls
 
 log = logging.getLogger("meshgate.rpc")
 
@@ -91,7 +92,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         try:
-            who = self.gw.admission.authenticate(_headers(context))
+            who = self.gw.admission.authenticate(_headers(context), _peer_ip(context))
         except APIError as e:
             await _abort(context, e, False)
         # as GET /v1/models: a key limited to some models sees only those
@@ -122,7 +123,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         arrival = time.monotonic()
         headers = _headers(context)
         # Before anything else, as over HTTP: a caller without a key learns nothing of its request.
-        principal = self.gw.admission.authenticate(headers)
+        principal = self.gw.admission.authenticate(headers, _peer_ip(context))
         path, body = convert.request_body(request, stream)
         parse = parse_chat if path == convert.CHAT_PATH else parse_completion
         call = tally.call = self.gw.prepare(path, orjson.dumps(body), parse(body), headers, arrival, principal)
@@ -175,6 +176,17 @@ async def _abort(context: grpc.aio.ServicerContext, e: APIError, deadline_passed
 
 
 # -- the server -------------------------------------------------------------------------------
+def _peer_ip(context: grpc.aio.ServicerContext) -> str | None:
+    """The client's address from grpc's peer string (ipv4:1.2.3.4:5678, ipv6:[::1]:5678), for the
+    per-address bound on failed key checks."""
+    kind, _, rest = context.peer().partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return None
+
+
 class RpcFront:
     """The gRPC server beside the HTTP one: the same edge Gateway (whose HTTP front starts and
     closes it), the generation service, health and reflection."""
@@ -195,9 +207,11 @@ class RpcFront:
     async def start(self) -> str:
         """Bind and serve; returns HOST:PORT (the bound port when 0 was asked). OSError when the
         port cannot be had."""
+        tls = self.gw.cfg.tls
         server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 0),  # gRPC's default would let a second server share the port silently
             ("grpc.max_receive_message_length", self.gw.cfg.limits.max_body_bytes),
+            ("grpc.server_handshake_timeout_ms", int(tls.handshake_timeout_s * 1000)),
         ])
         pb_grpc.add_GenerationServicer_to_server(GenerationService(self.gw), server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -206,7 +220,8 @@ class RpcFront:
         if self.port:
             _check_free(self.host, self.port)
         try:
-            port = server.add_insecure_port(self.address)
+            port = (server.add_secure_port(self.address, RpcTls(tls).credentials()) if tls.enabled
+                    else server.add_insecure_port(self.address))
         except RuntimeError as e:  # grpcio's own message ends with advice on its log verbosity
             raise OSError(str(e).split(";")[0]) from None
         if port == 0:

@@ -22,7 +22,9 @@ SITES = {
     "b": {"id": "par", "name": "Paris", "country": "FR", "lat": 48.8742, "lon": 2.347},
 }
 KEY = "sk-operator-test"
-AUTH = {"enabled": True, "keys": [{"id": "ops", "sha256": hash_key(KEY)}]}
+TENANT_KEY = "sk-tenant-test"
+AUTH = {"enabled": True, "keys": [{"id": "ops", "sha256": hash_key(KEY), "admin": True},
+                                  {"id": "tenant", "sha256": hash_key(TENANT_KEY)}]}
 # Panels for metrics that land with later work; each is marked as such in its panel description.
 UPCOMING = {"meshgate_registry_stale_seconds"}  # etcd discovery (discovery: etcd)
 
@@ -118,18 +120,25 @@ async def test_dashboard_is_one_self_contained_page(h):
     assert len(raw) < 200_000
 
 
-async def test_operator_endpoints_need_a_key_when_auth_is_on():
+async def test_operator_endpoints_need_an_admin_key_when_auth_is_on():
     h = Harness()
     await h.start(["a"], auth=AUTH)
     try:
         basic = base64.b64encode(f"ops:{KEY}".encode()).decode()
-        for path in ("/dashboard", "/v1/meshgate/mesh"):
+        tenant_basic = base64.b64encode(f"t:{TENANT_KEY}".encode()).decode()
+        for path in ("/dashboard", "/v1/meshgate/mesh", "/v1/meshgate/gateways"):
             status, headers, _ = await _get(h, path)
             assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
             assert (await _get(h, path, headers={"Authorization": "Bearer wrong"}))[0] == 401
             assert (await _get(h, path, headers={"Authorization": f"Bearer {KEY}"}))[0] == 200
             assert (await _get(h, path, headers={"Authorization": f"Basic {basic}"}))[0] == 200  # browsers
+            # a tenant's key is valid, but the operator's views show every tenant's traffic: 403
+            status, _, body = await _get(h, path, headers={"Authorization": f"Bearer {TENANT_KEY}"})
+            assert status == 403 and json.loads(body)["error"]["type"] == "permission_error"
+            assert (await _get(h, path, headers={"Authorization": f"Basic {tenant_basic}"}))[0] == 403
         assert (await _get(h, "/v1/meshgate/decisions/stream"))[0] == 401
+        assert (await _get(h, "/v1/meshgate/decisions/stream",
+                           headers={"Authorization": f"Bearer {TENANT_KEY}"}))[0] == 403
     finally:
         await h.stop()
 
@@ -222,7 +231,7 @@ def browser():
 @pytest.fixture(scope="module")
 def up_mesh(browser, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dashmesh")
-    url, cfg, proc = start_mesh(tmp, PROBE_S)
+    url, cfg, proc = start_mesh(tmp, PROBE_S, auth=AUTH)
     yield url, cfg, proc, tmp
     assert proc.stop() == 0, proc.log()
 
@@ -246,7 +255,9 @@ def test_dashboard_in_a_browser_follows_the_mesh(browser, up_mesh, tmp_path):
     import httpx
 
     url, cfg, proc, _ = up_mesh
-    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    # the operator's page with an admin key, as a browser sends it (Basic, asked for by the 401)
+    page = browser.new_page(viewport={"width": 1440, "height": 900},
+                            http_credentials={"username": "ops", "password": KEY})
     problems: list[str] = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
@@ -263,7 +274,8 @@ def test_dashboard_in_a_browser_follows_the_mesh(browser, up_mesh, tmp_path):
         sent = []
         for i, where in enumerate(["par", "ams", None]):
             rid = f"browser-{i}"
-            headers = {"x-request-id": rid, **({"x-client-site": where} if where else {})}
+            headers = {"x-request-id": rid, "authorization": f"Bearer {TENANT_KEY}",
+                       **({"x-client-site": where} if where else {})}
             r = httpx.post(url + "/v1/completions", headers=headers, timeout=60,
                            json={"model": "meshgate-tiny", "prompt": "The keeper", "max_tokens": 4})
             assert r.status_code == 200, r.text
@@ -290,7 +302,7 @@ def test_dashboard_in_a_browser_follows_the_mesh(browser, up_mesh, tmp_path):
     finally:
         page.close()
     # The gateway stops cleanly while a browser still holds the decision stream open.
-    page2 = browser.new_page()
+    page2 = browser.new_page(http_credentials={"username": "ops", "password": KEY})
     page2.goto(url + "/dashboard")
     page2.wait_for_selector("#live-dot.on", timeout=5_000)
     t0 = time.monotonic()

@@ -1,5 +1,6 @@
 """The emulated mesh end to end (`meshgate up`): a gateway in Frankfurt and pools in Frankfurt,
-Munich, Paris and Amsterdam behind delaying proxies with real round trips."""
+Munich, Paris and Amsterdam behind delaying proxies with real round trips. Every test runs twice:
+gateway to pools in cleartext, and over mutual TLS (probes, load streams and requests alike)."""
 from __future__ import annotations
 
 import subprocess
@@ -18,9 +19,9 @@ PROBE_S = 0.2
 _LOGS: dict[str, Callable[[], str]] = {}  # gateway URL -> its process' log, for failure messages
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    url, cfg, proc = start_mesh(tmp_path_factory.mktemp("mesh"), PROBE_S)
+@pytest.fixture(scope="module", params=["cleartext", "mtls"])
+def mesh(tmp_path_factory, request):
+    url, cfg, proc = start_mesh(tmp_path_factory.mktemp("mesh"), PROBE_S, mtls=request.param == "mtls")
     _LOGS[url] = proc.log
     yield url, cfg, proc
     assert proc.stop() == 0, proc.log()
@@ -50,6 +51,18 @@ def test_pools_push_their_load_to_the_gateway(mesh):
 
     # every pool is among the gateway's nearest here: each keeps a GET /load/stream open to it
     assert wait_until(lambda: pushed() == {"fra-1", "muc-1", "par-1", "ams-1"}, timeout_s=5), pushed()
+
+
+def test_requests_are_metered(mesh):
+    url, cfg, _ = mesh
+    route(url, max_tokens=3)
+    text = httpx.get(url + "/metrics").text
+    done = [ln for ln in text.splitlines() if ln.startswith("meshgate_usage_requests_total{") and 'status="complete"' in ln]
+    assert done and sum(float(ln.rsplit(" ", 1)[1]) for ln in done) >= 1
+    tokens = [ln for ln in text.splitlines() if ln.startswith("meshgate_usage_completion_tokens_total{")]
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in tokens) >= 3
+    if "pki" in {p.name for p in cfg.parent.iterdir()}:  # mutual TLS: the client certificate's expiry is shown
+        assert 'meshgate_tls_cert_expiry_seconds{cert="upstream_client"}' in text
 
 
 def test_residency_keeps_requests_in_the_allowed_countries(mesh):
@@ -85,7 +98,10 @@ def test_saturated_nearest_pool_spills_to_the_next_best(mesh):
             t.start()
             holders.append(t)
             time.sleep(0.05)
-        time.sleep(PROBE_S)  # fra-1 refuses (it is full) or the next probe already reports it full
+        # all four admitted and forwarded (over mutual TLS a stream's new upstream connection costs a
+        # handshake first), then a probe period: fra-1 refuses (it is full) or the next probe reports it full
+        assert wait_until(lambda: "meshgate_in_flight_requests 4.0" in httpx.get(url + "/metrics").text, timeout_s=10)
+        time.sleep(PROBE_S)
         assert route(url) != "fra-1"
     finally:
         stop.set()

@@ -69,8 +69,21 @@ def _validate(doc: dict[str, Any], where: str) -> None:
     k8s.ApiClient()._ApiClient__deserialize(doc, _model(doc))
 
 
+CERT_MANAGER = "cert-manager.io/v1"  # a CRD: checked by test_cert_manager_resources, not the API's models
+
+
 def _manifests() -> list[Path]:
-    return [p for p in K8S.rglob("*.yaml") if p.name not in ("kustomization.yaml", "meshgate.yaml")]
+    return [p for p in K8S.rglob("*.yaml") if p.name not in ("kustomization.yaml", "meshgate.yaml")
+            and not any(d.get("apiVersion") == CERT_MANAGER for d in yaml.safe_load_all(p.read_text()))]
+
+
+def _without_deletions(doc: Any) -> Any:
+    """A strategic-merge patch less its `key: null` entries (directives that delete the key)."""
+    if isinstance(doc, dict):
+        return {k: _without_deletions(v) for k, v in doc.items() if v is not None}
+    if isinstance(doc, list):
+        return [_without_deletions(v) for v in doc]
+    return doc
 
 
 @pytest.mark.parametrize("path", _manifests(), ids=lambda p: str(p.relative_to(K8S)))
@@ -78,7 +91,7 @@ def test_manifest_is_valid(path):
     for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
         if "patch" in path.name:  # a strategic-merge patch: valid shape, but partial
             errors: list[str] = []
-            _check(doc, _model(doc), path.name, errors)
+            _check(_without_deletions(doc), _model(doc), path.name, errors)
             assert not errors, "\n".join(errors)
         else:
             _validate(doc, f"{path.name}[{i}]")
@@ -98,12 +111,19 @@ def test_kustomization_references_resolve(kfile):
             assert (here / f.split("=")[-1]).is_file(), f
 
 
+def _tls_sections(data: dict[str, Any]) -> list[dict[str, Any]]:
+    gw = data.get("gateway", {})
+    return [t for t in [gw.get("tls"), gw.get("upstream", {}).get("tls"), *(p.get("tls") for p in data.get("pools", []))]
+            if t]
+
+
 def _load_meshgate_config(path: Path, tmp_path: Path) -> Any:
     data = yaml.safe_load(path.read_text())
     auth = data.get("gateway", {}).get("auth")
     if auth and auth.get("keys_file"):  # the Secret is made out of band; stand in a valid key file
         (tmp_path / "keys.yaml").write_text(yaml.safe_dump([{"id": "k", "sha256": "0" * 64}]))
         auth["keys_file"] = "keys.yaml"
+    # TLS files are not read at load (each pod holds only its own Secrets): the config loads without them
     return config_from_dict(data, tmp_path)
 
 
@@ -133,7 +153,8 @@ def test_probes_drain_gpu_and_selectors():
     w = sts["spec"]["template"]["spec"]["containers"][0]
     assert w["resources"]["limits"]["nvidia.com/gpu"] == "1"
     claims = {v["metadata"]["name"] for v in sts["spec"]["volumeClaimTemplates"]}
-    assert {m["name"] for m in w["volumeMounts"]} - {"config"} <= claims
+    secrets = {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    assert {m["name"] for m in w["volumeMounts"]} - {"config"} - secrets <= claims
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
@@ -142,14 +163,124 @@ def test_overlay_builds_with_kubectl_kustomize():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     docs = list(yaml.safe_load_all(out.stdout))
-    assert {d["kind"] for d in docs} == {"ConfigMap", "Service", "Deployment", "StatefulSet", "PodDisruptionBudget"}
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Service", "Deployment", "StatefulSet", "PodDisruptionBudget",
+                                         "Certificate", "Issuer"}
     for d in docs:
         assert d["metadata"]["namespace"] == "meshgate-fra"
-        _validate(d, f"{d['kind']}/{d['metadata']['name']}")
+        if d["apiVersion"] != CERT_MANAGER:
+            _validate(d, f"{d['kind']}/{d['metadata']['name']}")
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert pod["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"  # TLS on in the overlay's config
+    worker = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "httpGet" not in worker[probe] and worker[probe]["exec"]["command"][0] == "python", probe
     cm = next(d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap")
     sts = next(d for d in docs if d["kind"] == "StatefulSet")
     assert sts["spec"]["replicas"] == 2
     assert sts["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == cm  # the hashed name
+
+
+# -- TLS: cert-manager Certificates, the Secrets the base mounts, the files the config names ------
+FRA = K8S / "overlays" / "fra"
+# what cert-manager writes into a Certificate's Secret (a kubernetes.io/tls Secret, plus the CA)
+SECRET_KEYS = {"tls.crt", "tls.key", "ca.crt"}
+
+
+def _cert_manager_docs() -> list[dict[str, Any]]:
+    return [d for p in K8S.rglob("*.yaml") for d in yaml.safe_load_all(p.read_text()) if d.get("apiVersion") == CERT_MANAGER]
+
+
+def test_cert_manager_resources():
+    docs = _cert_manager_docs()
+    issuers = {d["metadata"]["name"] for d in docs if d["kind"] == "Issuer"}
+    certs = [d for d in docs if d["kind"] == "Certificate"]
+    assert certs
+    for c in certs:
+        spec = c["spec"]
+        assert set(spec) <= {"secretName", "commonName", "dnsNames", "duration", "renewBefore", "privateKey", "usages",
+                             "issuerRef"}, set(spec)
+        assert spec["secretName"] and spec["dnsNames"] and spec["usages"]
+        assert set(spec["usages"]) <= {"server auth", "client auth", "digital signature", "key encipherment"}
+        ref = spec["issuerRef"]
+        assert ref["kind"] in ("Issuer", "ClusterIssuer") and (ref["kind"] == "ClusterIssuer" or ref["name"] in issuers)
+
+
+def _secret_mounts() -> dict[str, str]:
+    """mount path -> Secret name, over the base's gateway and worker pods."""
+    out = {}
+    for name in ("gateway-deployment.yaml", "worker-statefulset.yaml"):
+        pod = yaml.safe_load((K8S / "base" / name).read_text())["spec"]["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        for m in pod["containers"][0]["volumeMounts"]:
+            if m["name"] in secrets:
+                out[m["mountPath"]] = secrets[m["name"]]
+    return out
+
+
+def test_tls_files_come_from_secrets_that_cert_manager_makes():
+    mounts = _secret_mounts()
+    made = {c["spec"]["secretName"]: c["spec"] for c in _cert_manager_docs() if c["kind"] == "Certificate"}
+    data = yaml.safe_load((FRA / "meshgate.yaml").read_text())
+    files = [(name, t[name]) for t in _tls_sections(data) for name in ("cert_file", "key_file", "ca_file", "client_ca_file")
+             if name in t]
+    assert {n for n, _ in files} == {"cert_file", "key_file", "ca_file", "client_ca_file"}
+    for name, f in files:
+        folder, _, key = f.rpartition("/")
+        assert folder in mounts, f"{name}: {f} is not in a mounted Secret"
+        assert key in SECRET_KEYS, f"{name}: {key} is not a key cert-manager writes"
+        assert mounts[folder] in made, f"{mounts[folder]}: no Certificate makes this Secret"
+    # the workers' allowed client names are those the mesh certificates carry, with the right usages
+    worker_tls = data["pools"][0]["tls"]
+    by_secret = {mounts[f.rpartition("/")[0]]: made[mounts[f.rpartition("/")[0]]] for _, f in files}
+    client = by_secret["meshgate-mesh-client-tls"]
+    assert "client auth" in client["usages"] and set(client["dnsNames"]) & set(worker_tls["allowed_client_names"])
+    worker = by_secret["meshgate-worker-tls"]
+    assert {"server auth", "client auth"} <= set(worker["usages"])
+    assert all(p["url"].startswith("https://") and p["url"].split("//")[1].split(":")[0].endswith(
+        worker["dnsNames"][0].removeprefix("*")) for p in data["pools"])
+
+
+def test_worker_exec_probe_passes_mutual_tls(tmp_path):
+    """The overlay's exec probe, run against a worker front requiring client certificates, with the
+    Secret's file names (tls.crt, tls.key, ca.crt) in a folder standing for the mount."""
+    import asyncio
+    import sys
+
+    from gateway.cli.run import _AiohttpFront
+    from gateway.config import TlsServerConfig
+    from tests.servers import free_port
+    from tests.stub_pool import StubPool
+    from tests.tlsutil import TestPKI
+
+    mount = tmp_path / "worker"
+    pki = TestPKI(mount)
+    cert, key = pki.issue("w", ("127.0.0.1", "meshgate-probe"), server=True, client=True)
+    for src, dst in ((cert, "tls.crt"), (key, "tls.key"), (pki.ca_file, "ca.crt")):
+        (mount / dst).write_bytes(Path(src).read_bytes())
+    patch = yaml.safe_load((FRA / "worker-tls-patch.yaml").read_text())
+    container = patch["spec"]["template"]["spec"]["containers"][0]
+    port = free_port()
+
+    async def run() -> list[int]:
+        stub = StubPool("p")
+        app = stub.app()
+        app.router.add_get("/ready", stub.health)  # the stub has /health only; a worker has both
+        front = _AiohttpFront(app, 1.0, TlsServerConfig(
+            cert_file=cert, key_file=key, client_ca_file=pki.ca_file, require_client_cert=True,
+            allowed_client_names=("meshgate-probe",)))
+        await front.bind("127.0.0.1", port)
+        try:
+            codes = []
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                cmd = [a.replace("/etc/meshgate/tls/worker/", f"{mount}/").replace(":8101", f":{port}")
+                       for a in container[probe]["exec"]["command"]]
+                proc = await asyncio.create_subprocess_exec(sys.executable, *cmd[1:])
+                codes.append(await asyncio.wait_for(proc.wait(), 30))
+            return codes
+        finally:
+            await front.close()
+
+    assert asyncio.run(run()) == [0, 0, 0]
 
 
 # -- the Containerfile ---------------------------------------------------------------------------
