@@ -18,6 +18,7 @@ from gateway.config import EngineConfig, ModelConfig
 from gateway.core.types import LoadReport
 from gateway.worker.batch import build_batch
 from gateway.worker.kv_cache import BlockManager
+from gateway.worker.prefix_summary import PrefixSummary
 from gateway.worker.request import Request, RequestStatus, SamplingParams
 from gateway.worker.runner import Runner, make_runner
 from gateway.worker.sampler import Sampler
@@ -26,7 +27,6 @@ from gateway.worker.tokenizer import Detokenizer, Tokenizer
 
 log = logging.getLogger("meshgate.worker")
 
-MAX_HOT_PREFIXES = 64
 REQUEST_S_ALPHA = 0.05  # EWMA weight of one finished request in mean_request_s
 
 
@@ -66,6 +66,7 @@ class Engine:
         mc = getattr(self.runner, "config", None)
         self.tokenizer = Tokenizer(folder, eos_token_id=getattr(mc, "eos_token_id", None))
         self.kv = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.prefixes = PrefixSummary()  # the chunks the cache backs, advertised in load reports
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len), self.kv
         )
@@ -136,6 +137,7 @@ class Engine:
         now = time.monotonic()
         if req.first_token_s is None:
             req.first_token_s = now
+            self.prefixes.served(req, req.prefix_chunks, self.cfg.block_size)
         token = req.output_token_ids[-1]
         is_stop_token = req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason == token
         text = "" if is_stop_token else detok.add([token])
@@ -185,7 +187,7 @@ class Engine:
             prefill_tps=prefill_tps,
             decode_tps=self.stats.decode_tps(),
             queue_wait_s=self.queue_wait_s(queued),
-            hot_prefix_hashes=tuple(self.kv.hot_prefix_hashes(MAX_HOT_PREFIXES)),
+            hot_prefix_hashes=self.prefixes.advertise(self.kv),
             max_num_seqs=self.cfg.max_num_seqs,
             mean_request_s=self.mean_request_s,
         )

@@ -6,6 +6,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from gateway.core.prefix import PrefixChunks
+
 _arrival_counter = itertools.count()
 
 
@@ -63,6 +65,7 @@ class Request:
     stop_reason: str | int | None = None
     # FCFS order within a priority class; a preempted request keeps its place.
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
+    prefix_chunks: PrefixChunks | None = None  # its chunk hashes, for the pool's advertised prefixes
 
     @property
     def num_tokens(self) -> int:
