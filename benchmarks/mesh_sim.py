@@ -76,7 +76,7 @@ from benchmarks.sim.report import Result, print_results, summarize, write_png
 from benchmarks.sim.run import Simulation
 from benchmarks.sim.settings import FULL, ORACLES, POLICIES, PROFILES, QUICK, VARIANTS, Settings
 from benchmarks.sim.trace import load_trace, trace_arrivals
-from benchmarks.sim.trace_run import TRACE_POLICIES, print_trace, simulate_trace, trace_result
+from benchmarks.sim.trace_run import TRACE_POLICIES, TRACE_VARIANTS, print_trace, simulate_trace, trace_result
 
 __all__ = ["CDN_CSV", "FULL", "ORACLES", "POLICIES", "PROFILES", "QUICK", "VARIANTS", "WONDERPROXY", "Arrivals",
            "Calibration", "Mesh", "Metro", "PoolSim", "Settings", "Simulation", "build_mesh", "engine_calibration",
@@ -195,7 +195,8 @@ def _replay(args: Any, s: Settings, mesh: Mesh, t0: float) -> int:
            "workers": args.workers, "elapsed_s": time.perf_counter() - t0}
     print_trace(res)
     common.write_json(args.json, res)
-    if write_png(common.png_path(args.json), {n: r[1] for n, r in results.items()}, s.slo_s, names=TRACE_POLICIES):
+    if write_png(common.png_path(args.json), {n: r[1] for n, r in results.items()}, s.slo_s,
+                 names=TRACE_POLICIES + tuple(TRACE_VARIANTS)):
         log.info("wrote %s", common.png_path(args.json))
     return 0
 

@@ -34,9 +34,9 @@ from benchmarks.sim.demand import Arrivals
 from benchmarks.sim.mesh import F64, SITE_JITTER_KM, Mesh
 from benchmarks.sim.pool import PoolSim
 from benchmarks.sim.settings import Settings
+from gateway.core.prefix import MAX_ADVERTISED
 
 BLOCK_TOKENS = 512
-MAX_ADVERTISED = 256  # gateway/worker/prefix_summary.py: the most chunk hashes a report carries
 
 
 @dataclass

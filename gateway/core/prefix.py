@@ -28,6 +28,7 @@ CHUNK_CHARS = 512  # characters of canonical text a chunk (~128 tokens at 4 char
 IDS_PER_CHUNK = 128  # token ids a chunk, for prompts given as ids
 MAX_CHUNKS = 128  # hash at most this many chunks of a prompt (64 Ki characters, ~16 Ki tokens)
 MAX_TEXT_CHARS = CHUNK_CHARS * MAX_CHUNKS
+MAX_ADVERTISED = 256  # the most chunk hashes a pool's load report carries (gateway/worker/prefix_summary.py)
 RS, US = "\x1e", "\x1f"
 _MASK63 = (1 << 63) - 1
 _TEXT_SALT = b"meshgate-text-%d" % SCHEME

@@ -29,7 +29,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 from gateway.config import RoutingOptions
-from gateway.core.prefix import longest_match
 from gateway.core.types import Endpoint
 
 TOKENS_PER_CHAR_PRIOR = 0.25  # ~4 characters a token, until pools' usage answers say otherwise
@@ -40,7 +39,7 @@ class PoolPrefix:
     """One pool's entry: `matched(hashes)` is how many leading chunks of a request it likely holds
     (Endpoint.prefix; read by gateway/routing/latency.py)."""
 
-    __slots__ = ("index", "endpoint", "salt", "_adv_src", "_adv")
+    __slots__ = ("index", "endpoint", "salt", "_adv_src", "_adv", "last_sent")
 
     def __init__(self, index: PrefixIndex, endpoint: Endpoint):
         self.index = index
@@ -48,6 +47,7 @@ class PoolPrefix:
         self.salt = int.from_bytes(hashlib.blake2b(endpoint.pool_id.encode(), digest_size=8).digest(), "little")
         self._adv_src: tuple[int, ...] = ()
         self._adv: frozenset[int] = frozenset()
+        self.last_sent = -float("inf")  # when this gateway last sent the pool chunks
 
     def advertised(self) -> frozenset[int]:
         load = self.endpoint.load
@@ -63,7 +63,32 @@ class PoolPrefix:
         return sent is not None and self.index.clock() - sent <= self.index.memory_s
 
     def matched(self, hashes: Sequence[int]) -> int:
-        return longest_match(hashes, self) if hashes else 0
+        """longest_match(hashes, self), inlined (it runs for every candidate of every decision):
+        nothing to look up when the pool advertises nothing and was sent nothing lately; else the
+        last chunk first (a session's pool holds them all), then the first (most pools hold none),
+        then a binary search between."""
+        n = len(hashes)
+        adv = self.advertised()
+        index = self.index
+        oldest = index.clock() - index.memory_s
+        if not n or (not adv and self.last_sent < oldest):
+            return 0
+        sent, salt = index.sent, self.salt
+        h = hashes[n - 1]
+        if h in adv or sent.get(h ^ salt, -1.0) >= oldest:
+            return n
+        h = hashes[0]
+        if not (h in adv or sent.get(h ^ salt, -1.0) >= oldest):
+            return 0
+        lo, hi = 1, n - 1  # hashes[:lo] held; hashes[hi:] not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            h = hashes[mid - 1]
+            if h in adv or sent.get(h ^ salt, -1.0) >= oldest:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
 class PrefixIndex:
@@ -89,6 +114,7 @@ class PrefixIndex:
         if not isinstance(holder, PoolPrefix) or not hashes:
             return
         now, sent, salt = self.clock(), self.sent, holder.salt
+        holder.last_sent = now
         for h in hashes:
             k = h ^ salt
             sent[k] = now

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from gateway.core.prefix import PrefixChunks
+from gateway.core.prefix import MAX_ADVERTISED, PrefixChunks
 from gateway.worker.kv_cache import BlockManager
 from gateway.worker.request import Request
 
 MAX_TRACKED = 2048
-MAX_ADVERTISED = 256
 
 
 class PrefixSummary:
