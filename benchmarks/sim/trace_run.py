@@ -66,7 +66,7 @@ class SimHolder(PoolPrefix):
             return True
         return PoolPrefix.__contains__(self, h)
 
-    def matched(self, hashes: Sequence[int]) -> int:
+    def matched(self, hashes: Sequence[int], oldest: float | None = None) -> int:
         return longest_match(hashes, self) if hashes else 0
 
 

@@ -56,7 +56,11 @@ EMPTY = PrefixChunks((), "chars", 0)
 class PrefixHolder(Protocol):
     """What routing asks of the gateway's memory of one pool's cache (gateway/routing/prefix_index.py)."""
 
-    def matched(self, hashes: Sequence[int]) -> int: ...  # how many leading chunks the pool likely holds
+    def matched(self, hashes: Sequence[int], oldest: float | None = None) -> int:
+        """How many leading chunks the pool likely holds (oldest: horizon() when already known)."""
+
+    def horizon(self) -> float:
+        """The time before which what the gateway sent there is forgotten (for matched)."""
 
 
 def _chain(salt: bytes, parts: Sequence[bytes]) -> tuple[int, ...]:

@@ -84,9 +84,23 @@ class TtftModel:
     def predict_all_s(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[float]:
         """predict_s for each endpoint; what depends only on the request is worked out once."""
         tokens, base_s, now = req.prompt_tokens, req.client_rtt_ms / 1000.0, self.clock()
-        if not self.use_cache or not req.prefix_hashes:
+        hashes = req.prefix_hashes
+        if not self.use_cache or not hashes:
             return [self._predict_s(e, tokens, base_s, now) for e in endpoints]
-        return [self._predict_s(e, tokens, base_s, now, self.cached_tokens(req, e)) for e in endpoints]
+        # cached_tokens for each endpoint, with what depends only on the request worked out once
+        per_chunk, cap, n = req.tokens_per_chunk, tokens - 1, len(hashes)
+        session, session_k = req.session_pool, min(req.session_chunks, n)
+        out = []
+        oldest: float | None = None
+        for e in endpoints:
+            holder = e.prefix
+            if holder is not None and oldest is None:
+                oldest = holder.horizon()
+            k = holder.matched(hashes, oldest) if holder is not None else 0
+            if session and e.pool_id == session and session_k > k:
+                k = session_k
+            out.append(self._predict_s(e, tokens, base_s, now, min(int(k * per_chunk), cap) if k else 0))
+        return out
 
     def _predict_s(self, e: Endpoint, tokens: int, client_rtt_s: float, now: float, cached: int = 0) -> float:
         tps = self.prefill_tps(e)

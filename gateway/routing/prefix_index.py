@@ -50,6 +50,7 @@ class PoolPrefix:
         self.last_sent = -float("inf")  # when this gateway last sent the pool chunks
 
     def advertised(self) -> frozenset[int]:
+        """The pool's advertised chunk hashes, as a set (rebuilt when a new report brings new ones)."""
         load = self.endpoint.load
         src = load.hot_prefix_hashes if load is not None else ()
         if src is not self._adv_src:  # a new report: rebuild the set once
@@ -62,24 +63,32 @@ class PoolPrefix:
         sent = self.index.sent.get(h ^ self.salt) if isinstance(h, int) else None
         return sent is not None and self.index.clock() - sent <= self.index.memory_s
 
-    def matched(self, hashes: Sequence[int]) -> int:
+    def horizon(self) -> float:
+        return self.index.clock() - self.index.memory_s
+
+    def matched(self, hashes: Sequence[int], oldest: float | None = None) -> int:
         """longest_match(hashes, self), inlined (it runs for every candidate of every decision):
         nothing to look up when the pool advertises nothing and was sent nothing lately; else the
-        last chunk first (a session's pool holds them all), then the first (most pools hold none),
-        then a binary search between."""
+        first chunk (most pools hold none), then the last (a session's pool holds them all), then
+        a binary search between. oldest: the memory's horizon (clock() - memory_s), when the caller
+        has it for several pools."""
         n = len(hashes)
-        adv = self.advertised()
-        index = self.index
-        oldest = index.clock() - index.memory_s
+        load = self.endpoint.load
+        src = load.hot_prefix_hashes if load is not None else ()
+        if src is not self._adv_src:  # a new report: rebuild the set once
+            self._adv_src, self._adv = src, frozenset(src)
+        adv = self._adv
+        if oldest is None:
+            oldest = self.index.clock() - self.index.memory_s
         if not n or (not adv and self.last_sent < oldest):
             return 0
-        sent, salt = index.sent, self.salt
-        h = hashes[n - 1]
-        if h in adv or sent.get(h ^ salt, -1.0) >= oldest:
-            return n
+        sent, salt = self.index.sent, self.salt
         h = hashes[0]
         if not (h in adv or sent.get(h ^ salt, -1.0) >= oldest):
             return 0
+        h = hashes[n - 1]
+        if h in adv or sent.get(h ^ salt, -1.0) >= oldest:
+            return n
         lo, hi = 1, n - 1  # hashes[:lo] held; hashes[hi:] not
         while lo < hi:
             mid = (lo + hi + 1) // 2
