@@ -1,6 +1,10 @@
 """Mesh simulator: the real routing plug-ins over ~1,100 GPU pools in 31 countries, on a simulated clock.
 
     python -m benchmarks.mesh_sim [--quick] [--json PATH] [--workers N] [--no-variants] [--synthetic]
+    python -m benchmarks.mesh_sim --trace PATH [--quick] [--json PATH] [--cache-blocks N] [--util U]
+
+With --trace, a production trace in the Mooncake format replaces the synthetic demand, and pools
+hold prefix caches: benchmarks/sim/trace.py (the mapping) and trace_run.py (the rows).
 
 A discrete-event simulation (the modules in benchmarks/sim/):
 - mesh.py: metros from the 246-city WonderProxy matrix and the AWS CloudFront metros of 31
@@ -56,6 +60,7 @@ import logging
 import multiprocessing
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,6 +75,8 @@ from benchmarks.sim.pool import PoolSim
 from benchmarks.sim.report import Result, print_results, summarize, write_png
 from benchmarks.sim.run import Simulation
 from benchmarks.sim.settings import FULL, ORACLES, POLICIES, PROFILES, QUICK, VARIANTS, Settings
+from benchmarks.sim.trace import load_trace, trace_arrivals
+from benchmarks.sim.trace_run import TRACE_POLICIES, TRACE_VARIANTS, print_trace, simulate_trace, trace_result
 
 __all__ = ["CDN_CSV", "FULL", "ORACLES", "POLICIES", "PROFILES", "QUICK", "VARIANTS", "WONDERPROXY", "Arrivals",
            "Calibration", "Mesh", "Metro", "PoolSim", "Settings", "Simulation", "build_mesh", "engine_calibration",
@@ -135,12 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-variants", action="store_true", help="only the profiles and the oracles")
     p.add_argument("--synthetic", action="store_true", help="a made-up mesh (no ../shared data needed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", type=Path, default=None,
+                   help="replay a trace in the Mooncake format (benchmarks/sim/trace.py) instead of the synthetic demand")
+    p.add_argument("--cache-blocks", type=int, default=TRACE_CACHE_BLOCKS,
+                   help=f"trace replay: each pool's prefix cache, in 512-token blocks (default {TRACE_CACHE_BLOCKS})")
+    p.add_argument("--util", type=float, default=TRACE_UTIL,
+                   help=f"trace replay: the offered load / the mesh's slots, no cache reuse counted (default {TRACE_UTIL})")
     args = p.parse_args(argv)
     common.setup_logging()
     s = dataclasses.replace(QUICK if args.quick else FULL, seed=args.seed)
     t0 = time.perf_counter()
     calib = engine_calibration()
+    if args.trace is not None:
+        s = dataclasses.replace(s, mean_util=args.util, residency_share=0.0)
     mesh = synthetic_mesh(s, calib) if args.synthetic else real_mesh(s, calib, WONDERPROXY, CDN_CSV)
+    if mesh is not None and args.trace is not None:
+        return _replay(args, s, mesh, t0)
     if mesh is None:
         reason = f"no data at {WONDERPROXY} or {CDN_CSV} (the shared folder sits next to the repository)"
         print(f"mesh_sim: {reason}; skipped")
@@ -156,6 +173,31 @@ def main(argv: list[str] | None = None) -> int:
     png = common.png_path(args.json)
     if write_png(png, {n: r[1] for n, r in results.items()}, s.slo_s):
         log.info("wrote %s and %s", args.json, png)
+    return 0
+
+
+TRACE_CACHE_BLOCKS = 512  # 256 Ki tokens of KV cache per pool
+TRACE_UTIL = 0.3
+TRACE_QUICK_REQUESTS = 2000  # --quick: the trace's first requests
+
+
+def _replay(args: Any, s: Settings, mesh: Mesh, t0: float) -> int:
+    path: Path = args.trace
+    if not path.is_file():
+        print(f"mesh_sim: no trace at {path}; skipped")
+        common.write_json(args.json, {"benchmark": "mesh_sim", "skipped": f"no trace at {path}", "date": common.now_iso()})
+        return 0
+    trace = load_trace(path, TRACE_QUICK_REQUESTS if args.quick else None)
+    arr = trace_arrivals(mesh, s, trace)
+    results = simulate_trace(mesh, arr, s, args.cache_blocks, workers=max(1, args.workers))
+    res = {**trace_result(mesh, arr, s, args.cache_blocks, str(path), results), "quick": args.quick,
+           "date": common.now_iso(), "machine": {**common.machine_info(), "loadavg_1m_end": common.loadavg_1m()},
+           "workers": args.workers, "elapsed_s": time.perf_counter() - t0}
+    print_trace(res)
+    common.write_json(args.json, res)
+    if write_png(common.png_path(args.json), {n: r[1] for n, r in results.items()}, s.slo_s,
+                 names=TRACE_POLICIES + tuple(TRACE_VARIANTS)):
+        log.info("wrote %s", common.png_path(args.json))
     return 0
 
 

@@ -3,8 +3,10 @@
     python -m benchmarks.routing_scale [--quick] [--json PATH]
 
 One gateway's view of a 1,100-site mesh (benchmarks.mesh_sim's, from ../shared data when present,
-else its synthetic mesh of the same size): an Endpoint per pool with a LoadReport (64 hot-prefix
-hashes, the worker's maximum), a measured RTT, its country and prior. Timed per decision, for the
+else its synthetic mesh of the same size): an Endpoint per pool with a LoadReport (256 advertised
+prefix chunk hashes, the worker's maximum), a measured RTT, its country and prior, and the
+gateway's prefix index (gateway/routing/prefix_index.py) holding what it sent to the nearest pools:
+prefix matching is on, every request carries up to 128 chunk hashes, 30 % a session. Timed per decision, for the
 latency profile and the baselines:
 
   all         Profile.route(request, all 1,100 endpoints): what gateway/edge/forward.py does today;
@@ -35,13 +37,20 @@ import numpy as np
 
 from benchmarks import common
 from gateway.config import RoutingOptions
+from gateway.core.prefix import CHUNK_CHARS, MAX_ADVERTISED, MAX_CHUNKS
 from gateway.core.types import Endpoint, LoadReport, RouteRequest
 from gateway.routing.framework import Profile
 from gateway.routing.candidates import CandidateSet
 from gateway.routing.plugins import PROFILES, build_profile
+from gateway.routing.prefix_index import PrefixIndex
 
 MODEL = "meshgate-tiny"
-HOT_PREFIXES = 64  # gateway/worker/engine.py MAX_HOT_PREFIXES: the largest report a pool sends
+HOT_PREFIXES = MAX_ADVERTISED  # gateway/worker/prefix_summary.py: the largest report a pool sends
+# Prefix matching: requests carry the chunk hashes of one of NUM_CHAINS long shared prefixes (cut at
+# their length in chunks); pools advertise prefixes of two of them; a share of requests has a session
+NUM_CHAINS = 64
+SESSION_SHARE = 0.3
+_CHAINS = [tuple(random.Random(100 + c).getrandbits(63) for _ in range(MAX_CHUNKS)) for c in range(NUM_CHAINS)]
 GOAL_P99_US = 100.0
 GOAL_MEMORY_MB = 50.0
 K_DEFAULT = (16, 8)  # (k_near, k_spill)
@@ -72,7 +81,15 @@ def random_report(rng: random.Random, slots: int) -> LoadReport:
     return LoadReport(waiting=waiting, running=running, queued_prompt_tokens=queued, kv_blocks_used=running * 20,
                       kv_blocks_total=2048, prefill_tps=24_000.0, decode_tps=60.0 * running,
                       queue_wait_s=queued / 24_000.0,
-                      hot_prefix_hashes=tuple(rng.getrandbits(63) for _ in range(HOT_PREFIXES)), handling_s=1e-4)
+                      hot_prefix_hashes=advertised(rng), handling_s=1e-4)
+
+
+def advertised(rng: random.Random) -> tuple[int, ...]:
+    """A full-size advertisement: prefixes of two shared chains, the rest other hashes."""
+    a, b = rng.sample(_CHAINS, 2)
+    out = list(a[:rng.randint(0, MAX_CHUNKS)]) + list(b[:rng.randint(0, MAX_CHUNKS)])
+    out += [rng.getrandbits(63) for _ in range(HOT_PREFIXES - len(out))]
+    return tuple(out[:HOT_PREFIXES])
 
 
 def reshuffle(eps: list[Endpoint], rng: random.Random) -> None:
@@ -84,12 +101,50 @@ def reshuffle(eps: list[Endpoint], rng: random.Random) -> None:
         e.in_flight = rng.randint(0, 3)
 
 
-def requests(num: int, home: str, seed: int = 1) -> list[RouteRequest]:
+def requests(num: int, home: str, seed: int = 1, num_pools: int = 1100) -> list[RouteRequest]:
+    """Prompts of 32 to 32 Ki tokens (log-uniform), each with the chunk hashes of a shared chain up
+    to its length (at most MAX_CHUNKS), a session with a random pool for SESSION_SHARE of them."""
     rng = random.Random(seed)
     pinned = frozenset({home})
-    return [RouteRequest(MODEL, prompt_chars=4 * int(math.exp(rng.uniform(math.log(32), math.log(512)))),
-                         client_rtt_ms=rng.uniform(5, 20), countries=pinned if rng.random() < 0.2 else None)
-            for _ in range(num)]
+    out = []
+    for _ in range(num):
+        chars = 4 * int(math.exp(rng.uniform(math.log(32), math.log(32768))))
+        session = rng.random() < SESSION_SHARE
+        out.append(RouteRequest(MODEL, prompt_chars=chars, client_rtt_ms=rng.uniform(5, 20),
+                                countries=pinned if rng.random() < 0.2 else None,
+                                prefix_hashes=rng.choice(_CHAINS)[:chars // CHUNK_CHARS],
+                                tokens_per_chunk=CHUNK_CHARS / 4, session_key="s" if session else "",
+                                session_pool=f"p{rng.randrange(num_pools):04d}" if session else "",
+                                session_chunks=rng.randint(0, 16) if session else 0))
+    return out
+
+
+def attach_index(eps: list[Endpoint], opts: RoutingOptions, seed: int = 4) -> PrefixIndex:
+    """The gateway's prefix index on the view, with what it sent to the nearest pools (chain prefixes)."""
+    index = PrefixIndex(opts)
+    index.attach(eps)
+    rng = random.Random(seed)
+    near = sorted(eps, key=lambda e: e.rtt_ms or 0.0)[:64]
+    for _ in range(2000):
+        index.record_sent(rng.choice(near), rng.choice(_CHAINS)[:rng.randint(1, MAX_CHUNKS)])
+    return index
+
+
+def measure_index_memory(opts: RoutingOptions, num_pools: int) -> dict[str, float]:
+    """tracemalloc of the gateway's memory of what it sent where, filled to its bound."""
+    gc.collect()
+    tracemalloc.start()
+    index = PrefixIndex(opts)
+    eps = [Endpoint(f"p{p:04d}", "", None, "meshgate", frozenset({MODEL})) for p in range(num_pools)]
+    index.attach(eps)
+    rng = random.Random(5)
+    while len(index.sent) < opts.prefix_index_max_entries:
+        index.record_sent(rng.choice(eps), tuple(rng.getrandbits(63) for _ in range(MAX_CHUNKS)))
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"entries": len(index.sent), "bound_entries": opts.prefix_index_max_entries,
+            "retained_mb": current / 2**20, "peak_mb": peak / 2**20,
+            "bytes_per_entry": current / max(1, len(index.sent))}
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -208,6 +263,7 @@ def run(num_sites: int = 1100, quick: bool = False, seed: int = 0, synthetic: bo
     opts = RoutingOptions()
     memory = measure_memory(rtt, prior, cc, slots)
     eps = make_view(rtt, prior, cc, slots, seed)
+    attach_index(eps, opts)  # prefix matching on: every decision matches its chunks against each candidate
     n_all, n_cand = num_decisions or ((30, 2000) if quick else (200, 10000))
     res: dict[str, Any] = {
         "benchmark": "routing_scale", "num_sites": len(eps), "view": where, "k_near": K_DEFAULT[0],
@@ -215,6 +271,7 @@ def run(num_sites: int = 1100, quick: bool = False, seed: int = 0, synthetic: bo
         "profiles": bench_profiles(eps, home, n_all, n_cand, opts),
         "k_sweep_latency": bench_k(eps, home, n_cand // 2, opts),
         "refresh": bench_refresh(eps, 10 if quick else 50), "memory": memory,
+        "prefix_index_memory": measure_index_memory(opts, len(eps)),
     }
     res["goals"] = goals(res)
     return res
@@ -234,6 +291,9 @@ def print_results(res: dict[str, Any]) -> None:
     m = res["memory"]
     print(f"\nmesh view: {m['num_endpoints']} endpoints, {m['retained_mb']:.2f} MB retained, {m['peak_mb']:.2f} MB "
           f"peak ({m['bytes_per_endpoint']:.0f} B per endpoint); CandidateSet.refresh p50 {res['refresh']['p50_ms']:.2f} ms")
+    pm = res["prefix_index_memory"]
+    print(f"prefix index at its bound: {pm['entries']:,} entries, {pm['retained_mb']:.1f} MB retained "
+          f"({pm['bytes_per_entry']:.0f} B an entry)")
     common.print_goals(res["goals"])
 
 

@@ -36,9 +36,9 @@ def _frozen_map() -> Mapping[Any, Any]:
 # Routing plug-ins and built-in profiles by name: gateway/routing/plugins.py builds them (a test
 # keeps the two in step), and profiles in YAML may name only these.
 ROUTING_FILTERS = ("serves-model", "available", "residency", "slo")
-ROUTING_SCORERS = ("latency", "nearest", "least-load", "prefix-affinity")
+ROUTING_SCORERS = ("latency", "latency-no-cache", "nearest", "least-load", "prefix-affinity", "prefix-cache")
 ROUTING_PICKERS = ("max-score", "round-robin", "random", "p2c")
-BUILTIN_PROFILES = ("latency", "nearest", "least-load", "round-robin", "random", "p2c")
+BUILTIN_PROFILES = ("latency", "latency-no-cache", "prefix", "nearest", "least-load", "round-robin", "random", "p2c")
 PoolKind = Literal["meshgate", "openai"]  # our worker | any OpenAI-compatible server
 POOL_KINDS: tuple[PoolKind, ...] = ("meshgate", "openai")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -439,6 +439,26 @@ class RoutingOptions:
     candidates_near: int = 16
     candidates_spill: int = 8
     client_prefixes: Mapping[str, str] = field(default_factory=_frozen_map)  # CIDR -> site id (client location)
+    # Prefix- and session-aware routing (gateway/routing/prefix_index.py). The latency model charges
+    # prefill only for the part of a prompt a pool is estimated to hold; False: the whole prompt.
+    prefix_routing: bool = True
+    # Bound on the gateway's memory of what it sent where: (chunk, pool) pairs over all pools, each
+    # ~150 bytes (so 200,000 ~ 30 MB; measured in tests/routing/test_prefix_routing.py); and how long one
+    # is remembered.
+    prefix_index_max_entries: int = 200_000
+    prefix_memory_s: float = 600.0
+    max_sessions: int = 100_000  # session keys -> the pool that last served them (least recent forgotten)
+    # A session's last pool: its predicted TTFT is multiplied by this (a prior, never a pin)
+    session_preference: float = 0.9
+
+    def validate(self, path: str) -> None:
+        for name in ("prefix_index_max_entries", "max_sessions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name}: must be at least 1, got {getattr(self, name)}")
+        if not self.prefix_memory_s > 0:
+            raise ConfigError(f"{path}.prefix_memory_s: must be positive, got {self.prefix_memory_s}")
+        if not 0 < self.session_preference <= 1:
+            raise ConfigError(f"{path}.session_preference: must be in (0, 1], got {self.session_preference}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,6 +582,7 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     cfg.discovery.validate("discovery")
     cfg.gateway.load_stream.validate("gateway.load_stream")
     options = cfg.gateway.routing_options
+    options.validate("gateway.routing_options")
     for name, profile in options.profiles.items():
         profile.validate(f"gateway.routing_options.profiles.{name}")
     _one_of("gateway.routing", cfg.gateway.routing, (*BUILTIN_PROFILES, *options.profiles))

@@ -25,12 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
      "pools[0].engine.device: expected cpu, cuda or cuda:N, got 'gpu'"),
     ({"pools": [{"id": "a", "kind": "vllm"}]}, "pools[0].kind: expected one of meshgate, openai, got 'vllm'"),
     ({"gateway": {"routing": "fastest"}},
-     "gateway.routing: expected one of latency, nearest, least-load, round-robin, random, p2c, got 'fastest'"),
+     "gateway.routing: expected one of latency, latency-no-cache, prefix, nearest, least-load, round-robin, random, "
+     "p2c, got 'fastest'"),
     ({"gateway": {"routing_options": {"slo_policy": "drop"}}},
      "gateway.routing_options.slo_policy: expected one of spill, shed, got 'drop'"),
     ({"gateway": {"routing_options": {"profiles": {"mine": {"scorers": {"speed": 1.0}}}}}},
-     "gateway.routing_options.profiles.mine.scorers.speed: expected one of latency, nearest, least-load, "
-     "prefix-affinity, got 'speed'"),
+     "gateway.routing_options.profiles.mine.scorers.speed: expected one of latency, latency-no-cache, nearest, "
+     "least-load, prefix-affinity, prefix-cache, got 'speed'"),
     ({"gateway": {"routing_options": {"profiles": {"mine": {"picker": "best"}}}}},
      "gateway.routing_options.profiles.mine.picker: expected one of max-score, round-robin, random, p2c, got 'best'"),
     ({"discovery": {"kind": "consul"}}, "discovery.kind: expected one of static, etcd, got 'consul'"),

@@ -99,15 +99,16 @@ def print_results(res: dict[str, Any]) -> None:
                            ["baseline", "p50 / floor p50"], list(res["p50_bound"].items()))
 
 
-def write_png(path: Path, ttfts: dict[str, NDArray[np.float32]], slo_s: float) -> bool:
+def write_png(path: Path, ttfts: dict[str, NDArray[np.float32]], slo_s: float,
+              names: tuple[str, ...] = POLICIES) -> bool:
     plt = common.pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
     q = np.linspace(0, 1, 2001)
     for name, t in ttfts.items():
-        if len(t) and (name in POLICIES or name in PLOTTED_VARIANTS):
-            ax.plot(np.quantile(t, q), q, "-" if name in POLICIES else "--", label=name, lw=1.2)
+        if len(t) and (name in names or name in PLOTTED_VARIANTS):
+            ax.plot(np.quantile(t, q), q, "-" if name in names else "--", label=name, lw=1.2)
     ax.axvline(slo_s, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel("time to first token (s, log)")

@@ -47,14 +47,7 @@ class Simulation:
 
     def __init__(self, mesh: Mesh, arr: Arrivals, s: Settings, policy: str):
         self.mesh, self.arr, self.s, self.policy = mesh, arr, s, policy
-        n = len(mesh.sites)
-        # a pool's mean request duration at its own speeds: what its worker's EWMA (mean_request_s)
-        # of the requests it has served settles at
-        mean_prompt = mean_loguniform(s.min_prompt_tokens, s.max_prompt_tokens)
-        mean_output = mean_loguniform(s.min_output_tokens, s.max_output_tokens)
-        self.pools = [PoolSim(int(mesh.slots[p]), float(mesh.prefill_tps[p]), float(mesh.decode_tps[p]),
-                              mean_prompt / float(mesh.prefill_tps[p]) + mean_output / float(mesh.decode_tps[p]),
-                              s.report_slots) for p in range(n)]
+        self.pools = self.make_pools()
         self.now = 0.0  # the simulated clock, as routing reads it
         self.view = MeshView(mesh, self.pools, s, track_load=policy not in LOAD_BLIND)
         self.country = self.view.country
@@ -70,6 +63,16 @@ class Simulation:
         self.metro_cc = [m.country for m in mesh.metros]
         cap = s.client_max_tokens
         self.max_tokens = [max(cap, o) for o in self.output] if cap is not None else self.output
+
+    def make_pools(self) -> list[PoolSim]:
+        """A pool per site; its mean request duration at its own speeds is what its worker's EWMA
+        (mean_request_s) of the requests it has served settles at."""
+        mesh, s = self.mesh, self.s
+        mean_prompt = mean_loguniform(s.min_prompt_tokens, s.max_prompt_tokens)
+        mean_output = mean_loguniform(s.min_output_tokens, s.max_output_tokens)
+        return [PoolSim(int(mesh.slots[p]), float(mesh.prefill_tps[p]), float(mesh.decode_tps[p]),
+                        mean_prompt / float(mesh.prefill_tps[p]) + mean_output / float(mesh.decode_tps[p]),
+                        s.report_slots) for p in range(len(mesh.sites))]
 
     def run(self, progress: common.Progress | None = None) -> dict[str, Any]:
         s, arr = self.s, self.arr
@@ -156,10 +159,11 @@ class Simulation:
         self.rest.pop(j, None)
         self.admit(now, g, p, j, may_refuse)
 
-    def admit(self, now: float, g: int, p: int, j: int, may_refuse: bool) -> None:
+    def admit(self, now: float, g: int, p: int, j: int, may_refuse: bool, prefill: int | None = None) -> None:
+        """prefill: the prompt tokens the pool computes (default: the whole prompt)."""
         pool = self.pools[p]
         r = self.view.gws[g].rtt_s[p]
-        first, end = pool.admit(now, self.prompt[j], self.output[j], self.max_tokens[j])
+        first, end = pool.admit(now, self.prompt[j] if prefill is None else prefill, self.output[j], self.max_tokens[j])
         self.ttft[j] = self.client_ms[j] / 1000.0 + first + r / 2 - self.t_gw[j]
         if self.oracle is not None:
             heapq.heappush(self.events, (end, ENDED, g, p, j))

@@ -14,6 +14,7 @@ from gateway.core.errors import BadRequest
 MAX_STOP = 16
 MAX_STOP_LEN = 256
 MAX_LOGPROBS = 20
+MAX_SESSION_KEY_CHARS = 512  # prompt_cache_key, user
 
 # Accepted and ignored: they describe the caller, storage or caching, not the generation. Still
 # type-checked (null is always fine), so a malformed request is refused as OpenAI would.
@@ -56,6 +57,9 @@ class GenerationRequest:
     logprobs: int | None  # top alternatives per token; None: no logprobs
     stream: bool
     include_usage: bool
+    # Session keys for prefix-aware routing (gateway/routing/prefix_index.py); no effect on the output
+    prompt_cache_key: str | None = None
+    user: str | None = None
 
 
 def parse_completion(body: Any) -> GenerationRequest:
@@ -182,6 +186,10 @@ def _common(body: dict[str, Any], kind: str, prompt: str | None, ids: tuple[int,
     if so is not None and (not isinstance(so, dict) or not all(
             isinstance(so.get(k, False), bool) for k in ("include_usage", "include_obfuscation"))):
         raise BadRequest("'stream_options' must be an object like {'include_usage': true}", param="stream_options")
+    for key in ("prompt_cache_key", "user"):
+        v = body.get(key)
+        if isinstance(v, str) and len(v) > MAX_SESSION_KEY_CHARS:
+            raise BadRequest(f"'{key}' is at most {MAX_SESSION_KEY_CHARS} characters", param=key)
     stream = _opt(body, "stream", bool, False)
     if so is not None and not stream:
         raise BadRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
@@ -191,6 +199,7 @@ def _common(body: dict[str, Any], kind: str, prompt: str | None, ids: tuple[int,
         seed=seed % (2**64) if seed is not None else None, stop=stops, stop_token_ids=tuple(stop_ids),
         ignore_eos=_opt(body, "ignore_eos", bool, False), logprobs=logprobs, stream=stream,
         include_usage=bool(so and so.get("include_usage")),
+        prompt_cache_key=body.get("prompt_cache_key"), user=body.get("user"),
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gateway.core.prefix import PrefixHolder
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +37,22 @@ class LoadReport:
             f"s={self.max_num_seqs};d={self.mean_request_s:.3f}"
         )
 
+    def to_stream_line(self) -> str:
+        """A line of GET /load/stream: the header's fields plus the advertised prefix hashes (h=,
+        hex, comma-separated; bounded by the worker's advertised count)."""
+        return self.to_header() + ";h=" + ",".join(f"{h:x}" for h in self.hot_prefix_hashes)
+
     @classmethod
     def from_header(cls, value: str, rates: LoadReport | None = None) -> LoadReport:
         """Parse LOAD_HEADER; raises ValueError on a malformed value. s= and d= are optional (a
-        worker older than them does not send them). rates: a report whose prefill/decode rates and
-        hot prefixes to keep (the header does not carry them)."""
+        worker older than them does not send them), and h= (prefix hashes: stream lines only).
+        rates: a report whose prefill/decode rates (and hot prefixes, without h=) to keep."""
         parts = dict(p.split("=", 1) for p in value.split(";") if p)
         used, total = parts["kv"].split("/", 1)
+        hot = rates.hot_prefix_hashes if rates is not None else ()
+        if "h" in parts:
+            got = tuple(int(h, 16) for h in parts["h"].split(",") if h)
+            hot = hot if got == hot else got  # the same tuple when unchanged: readers cache by identity
         return cls(
             waiting=int(parts["w"]),
             running=int(parts["r"]),
@@ -51,7 +62,7 @@ class LoadReport:
             prefill_tps=rates.prefill_tps if rates is not None else 0.0,
             decode_tps=rates.decode_tps if rates is not None else 0.0,
             queue_wait_s=float(parts["qw"]),
-            hot_prefix_hashes=rates.hot_prefix_hashes if rates is not None else (),
+            hot_prefix_hashes=hot,
             max_num_seqs=int(parts.get("s", 0)),
             mean_request_s=float(parts.get("d", 0.0)),
         )
@@ -64,7 +75,8 @@ class Endpoint:
     """
 
     __slots__ = ("pool_id", "url", "site", "kind", "models", "healthy", "breaker_open", "in_flight",
-                 "load", "load_at", "load_pushed", "rtt_ms", "country", "prior_rtt_ms", "sent_since_report")
+                 "load", "load_at", "load_pushed", "rtt_ms", "country", "prior_rtt_ms", "sent_since_report",
+                 "prefix")
 
     def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str]):
         self.pool_id = pool_id
@@ -84,6 +96,8 @@ class Endpoint:
         self.rtt_ms: float | None = None  # probe round trip, EWMA
         self.country: str | None = None  # ISO-2 of its site, for residency
         self.prior_rtt_ms: float | None = None  # RTT estimated (network coordinates, else distance) until probes measure it
+        # What the gateway knows of the pool's prefix cache (gateway/routing/prefix_index.py); None: nothing
+        self.prefix: PrefixHolder | None = None
 
     def __repr__(self) -> str:
         return f"Endpoint({self.pool_id}, healthy={self.healthy}, in_flight={self.in_flight})"
@@ -101,7 +115,16 @@ class RouteRequest:
     countries: frozenset[str] | None = None  # residency: sites it may be served in; None: anywhere
     ttft_slo_s: float | None = None  # x-meshgate-ttft-slo-ms
     prefix_key: str = ""  # start of the prompt, for prefix affinity
+    # Prefix-aware routing (gateway/core/prefix.py): the prompt's chunk hashes, the tokens one chunk
+    # stands for (learned chars-to-tokens x chunk size, or exact for token-id prompts), and the
+    # session's last pool (gateway/routing/prefix_index.py) with the chunks its last turn had
+    prefix_hashes: tuple[int, ...] = ()
+    tokens_per_chunk: float = 0.0
+    session_key: str = ""  # prompt_cache_key, else user, else x-session-id
+    session_pool: str = ""
+    session_chunks: int = 0
+    tokens_per_char: float = 0.25  # the gateway does not tokenize: learned from pools' usage answers
 
     @property
     def prompt_tokens(self) -> int:
-        return max(1, self.prompt_chars // 4)  # the gateway does not tokenize: ~4 chars a token
+        return max(1, int(self.prompt_chars * self.tokens_per_char))

@@ -17,3 +17,4 @@ SLO_HEADER = "x-meshgate-ttft-slo-ms"
 
 # Priority classes, best first: the number is what schedulers sort by.
 PRIORITIES = {"contracted": 0, "on-demand": 1}
+SESSION_HEADER = "x-session-id"  # a session key for prefix-aware routing, after prompt_cache_key and user

@@ -24,7 +24,7 @@ from gateway.edge.metrics import GatewayMetrics
 from gateway.edge.tracing import end_request
 from gateway.config import RoutingOptions
 from gateway.core.errors import APIError, Overloaded
-from gateway.core.types import RouteRequest
+from gateway.core.types import Endpoint, RouteRequest
 from gateway.core.wire import MAY_REFUSE_HEADER
 from gateway.pools.h1client import Response, UpstreamError
 from gateway.pools.upstream import Pool, Upstreams
@@ -196,6 +196,8 @@ class Forwarder:
         self.m = metrics
         self.max_attempts = max_attempts
         self.first_byte_timeout_s = first_byte_timeout_s
+        # told which pool took each request (prefix memory and sessions: gateway/edge/prefix_routing.py)
+        self.on_routed: Callable[[RouteRequest, Endpoint], None] | None = None
 
     async def open(self, call: Call) -> Upstream:
         try:
@@ -242,6 +244,8 @@ class Forwarder:
                                                        "refused" if e.busy else "failed", e)
                 continue
             up = Upstream(self, call, pool, resp, first, decision.explain(), attempts - 1)
+            if self.on_routed is not None and resp.status < 400:
+                self.on_routed(call.route, pool.endpoint)
             self.m.pool(pool.endpoint.pool_id).ttft.observe(up.ttft_s)
             return up
         raise BadGateway(f"no pool could serve the request ({attempts} tried)")

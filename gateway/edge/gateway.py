@@ -28,6 +28,7 @@ from gateway.edge.discovery import attach_gateway
 from gateway.edge.forward import Call, Forwarder
 from gateway.edge.metering import Metering, estimate_prompt_tokens
 from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.prefix_routing import PrefixRouting
 from gateway.edge.tracing import Tracing
 from gateway.pools.load import GATEWAY, InFlight, load_table
 from gateway.pools.load_stream import LoadStreams
@@ -36,6 +37,7 @@ from gateway.pools.upstream import Upstreams
 from gateway.registry import RegistryView
 from gateway.routing.geo_view import GeoView
 from gateway.routing.plugins import build_profile
+from gateway.routing.prefix_index import PrefixIndex
 
 log = logging.getLogger("meshgate.gateway")
 
@@ -101,9 +103,16 @@ class Gateway:
         self.load_streams = LoadStreams(self.upstreams, self.cfg.load_stream)
         self.upstreams.on_probed.append(
             lambda: self.load_streams.want(self.forwarder.candidates.wanted(self.cfg.probe.k_nearest)))
+        # What each pool's prefix cache holds, and sessions (gateway/edge/prefix_routing.py)
+        self.prefix_routing = PrefixRouting(PrefixIndex(self.cfg.routing_options),
+                                            self.cfg.routing_options.prefix_routing)
+        self.prefix_routing.index.attach(self.upstreams.endpoints)
+        self.upstreams.on_change.append(lambda joined: self.prefix_routing.index.attach(self.upstreams.endpoints))
+        self.forwarder.on_routed = self.prefix_routing.routed
         self.admission = Admission(self.cfg.auth, self.cfg.limits, self.metrics, shared=shared.limits,
                                    worker_index=worker_index)
         self.metering = Metering(self.cfg.usage_log, self.metrics, worker_index)
+        self.metering.on_usage = self.prefix_routing.usage
         self.tracing = Tracing(self.cfg.tracing)
         self.decisions = DecisionLog()  # recent routing decisions, for the operator's view
         # GET /v1/meshgate/gateways: just this one; with discovery etcd, edge/discovery.py puts the registry's list here
@@ -177,6 +186,7 @@ class Gateway:
             raise NotFound(f"The model '{g.model}' does not exist", param="model", code="model_not_found")
         if self.in_flight >= limits.max_in_flight:
             raise Overloaded("the gateway is at its in-flight limit; retry later", retry_after_s=1)
+        prefix_fields = self.prefix_routing.route_fields(g, headers)  # before admission: may refuse (400)
         deadline = arrival + self._deadline_s(headers)
         client_rid = headers.get("x-request-id", "")
         rid = client_rid if _REQUEST_ID.match(client_rid) else next(self._ids)
@@ -189,11 +199,11 @@ class Gateway:
         if ticket.priority is not None:
             up_headers[PRIORITY_HEADER] = ticket.priority  # the key's class, whatever the client sent
         up_body, meter = self.metering.track(ticket, g, body, rid, prompt_est)
-        route = RouteRequest(model=g.model, prompt_chars=prompt_chars, max_tokens=g.max_tokens,
+        route = RouteRequest(model=g.model, max_tokens=g.max_tokens,
                              priority=PRIORITIES.get(ticket.priority or "", 0),
                              client_rtt_ms=self.geo.client_rtt_ms(loc := self.geo.client(headers, client_ip)),
                              countries=_countries(headers, principal), ttft_slo_s=_slo_s(headers),
-                             prefix_key=_prefix_key(g))
+                             prefix_key=_prefix_key(g), **{"prompt_chars": prompt_chars, **prefix_fields})
         span = self.tracing.start(f"POST {path}", headers, up_headers)
         call = Call(path=path, body=up_body, stream=g.stream, route=route, headers=up_headers, request_id=rid,
                     arrival=arrival, deadline=deadline, principal=principal, priority=ticket.priority, meter=meter,

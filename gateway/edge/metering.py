@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,6 +27,7 @@ from gateway.edge.usage_log import UsageLog
 from gateway.edge.usage_window import UsageWindow
 from gateway.config import UsageLogConfig
 from gateway.core.protocol import GenerationRequest
+from gateway.core.types import RouteRequest
 
 if TYPE_CHECKING:
     from gateway.edge.forward import Call, Upstream
@@ -47,6 +49,8 @@ class Metering:
         self.log = UsageLog(cfg, worker_index)  # a file per gateway process: see usage_log
         self.m = metrics
         self.window = UsageWindow()  # recent usage by key, model and priority: GET /v1/meshgate/usage
+        # told each pool-reported prompt_tokens (the chars-to-tokens ratio: gateway/edge/prefix_routing.py)
+        self.on_usage: Callable[[RouteRequest, int], None] | None = None
 
     async def start(self) -> None:
         await self.log.start()
@@ -186,6 +190,8 @@ class RequestMeter:
             status, prompt, completion = self._outcome(call, up)
             used = prompt + completion
             self.metering.record(self, up.pool_id if up is not None else "", status, prompt, completion)
+            if self.usage is not None and status != "error" and self.metering.on_usage is not None:
+                self.metering.on_usage(call.route, self.usage[0])
         finally:  # the key's slot comes back even when counting or logging fails
             self.ticket.settle(used)
 
@@ -193,7 +199,7 @@ class RequestMeter:
         if up is None or up.status >= 400:
             return "error", 0, 0  # the pool did no work we bill for
         if not call.stream:
-            use = _usage_of(up.first)
+            use = self.usage = _usage_of(up.first)
             if use is None:
                 log.warning("request %s: pool %s answered without usage; metering an estimate",
                             self.request_id, up.pool_id)

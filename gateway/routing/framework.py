@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.core.types import Endpoint, RouteRequest
@@ -35,6 +35,8 @@ class Picker(Protocol):
 class Predictor(Protocol):
     def predict_s(self, req: RouteRequest, e: Endpoint) -> float: ...
 
+    def cached_tokens(self, req: RouteRequest, e: Endpoint) -> int: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -42,6 +44,7 @@ class Decision:
     scores: dict[str, float]  # pool id -> total score, for explaining the choice
     profile: str
     predicted_ms: dict[str, float]  # predicted TTFT of the first two, when the profile predicts
+    cached_tokens: dict[str, int] = field(default_factory=dict)  # predicted cached prompt tokens of the first two
 
     def explain(self) -> str:
         """One line: the chosen pool, its score and predicted TTFT, and the runner-up's."""
@@ -52,6 +55,8 @@ class Decision:
             parts.append(f"{label}={e.pool_id} score={self.scores.get(e.pool_id, 0):.3f}")
             if e.pool_id in self.predicted_ms:
                 parts.append(f"ttft_ms={self.predicted_ms[e.pool_id]:.1f}")
+            if e.pool_id in self.cached_tokens:
+                parts.append(f"cached_tokens={self.cached_tokens[e.pool_id]}")
         return " ".join(parts)
 
 
@@ -77,7 +82,9 @@ class Profile:
         ranked = self.picker.pick(req, cands, totals) if cands else []
         predicted = ({e.pool_id: 1000 * self.predictor.predict_s(req, e) for e in ranked[:2]}
                      if self.predictor is not None else {})
-        return Decision(ranked, {e.pool_id: t for e, t in zip(cands, totals)}, self.name, predicted)
+        cached = ({e.pool_id: self.predictor.cached_tokens(req, e) for e in ranked[:2]}
+                  if self.predictor is not None and req.prefix_hashes else {})
+        return Decision(ranked, {e.pool_id: t for e, t in zip(cands, totals)}, self.name, predicted, cached)
 
 
 class MaxScorePicker:

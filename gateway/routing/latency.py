@@ -44,11 +44,25 @@ def full_probability(load: LoadReport, headroom: int, age_s: float) -> float:
 
 class TtftModel:
     """clock: the time base of Endpoint.load_at (time.monotonic in the gateway; the simulator's
-    clock in benchmarks/mesh_sim.py)."""
+    clock in benchmarks/mesh_sim.py). use_cache: charge prefill only for the part of the prompt the
+    pool is estimated to hold (Endpoint.prefix, the session's pool); False: the whole prompt."""
 
-    def __init__(self, default_prefill_tps: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, default_prefill_tps: float, clock: Callable[[], float] = time.monotonic,
+                 use_cache: bool = True):
         self.default_prefill_tps = default_prefill_tps
         self.clock = clock
+        self.use_cache = use_cache
+
+    def cached_tokens(self, req: RouteRequest, e: Endpoint) -> int:
+        """Prompt tokens the pool is estimated to hold: leading chunks matched x tokens a chunk (the
+        session's last pool: at least its last turn's chunks), at most the prompt less one token."""
+        hashes = req.prefix_hashes
+        if not self.use_cache or not hashes:
+            return 0
+        k = e.prefix.matched(hashes) if e.prefix is not None else 0
+        if req.session_pool and e.pool_id == req.session_pool:
+            k = max(k, min(req.session_chunks, len(hashes)))
+        return min(int(k * req.tokens_per_chunk), req.prompt_tokens - 1) if k else 0
 
     def rtt_s(self, e: Endpoint) -> float:
         ms = e.rtt_ms if e.rtt_ms is not None else e.prior_rtt_ms
@@ -64,17 +78,36 @@ class TtftModel:
         return self._queue_s(e, req.prompt_tokens, self.prefill_tps(e), self.clock(), self.rtt_s(e))
 
     def predict_s(self, req: RouteRequest, e: Endpoint) -> float:
-        return self._predict_s(e, req.prompt_tokens, req.client_rtt_ms / 1000.0, self.clock())
+        return self._predict_s(e, req.prompt_tokens, req.client_rtt_ms / 1000.0, self.clock(),
+                               self.cached_tokens(req, e))
 
     def predict_all_s(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[float]:
         """predict_s for each endpoint; what depends only on the request is worked out once."""
         tokens, base_s, now = req.prompt_tokens, req.client_rtt_ms / 1000.0, self.clock()
-        return [self._predict_s(e, tokens, base_s, now) for e in endpoints]
+        hashes = req.prefix_hashes
+        if not self.use_cache or not hashes:
+            return [self._predict_s(e, tokens, base_s, now) for e in endpoints]
+        # cached_tokens for each endpoint, with what depends only on the request worked out once
+        per_chunk, cap, n = req.tokens_per_chunk, tokens - 1, len(hashes)
+        session, session_k = req.session_pool, min(req.session_chunks, n)
+        out = []
+        oldest: float | None = None
+        for e in endpoints:
+            holder = e.prefix
+            if holder is not None and oldest is None:
+                oldest = holder.horizon()
+            k = holder.matched(hashes, oldest) if holder is not None else 0
+            if session and e.pool_id == session and session_k > k:
+                k = session_k
+            out.append(self._predict_s(e, tokens, base_s, now, min(int(k * per_chunk), cap) if k else 0))
+        return out
 
-    def _predict_s(self, e: Endpoint, tokens: int, client_rtt_s: float, now: float) -> float:
+    def _predict_s(self, e: Endpoint, tokens: int, client_rtt_s: float, now: float, cached: int = 0) -> float:
         tps = self.prefill_tps(e)
         rtt = self.rtt_s(e)
-        return client_rtt_s + rtt + self._queue_s(e, tokens, tps, now, rtt) + tokens / tps
+        # the queue ahead is charged whole prompts (what is queued there is not known to be cached);
+        # this request's own prefill only its uncached part
+        return client_rtt_s + rtt + self._queue_s(e, tokens, tps, now, rtt) + (tokens - cached) / tps
 
     def _queue_s(self, e: Endpoint, tokens: int, tps: float, now: float, rtt_s: float = 0.0) -> float:
         load = e.load
@@ -99,11 +132,15 @@ class LatencyScorer:
 
     name = "latency"
 
-    def __init__(self, model: TtftModel):
+    def __init__(self, model: TtftModel, session_preference: float = 1.0):
         self.model = model
+        self.session_preference = session_preference  # the session's last pool: predicted TTFT x this
 
     def score(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[float]:
         pred = self.model.predict_all_s(req, endpoints)
+        if req.session_pool and self.session_preference != 1.0 and self.model.use_cache:
+            pred = [p * self.session_preference if e.pool_id == req.session_pool else p
+                    for e, p in zip(endpoints, pred)]
         best = min(pred)
         return [best / p if p > 0 else 1.0 for p in pred]
 

@@ -43,6 +43,21 @@ class LeastLoad:
         return [1.0 / (1.0 + outstanding(e)) for e in endpoints]
 
 
+class PrefixCache:
+    """The in-cluster routers' rule (llm-d, Dynamo, SGLang's router): the longest prefix the pool is
+    estimated to hold, as a share of the request's chunks; blind to the network and to the wait."""
+
+    name = "prefix-cache"
+
+    def score(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[float]:
+        hashes = req.prefix_hashes
+        if not hashes:
+            return [0.0] * len(endpoints)
+        n = len(hashes)
+        return [max(e.prefix.matched(hashes) if e.prefix is not None else 0,
+                    min(req.session_chunks, n) if req.session_pool == e.pool_id else 0) / n for e in endpoints]
+
+
 class RoundRobinPicker:
     name = "round-robin"
 
@@ -86,7 +101,12 @@ class PowerOfTwoPicker:
 # Built-in profiles: (filters, weighted scorers, picker). Residency is a hard constraint for all.
 _BASE = ("serves-model", "available", "residency")
 BUILTIN: dict[str, tuple[tuple[str, ...], dict[str, float], str]] = {
+    # the default: expected TTFT with prefill charged only for what the pool is not estimated to hold
     "latency": (_BASE + ("slo",), {"latency": 1.0, "prefix-affinity": 0.05}, "max-score"),
+    # the latency profile before prefix-aware routing: whole-prompt prefill, a prefix-hash tie-break
+    "latency-no-cache": (_BASE + ("slo",), {"latency-no-cache": 1.0, "prefix-affinity": 0.05}, "max-score"),
+    # network-blind, as the in-cluster routers: longest cached prefix, then least load
+    "prefix": (_BASE, {"prefix-cache": 1.0, "least-load": 0.001}, "max-score"),
     "nearest": (_BASE, {"nearest": 1.0}, "max-score"),
     "least-load": (_BASE, {"least-load": 1.0}, "max-score"),
     "round-robin": (_BASE, {}, "round-robin"),
@@ -108,11 +128,15 @@ def build_profile(name: str, options: RoutingOptions | None = None, rng: random.
         filters, scorers, picker = BUILTIN[name]
     else:
         raise ValueError(f"unknown routing profile {name!r} (known: {', '.join([*BUILTIN, *options.profiles])})")
-    model = TtftModel(options.default_prefill_tps, clock)
-    make_filter: dict[str, Callable[[], Filter]] = {"serves-model": ServesModel, "available": Available, "residency": Residency,
-                   "slo": lambda: SloFilter(model, options.slo_policy)}
-    make_scorer: dict[str, Callable[[], Scorer]] = {"latency": lambda: LatencyScorer(model), "nearest": lambda: NearestScorer(model),
-                   "least-load": LeastLoad, "prefix-affinity": PrefixAffinity}
+    model = TtftModel(options.default_prefill_tps, clock, use_cache=options.prefix_routing)
+    blind = TtftModel(options.default_prefill_tps, clock, use_cache=False)
+    make_filter: dict[str, Callable[[], Filter]] = {
+        "serves-model": ServesModel, "available": Available, "residency": Residency,
+        "slo": lambda: SloFilter(model, options.slo_policy)}
+    make_scorer: dict[str, Callable[[], Scorer]] = {
+        "latency": lambda: LatencyScorer(model, options.session_preference),
+        "latency-no-cache": lambda: LatencyScorer(blind), "nearest": lambda: NearestScorer(model),
+        "least-load": LeastLoad, "prefix-affinity": PrefixAffinity, "prefix-cache": PrefixCache}
     make_picker: dict[str, Callable[[], Picker]] = {"max-score": lambda: MaxScorePicker(rng), "round-robin": RoundRobinPicker,
                    "random": lambda: RandomPicker(rng), "p2c": lambda: PowerOfTwoPicker(rng)}
     for kind, names, known in (("filter", filters, make_filter), ("scorer", scorers, make_scorer),
@@ -121,4 +145,4 @@ def build_profile(name: str, options: RoutingOptions | None = None, rng: random.
             if n not in known:
                 raise ValueError(f"profile {name!r}: unknown {kind} {n!r} (known: {', '.join(known)})")
     return Profile(name, [make_filter[f]() for f in filters], [(make_scorer[sc](), w) for sc, w in scorers.items()],
-                   make_picker[picker](), predictor=model)
+                   make_picker[picker](), predictor=blind if "latency-no-cache" in scorers else model)

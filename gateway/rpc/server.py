@@ -179,7 +179,8 @@ async def _abort(context: grpc.aio.ServicerContext, e: APIError, deadline_passed
 def _peer_ip(context: grpc.aio.ServicerContext) -> str | None:
     """The client's address from grpc's peer string (ipv4:1.2.3.4:5678, ipv6:[::1]:5678), for the
     per-address bound on failed key checks."""
-    kind, _, rest = context.peer().partition(":")
+    peer: str = context.peer()
+    kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     if kind == "ipv6":

@@ -22,6 +22,7 @@ from gateway.core.types import LoadReport
 from gateway.worker.batch_state import BatchState
 from gateway.worker.kv_cache import BlockManager
 from gateway.worker.outputs import OutputProcessor, RequestOutput, TokenEvent, token_event
+from gateway.worker.prefix_summary import PrefixSummary
 from gateway.worker.request import Request, RequestStatus, SamplingParams
 from gateway.worker.runner import Runner, make_runner
 from gateway.worker.sampler import Sampler
@@ -32,7 +33,6 @@ __all__ = ["Engine", "RequestOutput", "TokenEvent", "model_folder"]
 
 log = logging.getLogger("meshgate.worker")
 
-MAX_HOT_PREFIXES = 64
 REQUEST_S_ALPHA = 0.05  # EWMA weight of one finished request in mean_request_s
 
 
@@ -56,6 +56,7 @@ class Engine:
         mc = getattr(self.runner, "config", None)
         self.tokenizer = Tokenizer(folder, eos_token_id=getattr(mc, "eos_token_id", None))
         self.kv = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.prefixes = PrefixSummary()  # the chunks the cache backs, advertised in load reports
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len), self.kv
         )
@@ -162,6 +163,7 @@ class Engine:
         for req in advanced:
             if req.first_token_s is None:
                 req.first_token_s = now
+                self.prefixes.served(req, req.prefix_chunks, self.cfg.block_size)
             events.append(token_event(req))
             if req.finished:
                 self._finished(req, now)
@@ -196,7 +198,7 @@ class Engine:
             prefill_tps=prefill_tps,
             decode_tps=self.stats.decode_tps(),
             queue_wait_s=self.queue_wait_s(queued),
-            hot_prefix_hashes=tuple(self.kv.hot_prefix_hashes(MAX_HOT_PREFIXES)),
+            hot_prefix_hashes=self.prefixes.advertise(self.kv),
             max_num_seqs=self.cfg.max_num_seqs,
             mean_request_s=self.mean_request_s,
         )

@@ -7,9 +7,10 @@ one-way delay after it.
 
 The body is text, one line per report, in the compact form of the x-meshgate-load header
 (`LoadReport.to_header()`): waiting, running, queued prompt tokens, KV blocks, queue wait, slots,
-mean request duration. The rates and hot prefixes still come with probes. A line goes out:
+mean request duration, and the advertised prefix chunk hashes (h=, bounded: worker/prefix_summary.py).
+The rates still come with probes. A line goes out:
 - at once when the stream opens;
-- when the figures a gateway routes on (waiting, running, queued prompt tokens) changed: one task
+- when the figures a gateway routes on (waiting, running, queued prompt tokens, prefixes) changed: one task
   per worker looks at the engine's report every `interval_s` while any stream is open, and wakes
   the streams when they did;
 - after `heartbeat_s` without one (the same report again), so a gateway can tell a quiet pool from
@@ -34,10 +35,10 @@ log = logging.getLogger("meshgate.worker")
 CONTENT_TYPE = "text/plain; charset=utf-8"
 
 
-def _key(r: LoadReport) -> tuple[int, int, int, int]:
+def _key(r: LoadReport) -> tuple[object, ...]:
     """What a change must touch to be pushed before the heartbeat (queue_wait_s moves with every
-    decoded token; the gateway's headroom model reads the counts)."""
-    return r.waiting, r.running, r.queued_prompt_tokens, r.max_num_seqs
+    decoded token; the gateway's headroom model reads the counts; its prefix index the hashes)."""
+    return r.waiting, r.running, r.queued_prompt_tokens, r.max_num_seqs, r.hot_prefix_hashes
 
 
 class LoadFeed:
@@ -50,7 +51,7 @@ class LoadFeed:
         self.num_pushed = 0  # lines written, heartbeats included (for tests and metrics)
         self._report: LoadReport | None = None
         self._line = b""
-        self._key: tuple[int, int, int, int] | None = None
+        self._key: tuple[object, ...] | None = None
         self._version = 0
         self._changed = asyncio.Event()  # set, and replaced, on each change
         self._watcher: asyncio.Task[None] | None = None
@@ -104,7 +105,7 @@ class LoadFeed:
         if r is self._report:
             return
         self._report = r
-        self._line = r.to_header().encode() + b"\n"
+        self._line = r.to_stream_line().encode() + b"\n"
         key = _key(r)
         if key != self._key:
             self._key = key

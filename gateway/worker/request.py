@@ -6,6 +6,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from gateway.core.prefix import PrefixChunks
+
 _arrival_counter = itertools.count()
 
 
@@ -64,6 +66,7 @@ class Request:
     batch_row: int = -1  # its row in the engine's persistent batch state (-1: none)
     # FCFS order within a priority class; a preempted request keeps its place.
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
+    prefix_chunks: PrefixChunks | None = None  # its chunk hashes, for the pool's advertised prefixes
 
     @property
     def num_tokens(self) -> int:

@@ -22,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from gateway.config import PoolConfig
 from gateway.core.errors import APIError, BadRequest, InternalError, NotFound, Overloaded, RateLimited
 from gateway.worker.http import error_middleware, json_response, read_json
+from gateway.core.prefix import request_chunks
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.core.types import LoadReport
 from gateway.core.wire import LOAD_HEADER, MAY_REFUSE_HEADER, PRIORITIES, PRIORITY_HEADER
@@ -176,6 +177,7 @@ class WorkerServer:
                 stop=g.stop, stop_token_ids=g.stop_token_ids, ignore_eos=g.ignore_eos, logprobs=g.logprobs,
             ),
             priority=PRIORITIES.get(request.headers.get(PRIORITY_HEADER, ""), 0),
+            prefix_chunks=request_chunks(g.prompt, g.prompt_token_ids, g.messages),  # bounded hashing
         )
         builder = ResponseBuilder(g.kind, rid, self.model_name, tok)
         deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s

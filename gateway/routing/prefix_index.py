@@ -1,0 +1,152 @@
+"""A gateway's memory of which prompt prefixes each pool's KV cache holds, and of sessions.
+
+Two sources per pool (DESIGN §3 `cached_prefix`):
+- what the pool advertises: the chunk hashes (gateway/core/prefix.py) its cache still backs, a
+  bounded list carried by its load report (probes, and lines of GET /load/stream);
+- what this gateway sent there recently: every routed request's chunk hashes, remembered for
+  `prefix_memory_s` and at most `prefix_index_max_entries` (chunk, pool) pairs over all pools
+  (least recently sent forgotten first). This is all there is for third-party pools (kind openai),
+  which advertise nothing. It covers the gap between a send and the pool's next advertisement.
+
+Sessions: a session key (prompt_cache_key, else user, else x-session-id) -> the pool that last
+served it and how many chunks that turn had, at most `max_sessions` keys (least recent forgotten).
+The latency model takes the session's pool as holding at least that many leading chunks of the
+next turn and prefers it by `session_preference`; it is never a pin: a pool that is down, full or
+slower by more than the preference loses anyway.
+
+Chars-to-tokens: the gateway does not tokenize; the ratio comes from pools' usage answers
+(prompt_tokens / canonical prompt characters), an EWMA per gateway.
+
+Memory: ~`prefix_index_max_entries` x (an OrderedDict entry of an int key and a float, ~150 bytes)
+plus the advertised sets (one frozenset per pool of at most the pools' advertised count); measured
+in tests/routing/test_prefix_routing.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+
+from gateway.config import RoutingOptions
+from gateway.core.types import Endpoint
+
+TOKENS_PER_CHAR_PRIOR = 0.25  # ~4 characters a token, until pools' usage answers say otherwise
+RATIO_ALPHA = 0.1  # EWMA weight of one usage answer
+
+
+class PoolPrefix:
+    """One pool's entry: `matched(hashes)` is how many leading chunks of a request it likely holds
+    (Endpoint.prefix; read by gateway/routing/latency.py)."""
+
+    __slots__ = ("index", "endpoint", "salt", "_adv_src", "_adv", "last_sent")
+
+    def __init__(self, index: PrefixIndex, endpoint: Endpoint):
+        self.index = index
+        self.endpoint = endpoint
+        self.salt = int.from_bytes(hashlib.blake2b(endpoint.pool_id.encode(), digest_size=8).digest(), "little")
+        self._adv_src: tuple[int, ...] = ()
+        self._adv: frozenset[int] = frozenset()
+        self.last_sent = -float("inf")  # when this gateway last sent the pool chunks
+
+    def advertised(self) -> frozenset[int]:
+        """The pool's advertised chunk hashes, as a set (rebuilt when a new report brings new ones)."""
+        load = self.endpoint.load
+        src = load.hot_prefix_hashes if load is not None else ()
+        if src is not self._adv_src:  # a new report: rebuild the set once
+            self._adv_src, self._adv = src, frozenset(src)
+        return self._adv
+
+    def __contains__(self, h: object) -> bool:
+        if h in self.advertised():
+            return True
+        sent = self.index.sent.get(h ^ self.salt) if isinstance(h, int) else None
+        return sent is not None and self.index.clock() - sent <= self.index.memory_s
+
+    def horizon(self) -> float:
+        return self.index.clock() - self.index.memory_s
+
+    def matched(self, hashes: Sequence[int], oldest: float | None = None) -> int:
+        """longest_match(hashes, self), inlined (it runs for every candidate of every decision):
+        nothing to look up when the pool advertises nothing and was sent nothing lately; else the
+        first chunk (most pools hold none), then the last (a session's pool holds them all), then
+        a binary search between. oldest: the memory's horizon (clock() - memory_s), when the caller
+        has it for several pools."""
+        n = len(hashes)
+        load = self.endpoint.load
+        src = load.hot_prefix_hashes if load is not None else ()
+        if src is not self._adv_src:  # a new report: rebuild the set once
+            self._adv_src, self._adv = src, frozenset(src)
+        adv = self._adv
+        if oldest is None:
+            oldest = self.index.clock() - self.index.memory_s
+        if not n or (not adv and self.last_sent < oldest):
+            return 0
+        sent, salt = self.index.sent, self.salt
+        h = hashes[0]
+        if not (h in adv or sent.get(h ^ salt, -1.0) >= oldest):
+            return 0
+        h = hashes[n - 1]
+        if h in adv or sent.get(h ^ salt, -1.0) >= oldest:
+            return n
+        lo, hi = 1, n - 1  # hashes[:lo] held; hashes[hi:] not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            h = hashes[mid - 1]
+            if h in adv or sent.get(h ^ salt, -1.0) >= oldest:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+class PrefixIndex:
+    def __init__(self, options: RoutingOptions | None = None, clock: Callable[[], float] = time.monotonic):
+        o = options or RoutingOptions()
+        self.max_entries, self.memory_s = o.prefix_index_max_entries, o.prefix_memory_s
+        self.max_sessions = o.max_sessions
+        self.clock = clock
+        self.sent: OrderedDict[int, float] = OrderedDict()  # chunk hash ^ pool salt -> when sent
+        self.sessions: OrderedDict[str, tuple[str, int]] = OrderedDict()  # key -> (pool id, chunks)
+        self.tokens_per_char = TOKENS_PER_CHAR_PRIOR
+        self.num_learned = 0
+
+    def attach(self, endpoints: Iterable[Endpoint]) -> None:
+        """Give each endpoint its entry (pools that join later too)."""
+        for e in endpoints:
+            if e.prefix is None:
+                e.prefix = PoolPrefix(self, e)
+
+    def record_sent(self, e: Endpoint, hashes: Sequence[int]) -> None:
+        """A request with these chunk hashes went to e's pool: it will hold them once prefilled."""
+        holder = e.prefix
+        if not isinstance(holder, PoolPrefix) or not hashes:
+            return
+        now, sent, salt = self.clock(), self.sent, holder.salt
+        holder.last_sent = now
+        for h in hashes:
+            k = h ^ salt
+            sent[k] = now
+            sent.move_to_end(k)
+        while len(sent) > self.max_entries:
+            sent.popitem(last=False)
+
+    def session(self, key: str) -> tuple[str, int]:
+        """(pool id, chunks of its last turn) for a session key; ("", 0) when unknown."""
+        return self.sessions.get(key, ("", 0)) if key else ("", 0)
+
+    def record_session(self, key: str, pool_id: str, num_chunks: int) -> None:
+        if not key:
+            return
+        self.sessions[key] = (pool_id, num_chunks)
+        self.sessions.move_to_end(key)
+        while len(self.sessions) > self.max_sessions:
+            self.sessions.popitem(last=False)
+
+    def learn(self, prompt_chars: int, prompt_tokens: int) -> None:
+        """A pool's usage answer: prompt_tokens for a prompt of prompt_chars canonical characters."""
+        if prompt_chars < 64 or prompt_tokens <= 0:
+            return  # short prompts are mostly template overhead
+        r = prompt_tokens / prompt_chars
+        self.tokens_per_char += (r - self.tokens_per_char) * (RATIO_ALPHA if self.num_learned else 1.0)
+        self.num_learned += 1
