@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from gateway.core import capabilities
+
 
 class ConfigError(ValueError):
     pass
@@ -81,6 +83,10 @@ class EngineConfig:
             )
 
 
+# The closed set a pool's capabilities are drawn from.
+POOL_CAPABILITIES = tuple(sorted(capabilities.ALL))
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     id: str
@@ -105,8 +111,16 @@ class PoolConfig:
     load_stream_interval_s: float = 0.01
     load_stream_heartbeat_s: float = 0.5
     max_load_streams: int = 1024
+    # What it serves (gateway/core/capabilities.py): endpoints (chat, completions, responses,
+    # embeddings) and features (tools, json_object, json_schema, n, penalties, logit_bias,
+    # logprobs). Default: a meshgate worker's full set (it also advertises it in /load); for
+    # kind openai, chat and completions with every feature (the server judges those).
+    capabilities: tuple[str, ...] | None = None
 
     def validate(self, path: str) -> None:
+        for c in self.capabilities or ():
+            if c not in POOL_CAPABILITIES:
+                raise ConfigError(f"{path}.capabilities: unknown capability {c!r} (allowed: {', '.join(POOL_CAPABILITIES)})")
         for name in ("load_stream_interval_s", "load_stream_heartbeat_s", "max_load_streams"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{path}.{name}: must be positive")

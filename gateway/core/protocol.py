@@ -56,6 +56,9 @@ class GenerationRequest:
     logprobs: int | None  # top alternatives per token; None: no logprobs
     stream: bool
     include_usage: bool
+    n: int = 1  # choices asked for
+    needs: frozenset[str] = frozenset()  # what the request needs of a pool (gateway/core/capabilities.py)
+    max_tokens_param: str = "max_tokens"  # the field max_tokens came from, for errors
 
 
 def parse_completion(body: Any) -> GenerationRequest:

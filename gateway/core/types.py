@@ -64,10 +64,14 @@ class Endpoint:
     """
 
     __slots__ = ("pool_id", "url", "site", "kind", "models", "healthy", "breaker_open", "in_flight",
-                 "load", "load_at", "load_pushed", "rtt_ms", "country", "prior_rtt_ms", "sent_since_report")
+                 "load", "load_at", "load_pushed", "rtt_ms", "country", "prior_rtt_ms", "sent_since_report",
+                 "capabilities")
 
-    def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str]):
+    def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str],
+                 capabilities: frozenset[str] | None = None):
         self.pool_id = pool_id
+        # endpoints and features it serves (core/capabilities.py); None: any (older callers, tests)
+        self.capabilities = capabilities
         self.url = url
         self.site = site
         self.kind = kind
@@ -101,6 +105,7 @@ class RouteRequest:
     countries: frozenset[str] | None = None  # residency: sites it may be served in; None: anywhere
     ttft_slo_s: float | None = None  # x-meshgate-ttft-slo-ms
     prefix_key: str = ""  # start of the prompt, for prefix affinity
+    needs: frozenset[str] = frozenset()  # capabilities the serving pool must have (core/capabilities.py)
 
     @property
     def prompt_tokens(self) -> int:
