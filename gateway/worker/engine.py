@@ -20,7 +20,9 @@ from gateway.worker.batch import build_batch
 from gateway.worker.kv_cache import BlockManager
 from gateway.worker.request import Request, RequestStatus, SamplingParams
 from gateway.worker.runner import Runner, make_runner
+from gateway.worker.logits import LogitsProcessor
 from gateway.worker.sampler import Sampler
+from gateway.worker.structured import Grammars
 from gateway.worker.scheduler import Scheduler, SchedulerConfig
 from gateway.worker.tokenizer import Detokenizer, Tokenizer
 
@@ -70,6 +72,10 @@ class Engine:
             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len), self.kv
         )
         self.sampler = Sampler()
+        # the logits' width: the model's vocabulary (may exceed the tokenizer's)
+        self.vocab_size = int(getattr(mc, "vocab_size", 0) or self.tokenizer.vocab_size)
+        self.logits = LogitsProcessor(self.vocab_size)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size)
         self.detoks: dict[str, Detokenizer] = {}
         self.stats = _StepStats()
         self.num_aborted = 0
@@ -114,6 +120,7 @@ class Engine:
     def _forget(self, req: Request) -> None:
         self.detoks.pop(req.request_id, None)
         self.sampler.forget(req.request_id)
+        self.logits.forget(req.request_id)
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -122,8 +129,9 @@ class Engine:
         if not sched:
             return []
         batch = build_batch(sched, self.cfg.block_size, self.runner.device)
-        logits = self.runner.execute(batch)
+        logits = self.logits.process(self.runner.execute(batch), batch.sampling)  # penalties, bias, grammars
         tokens = self.sampler.sample(logits, batch.sampling)
+        self.logits.accept(batch.sampling, tokens)
         sampled = {r.request_id: t for r, t in zip(batch.sampling, tokens)}
         advanced = self.scheduler.update(sched, sampled)
         outputs = [self._output(req) for req in advanced]
