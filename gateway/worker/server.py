@@ -31,7 +31,10 @@ from gateway.worker.engine import Engine, RequestOutput
 from gateway.worker.load_feed import LoadFeed
 from gateway.worker.metrics import EngineCounters, WorkerMetrics
 from gateway.worker.request import Request, SamplingParams
+from gateway.core.responses_protocol import parse_embeddings, parse_responses
 from gateway.worker.choices import Choices, fan_out, run_choices
+from gateway.worker.embeddings import embed_request
+from gateway.worker.responses_api import serve_response
 from gateway.worker.responses import ResponseBuilder, usage
 from gateway.worker.tools import ChoiceShaper, prompt_messages
 
@@ -64,6 +67,8 @@ class WorkerServer:
         app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[error_middleware(self._count)])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_get("/health", self.health)
@@ -145,6 +150,21 @@ class WorkerServer:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, parse_chat(await read_json(request)))
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_responses(await read_json(request)))
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        e = parse_embeddings(await read_json(request))
+        if e.model != self.model_name:
+            raise NotFound(f"The model '{e.model}' does not exist", param="model", code="model_not_found")
+        engine = self.engine
+        if engine is None:
+            raise Overloaded("the model is still loading", retry_after_s=5)
+        if getattr(engine.engine.runner, "model", None) is None:
+            raise BadRequest("this pool's runner does not serve embeddings", param="model",
+                             code="unsupported_endpoint")
+        return json_response(await embed_request(engine, e, self.cfg.engine.max_model_len, self.cfg.request_timeout_s))
+
     async def _generate(self, request: web.Request, g: GenerationRequest) -> web.StreamResponse:
         arrival = time.monotonic()
         if g.model != self.model_name:
@@ -156,7 +176,7 @@ class WorkerServer:
         if engine.num_in_flight >= ec.max_num_seqs + ec.max_waiting:
             raise Overloaded("the pool's queue is full; retry later", retry_after_s=1)
         tok = engine.engine.tokenizer
-        if g.kind == "chat":
+        if g.kind in ("chat", "responses"):
             msgs = prompt_messages(g.messages or (), g.tools, g.tool_choice, tok.renders_tools)
             prompt_ids = tok.apply_chat_template(msgs, tools=_template_tools(g) if tok.renders_tools else None)
         elif g.prompt_token_ids is not None:
@@ -168,7 +188,7 @@ class WorkerServer:
         if any(t >= engine.engine.vocab_size for t, _ in g.logit_bias):
             raise BadRequest("'logit_bias' names a token id outside the vocabulary", param="logit_bias")
         max_tokens = _check_length(len(prompt_ids), g.max_tokens, ec.max_model_len,
-                                   "messages" if g.kind == "chat" else "prompt")
+                                   {"chat": "messages", "responses": "input"}.get(g.kind, "prompt"))
         grammar = None
         if g.response_format is not None or g.tool_choice in ("required", "function"):
             grammar = await asyncio.to_thread(engine.engine.grammars.for_request, g.response_format, g.tools,
@@ -194,10 +214,13 @@ class WorkerServer:
         if refuse is not None:
             outputs = await self._admitted(outputs, deadline)
         tracker = _Timing(self.metrics, arrival)
-        mode = "text" if g.kind != "chat" or g.tool_choice == "none" else (
+        mode = "text" if g.kind == "completion" or g.tool_choice == "none" else (
             "auto" if g.tool_choice == "auto" else "forced")
         names = frozenset(t["name"] for t in g.tools)
         shapers = [ChoiceShaper(mode, names) for _ in range(g.n)]
+        if g.kind == "responses":
+            return await serve_response(request, g, outputs, tracker.token, deadline, shapers[0], rid,
+                                        self.model_name, self._failure, (TimeoutError, EngineDeadError))
         if g.stream:
             return await self._stream(request, g, outputs, builder, tracker, deadline, shapers)
         acc = [_Choice() for _ in range(g.n)]

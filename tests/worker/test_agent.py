@@ -237,3 +237,96 @@ def test_chat_logprobs(client):
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+
+
+# -- /v1/responses and /v1/embeddings ------------------------------------------------------------
+def test_responses_create_whole_and_streamed(client):
+    r = client.responses.create(model=MODEL, input="Say hi", instructions="Be brief.", max_output_tokens=8,
+                                temperature=0)
+    assert r.status in ("completed", "incomplete") and r.output[0].type == "message"
+    assert r.usage.output_tokens <= 8 and r.usage.input_tokens > 0
+    events = list(client.responses.create(model=MODEL, input="Say hi", instructions="Be brief.",
+                                          max_output_tokens=8, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == r.output_text == events[-1].response.output_text
+
+
+def test_responses_with_tools_structured_text_and_the_next_turn(client):
+    tool = {"type": "function", **WEATHER["function"]}
+    r = client.responses.create(model=MODEL, input="weather?", tools=[tool], tool_choice="required",
+                                max_output_tokens=200, temperature=0.7)
+    (call,) = [o for o in r.output if o.type == "function_call"]
+    jsonschema.validate(json.loads(call.arguments), _params(WEATHER))
+    events = list(client.responses.create(model=MODEL, input="weather?", tools=[tool], tool_choice="required",
+                                          max_output_tokens=200, temperature=0.7, stream=True))
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done and done[0].arguments == args and json.loads(args)
+    nxt = client.responses.create(model=MODEL, tools=[tool], max_output_tokens=5, temperature=0, input=[
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert nxt.status in ("completed", "incomplete")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    s = client.responses.create(model=MODEL, input="ok?", max_output_tokens=50, temperature=0,
+                                text={"format": {"type": "json_schema", "name": "okay", "schema": schema,
+                                                 "strict": True}})
+    assert json.loads(s.output_text) in ({"ok": True}, {"ok": False})
+
+
+def test_responses_refuses_what_it_does_not_keep(client):
+    for extra in ({"previous_response_id": "resp_1"}, {"store": True}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=MODEL, input="x", **extra)
+        assert e.value.body["param"] == next(iter(extra))
+
+
+def test_embeddings_float_and_base64(client):
+    import base64
+    import math
+    import struct
+
+    f = client.embeddings.create(model=MODEL, input=["the keeper", "of the light"], encoding_format="float")
+    assert [d.index for d in f.data] == [0, 1] and f.usage.prompt_tokens > 0
+    assert all(abs(math.sqrt(sum(x * x for x in d.embedding)) - 1) < 1e-4 for d in f.data)
+    b = client.embeddings.create(model=MODEL, input=["the keeper", "of the light"], encoding_format="base64")
+    vec = struct.unpack(f"<{len(f.data[0].embedding)}f", base64.b64decode(b.data[0].embedding))
+    assert all(abs(x - y) < 1e-6 for x, y in zip(vec, f.data[0].embedding))
+    # without encoding_format the SDK asks for base64 itself and decodes it; one input alone is the
+    # same vector as in a batch
+    one = client.embeddings.create(model=MODEL, input="the keeper")
+    assert all(abs(x - y) < 1e-5 for x, y in zip(one.data[0].embedding, f.data[0].embedding))
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=MODEL, input="x", dimensions=8)
+
+
+def test_embedding_states_are_the_models_own(make_engine):
+    """The dense pass embeddings run is the model the engine serves: its last state, through the
+    LM head, gives the engine's greedy next token and the same log-probabilities."""
+    import torch
+
+    from gateway.worker.embeddings import hidden_states
+
+    engine = make_engine()
+    model = engine.runner.model
+    torch.set_grad_enabled(False)  # the states come from inference mode
+    for text in ("the keeper of the light", "hello there, friend"):
+        ids = engine.tokenizer.encode(text)
+        states, valid = hidden_states(model, [ids, ids[:3]])
+        assert valid[0].all() and valid[1].sum() == 3
+        logits = model.lm_head(states[0, -1]).float().log_softmax(-1)
+        r = Request("e-" + text, list(ids), SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=1))
+        engine.add_request(r)
+        while engine.has_work():
+            engine.step()
+        assert r.output_token_ids[0] == int(logits.argmax())
+        assert abs(r.output_logprobs[0][0] - float(logits.max())) < 1e-4
+        short = model.lm_head(states[1, 2]).float()
+        full, _ = hidden_states(model, [ids[:3]])
+        assert torch.allclose(short, model.lm_head(full[0, -1]).float(), atol=1e-4)  # padding changes nothing
+    torch.set_grad_enabled(True)
