@@ -17,10 +17,11 @@ from gateway.core.protocol import GenerationRequest, _common
 
 # Accepted and without effect on the output (or at the only value we serve).
 _NO_EFFECT = {"metadata", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
-              "parallel_tool_calls", "service_tier", "truncation", "include", "reasoning", "max_tool_calls"}
+              "prompt_cache_options", "parallel_tool_calls", "service_tier", "truncation", "include", "reasoning",
+              "max_tool_calls", "context_management"}
 _FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
            "text", "stream", "stream_options", "store", "previous_response_id", "conversation", "background",
-           "top_logprobs", "prompt"} | _NO_EFFECT
+           "top_logprobs", "prompt", "moderation"} | _NO_EFFECT
 MAX_EMBEDDING_INPUTS = 2048
 
 
@@ -30,7 +31,7 @@ def parse_responses(body: Any) -> GenerationRequest:
     for key in body:
         if key not in _FIELDS:
             raise BadRequest(f"Unrecognized request argument supplied: {key}", param=key)
-    for key in ("previous_response_id", "conversation", "prompt"):
+    for key in ("previous_response_id", "conversation", "prompt", "moderation"):
         if body.get(key) is not None:
             raise BadRequest(f"'{key}' is not supported: this server keeps no responses or prompts "
                              "(send the whole conversation as input)", param=key, code="unsupported_parameter")

@@ -271,26 +271,35 @@ def check_answer(spec: Spec, op: str, status: int, text: str, what: str) -> None
 
 # Spec fields this server refuses unless at their default (see gateway/core/protocol.py).
 REFUSED = {"best_of", "echo", "suffix", "functions", "function_call", "audio", "prediction", "web_search_options",
-           "moderation"}
+           "moderation",
+           # createResponse: no stored responses or prompts (gateway/core/responses_protocol.py)
+           "store", "previous_response_id", "conversation", "background", "prompt", "top_logprobs",
+           # createEmbedding: this model's vectors cannot be shortened
+           "dimensions"}
+MAX_TOKENS_FIELD = {"createResponse": "max_output_tokens", "createEmbedding": None}
 
 
-def steer(body: dict[str, Any], level: int, known: set[str]) -> None:
+def steer(body: dict[str, Any], level: int, known: set[str], op: str = "createChatCompletion") -> None:
     """Bring a generated body nearer to one that reaches generation: level 0 leaves it as generated;
     1 names the served model and caps an unbounded length (only to bound the run time); 2 also drops
     the random extra keys that additionalProperties invites (each alone is a certain 400); 3 also
     drops the fields this server refuses."""
-    body["stream"] = False
+    cap = MAX_TOKENS_FIELD.get(op, "max_tokens")
+    if op != "createEmbedding":
+        body["stream"] = False
     if level >= 1:
         body["model"] = MODEL
-        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            body["max_tokens"] = 16
+        if cap is not None and body.get(cap) is None and body.get("max_completion_tokens") is None:
+            body[cap] = 16
+        if op == "createResponse" and body.get("input") is None:
+            body["input"] = "hi"  # optional in the spec (a stored prompt may stand in), required here
     for key in set(body) - known if level >= 2 else ():
         del body[key]
     for key in REFUSED & set(body) if level >= 3 else ():
         del body[key]
 
 
-@pytest.mark.parametrize("op", ["createChatCompletion", "createCompletion"])
+@pytest.mark.parametrize("op", ["createChatCompletion", "createCompletion", "createResponse", "createEmbedding"])
 def test_fuzz_generated_requests(spec, st_schema, mesh, op):
     """Bodies generated from the request schema, non-streaming, sent to the worker and the gateway:
     no 5xx, no hang, every 4xx in OpenAI's error shape, every 200 valid. Two runs: valid bodies
@@ -308,7 +317,7 @@ def test_fuzz_generated_requests(spec, st_schema, mesh, op):
 
     def send(case, level: int, run: str) -> None:
         if isinstance(case.body, dict):
-            steer(case.body, level, known)
+            steer(case.body, level, known, op)
         for target in TARGETS:
             t0 = time.monotonic()
             r = case.call(base_url=urls[target] + "/v1", timeout=TIMEOUT_S)
