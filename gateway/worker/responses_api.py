@@ -58,7 +58,7 @@ class ResponseState:
             "output": output, "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None,
             "store": False, "temperature": g.temperature, "top_p": g.top_p, "text": {"format": fmt},
             "tool_choice": _tool_choice(g), "tools": [_tool(t) for t in g.tools], "truncation": "disabled",
-            "usage": use, "metadata": {}, "user": None,
+            "usage": use, "metadata": {},
         }
 
     def message(self, status: str) -> dict[str, Any]:
@@ -127,7 +127,7 @@ class ResponseState:
 
 def response_usage(last: RequestOutput) -> dict[str, Any]:
     return {"input_tokens": last.num_prompt_tokens,
-            "input_tokens_details": {"cached_tokens": last.num_cached_tokens},
+            "input_tokens_details": {"cached_tokens": last.num_cached_tokens, "cache_write_tokens": 0},
             "output_tokens": last.num_output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": last.num_prompt_tokens + last.num_output_tokens}
 
