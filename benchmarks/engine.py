@@ -42,6 +42,8 @@ import torch
 
 from benchmarks import common, engine_host
 from benchmarks.common import Progress, percentile, ratio
+from benchmarks.engine_structured import SCHEMAS, bench_structured
+from benchmarks.engine_structured import print_rows as print_structured
 from gateway.config import EngineConfig, ModelConfig, TinyModelConfig
 from gateway.worker.batch_state import BatchState
 from gateway.worker.engine import Engine
@@ -336,6 +338,8 @@ def goals(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "scheduler_step_ms_p50": common.goal(sched["p50"], "< 1", sched["p50"] < 1),
         "scheduler_step_ms_p99": common.goal(sched["p99"], "< 1", sched["p99"] < 1),
         "prefix_cache_cold_vs_warm_ttft": common.goal(prefix["ratio"], ">= 3", prefix["ratio"] >= 3),
+        "json_schema_vs_free_tok_s": common.goal(
+            worst := min(res["structured"][k]["vs_free"] for k in SCHEMAS), ">= 0.8", worst >= 0.8),
     }
 
 
@@ -374,6 +378,7 @@ def print_report(res: dict[str, Any]) -> None:
             [f"warm TTFT ms ({p['warm_cached_tokens_min']} cached)", 1e3 * p["warm_ttft_s"]],
         ],
     )
+    print_structured(res["structured"])
     common.print_goals(res["goals"])
 
 
@@ -448,6 +453,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prefix = bench_prefix_cache(new_engine(model_cfg, cfg, w), w)
     hw = engine_host.QUICK if args.quick else engine_host.FULL
     host = engine_host.side_by_side(hw, args.host_before)
+    # continuous mode's requests, free vs under a JSON schema (benchmarks/engine_structured.py)
+    structured = bench_structured(model_cfg, cfg, specs, w.repeats, lambda: new_engine(model_cfg, cfg, w))
 
     runs = {m: median_run(all_runs[m]) for m in MODES}
     modes = {m: {**summarize(runs[m]), "output_tok_s_runs": [output_tok_s(r) for r in all_runs[m]]} for m in MODES}
@@ -471,6 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "scheduler_step_ms": sched,
         "prefix_cache": prefix,
         "host_overhead": host,
+        "structured": structured,
     }
     res["goals"] = {**goals(res), **engine_host.goals(host)}
     print_report(res)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from gateway.core.tls import ClientFiles, ServerFiles, client_context, server_context
+from gateway.core import capabilities
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,8 @@ def _check_files(section: Any, path: str, names: tuple[str, ...]) -> None:
         value = getattr(section, name)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{path}.{name}: no such file {value!r}")
+# The closed set a pool's capabilities are drawn from.
+POOL_CAPABILITIES = tuple(sorted(capabilities.ALL))
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,9 +227,17 @@ class PoolConfig:
     load_stream_heartbeat_s: float = 0.5
     max_load_streams: int = 1024
     tls: TlsServerConfig = field(default_factory=TlsServerConfig)  # on: gateways reach it at https://host:port
+    # What it serves (gateway/core/capabilities.py): endpoints (chat, completions, responses,
+    # embeddings) and features (tools, json_object, json_schema, n, penalties, logit_bias,
+    # logprobs). Default: a meshgate worker's full set (it also advertises it in /load); for
+    # kind openai, chat and completions with every feature (the server judges those).
+    capabilities: tuple[str, ...] | None = None
 
     def validate(self, path: str) -> None:
         self.tls.validate(f"{path}.tls")
+        for c in self.capabilities or ():
+            if c not in POOL_CAPABILITIES:
+                raise ConfigError(f"{path}.capabilities: unknown capability {c!r} (allowed: {', '.join(POOL_CAPABILITIES)})")
         for name in ("load_stream_interval_s", "load_stream_heartbeat_s", "max_load_streams"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{path}.{name}: must be positive")

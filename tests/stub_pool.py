@@ -27,6 +27,9 @@ class StubPool:
         self.requests = 0
         self.cancelled = 0
         self.received: list[tuple[dict[str, str], dict]] = []  # (headers, body) of each generation request
+        self.raw: list[bytes] = []  # the bytes of each generation request's body, as they came
+        self.capabilities: list[str] | None = None  # advertised in /load when set (as our worker does)
+        self.refuse_field: str | None = None  # a body holding this field is answered 400, as a strict server would
         self.load = LoadReport()
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -35,6 +38,8 @@ class StubPool:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.generate)
         app.router.add_post("/v1/completions", self.generate)
+        app.router.add_post("/v1/responses", self.respond)
+        app.router.add_post("/v1/embeddings", self.embed)
         app.router.add_get("/load", self.load_report)
         app.router.add_get("/health", self.health)
         return app
@@ -59,15 +64,72 @@ class StubPool:
         if self.mode == "stall":
             await asyncio.sleep(3600)
         body = {**self.load.to_dict(), "ready": self.mode != "error", "handling_s": 0.0}
+        if self.capabilities is not None:
+            body["capabilities"] = self.capabilities
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    async def generate(self, request: web.Request) -> web.StreamResponse:
+    async def _take(self, request: web.Request) -> tuple[dict, web.Response | None]:
+        """Count and keep a generation request; an answer when a mode or refuse_field decides it."""
         self.requests += 1
-        body = await request.json()
+        raw = await request.read()
+        self.raw.append(raw)
+        body = orjson.loads(raw)
         self.received.append((dict(request.headers), body))
+        if self.refuse_field is not None and self.refuse_field in body:
+            return body, web.Response(body=orjson.dumps({"error": {
+                "message": f"Unrecognized request argument supplied: {self.refuse_field}",
+                "type": "invalid_request_error", "param": self.refuse_field, "code": None}}),
+                status=400, content_type="application/json")
         if self.mode == "error":
-            return web.json_response({"error": {"message": "boom", "type": "x", "param": None, "code": None}},
-                                     status=500)
+            return body, web.json_response({"error": {"message": "boom", "type": "x", "param": None, "code": None}},
+                                           status=500)
+        return body, None
+
+    async def embed(self, request: web.Request) -> web.Response:
+        body, answer = await self._take(request)
+        if answer is not None:
+            return answer
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.5]} for i in range(len(inputs))]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data, "model": body["model"],
+                                               "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)},
+                                               "served_by": self.name}),
+                            content_type="application/json", headers={LOAD_HEADER: self.load.to_header()})
+
+    async def respond(self, request: web.Request) -> web.StreamResponse:
+        """A Responses API answer: `num_tokens` deltas of text, as typed events when streaming."""
+        body, answer = await self._take(request)
+        if answer is not None:
+            return answer
+        text = "".join(f"t{i} " for i in range(self.num_tokens))
+        use = {"input_tokens": 2, "output_tokens": self.num_tokens, "total_tokens": 2 + self.num_tokens}
+        done = {"id": "resp_x", "object": "response", "status": "completed", "model": body["model"], "usage": use,
+                "output": [{"type": "message", "id": "msg_x", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "served_by": self.name}
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(done), content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def event(kind: str, data: dict) -> None:
+            await resp.write(f"event: {kind}\n".encode() + b"data: " + orjson.dumps({"type": kind, **data}) + b"\n\n")
+
+        await event("response.created", {"response": {**done, "status": "in_progress", "usage": None}})
+        for i in range(self.num_tokens):
+            await event("response.output_text.delta", {"item_id": "msg_x", "output_index": 0, "content_index": 0,
+                                                       "delta": f"t{i} "})
+            if self.mode == "drop" and i == 1:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+        await event("response.completed", {"response": done})
+        return resp
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body, answer = await self._take(request)
+        if answer is not None:
+            return answer
         if self.mode == "full" and request.headers.get(MAY_REFUSE_HEADER) == "1":
             return web.json_response({"error": {"message": "full", "type": "service_unavailable", "param": None,
                                                 "code": None}}, status=429, headers={"Retry-After": "1"})

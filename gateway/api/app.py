@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
 
 import orjson
 from prometheus_client import generate_latest
@@ -21,6 +19,7 @@ from gateway.config import Config
 from gateway.core.errors import BadRequest, InternalError, NotFound
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.core.tls import ServerTls
+from gateway.core import envelope
 from gateway.edge.forward import StreamBroken, Upstream
 from gateway.edge.gateway import Gateway, SharedState
 
@@ -46,6 +45,8 @@ class GatewayServer(Gateway):
         r = Router()
         r.add("POST", "/v1/chat/completions", self.chat)
         r.add("POST", "/v1/completions", self.completions)
+        r.add("POST", "/v1/responses", self.responses)
+        r.add("POST", "/v1/embeddings", self.embeddings)
         r.add("GET", "/v1/models", self.models)
         r.add("GET", "/v1/models/", self.model, prefix=True)
         r.add("GET", "/health", self.health)
@@ -116,13 +117,21 @@ class GatewayServer(Gateway):
         return json_response(self._card(name))
 
     # -- generation -------------------------------------------------------------------------
+    # The gateway reads only what it routes, limits and meters by (core/envelope.py) and forwards
+    # the body as it came: the pool judges the rest, and its 400 reaches the client unchanged.
     async def chat(self, request: Request) -> Response | Stream:
-        return await self._generate(request, "/v1/chat/completions", parse_chat)
+        return await self._generate(request, envelope.CHAT)
 
     async def completions(self, request: Request) -> Response | Stream:
-        return await self._generate(request, "/v1/completions", parse_completion)
+        return await self._generate(request, envelope.COMPLETIONS)
 
-    async def _generate(self, request: Request, path: str, parse: Callable[[Any], GenerationRequest]) -> Response | Stream:
+    async def responses(self, request: Request) -> Response | Stream:
+        return await self._generate(request, envelope.RESPONSES)
+
+    async def embeddings(self, request: Request) -> Response | Stream:
+        return await self._generate(request, envelope.EMBEDDINGS)
+
+    async def _generate(self, request: Request, path: str) -> Response | Stream:
         arrival = time.monotonic()
         # Before parsing: a caller without a key learns nothing, not even whether its body is valid.
         principal = self.admission.authenticate(request.headers, request.remote)
@@ -130,7 +139,8 @@ class GatewayServer(Gateway):
             parsed = orjson.loads(request.body)
         except orjson.JSONDecodeError:
             raise BadRequest("We could not parse the JSON body of your request. Send valid JSON.") from None
-        call = self.prepare(path, request.body, parse(parsed), request.headers, arrival, principal, request.remote)
+        call = self.prepare(path, request.body, envelope.read(path, parsed), request.headers, arrival, principal,
+                            request.remote)
         request.request_id = call.request_id
         up = await self.forwarder.open(call)
         try:

@@ -6,9 +6,11 @@ never silently ignored; fields with no effect on the output (user, metadata, ...
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.core.agent_protocol import agent_fields, message_extras, response_format
 from gateway.core.errors import BadRequest
 
 MAX_STOP = 16
@@ -25,15 +27,18 @@ _NO_EFFECT: dict[str, type] = {
 }
 # Refused unless at their default (the value in the dict).
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "n": 1, "best_of": 1,
-    "echo": False, "suffix": None, "tools": None, "tool_choice": "none", "functions": None,
+    "best_of": 1, "echo": False, "suffix": None, "functions": None,
     "function_call": "none", "audio": None, "prediction": None, "web_search_options": None,
     "moderation": None,
 }
 _SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-             "stream_options", "ignore_eos", "stop_token_ids"}
+             "stream_options", "ignore_eos", "stop_token_ids", "n", "frequency_penalty", "presence_penalty",
+             "logit_bias"}
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "logprobs"}
-CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format"}
+CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
+                           "tools", "tool_choice"}
+MAX_N = 16
+MAX_LOGIT_BIAS = 300
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
@@ -45,7 +50,7 @@ class GenerationRequest:
     model: str
     prompt: str | None  # completion: text prompt
     prompt_token_ids: tuple[int, ...] | None  # completion: pre-tokenized prompt
-    messages: tuple[dict[str, str], ...] | None  # chat: role/content pairs, content as text
+    messages: tuple[dict[str, Any], ...] | None  # chat: role, content as text (+ tool_calls, tool_call_id)
     max_tokens: int | None  # None: up to the model's context
     temperature: float
     top_p: float
@@ -60,6 +65,16 @@ class GenerationRequest:
     # Session keys for prefix-aware routing (gateway/routing/prefix_index.py); no effect on the output
     prompt_cache_key: str | None = None
     user: str | None = None
+    n: int = 1  # choices asked for
+    needs: frozenset[str] = frozenset()  # what the request needs of a pool (gateway/core/capabilities.py)
+    max_tokens_param: str = "max_tokens"  # the field max_tokens came from, for errors
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    tools: tuple[dict[str, Any], ...] = ()  # each {"name", "description"?, "parameters"?, "strict"?}
+    tool_choice: str = "none"  # none | auto | required | function (the one named tool_name)
+    tool_name: str | None = None
+    response_format: dict[str, Any] | None = None  # json_object / json_schema; None: text
 
 
 def parse_completion(body: Any) -> GenerationRequest:
@@ -95,9 +110,7 @@ def parse_chat(body: Any) -> GenerationRequest:
     if not isinstance(msgs, list) or not msgs:
         raise BadRequest("'messages' must be a non-empty array", param="messages")
     messages = tuple(_message(m, i) for i, m in enumerate(msgs))
-    rf = body.get("response_format")
-    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
-        raise BadRequest("only response_format {'type': 'text'} is supported", param="response_format")
+    agent = agent_fields(body.get("tools"), body.get("tool_choice"), response_format(body.get("response_format")))
     lp = None
     if _opt(body, "logprobs", bool, False):
         lp = body.get("top_logprobs") or 0
@@ -107,7 +120,7 @@ def parse_chat(body: Any) -> GenerationRequest:
         raise BadRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
     # max_tokens is the deprecated name; a null max_completion_tokens leaves it in force.
     mt_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return _common(body, "chat", None, None, messages, body.get(mt_key), lp, mt_key)
+    return dataclasses.replace(_common(body, "chat", None, None, messages, body.get(mt_key), lp, mt_key), **agent)
 
 
 def _check_object(body: Any, allowed: set[str]) -> dict[str, Any]:
@@ -131,7 +144,7 @@ def _check_object(body: Any, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
-def _message(m: Any, i: int) -> dict[str, str]:
+def _message(m: Any, i: int) -> dict[str, Any]:
     p = f"messages[{i}]"
     if not isinstance(m, dict):
         raise BadRequest(f"'{p}' must be an object", param=p)
@@ -141,6 +154,7 @@ def _message(m: Any, i: int) -> dict[str, str]:
     content = m.get("content")
     if content is None and role == "assistant":
         content = ""
+    extras = message_extras(m, role, p)
     if isinstance(content, list):
         parts = []
         for part in content:
@@ -150,7 +164,7 @@ def _message(m: Any, i: int) -> dict[str, str]:
         content = "".join(parts)
     if not isinstance(content, str):
         raise BadRequest(f"'{p}.content' must be a string or an array of text parts", param=f"{p}.content")
-    return {"role": role, "content": content}
+    return {"role": role, "content": content, **extras}
 
 
 def _common(body: dict[str, Any], kind: str, prompt: str | None, ids: tuple[int, ...] | None,
@@ -190,6 +204,10 @@ def _common(body: dict[str, Any], kind: str, prompt: str | None, ids: tuple[int,
         v = body.get(key)
         if isinstance(v, str) and len(v) > MAX_SESSION_KEY_CHARS:
             raise BadRequest(f"'{key}' is at most {MAX_SESSION_KEY_CHARS} characters", param=key)
+    n = _opt(body, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        raise BadRequest(f"'n' must be an integer between 1 and {MAX_N}", param="n")
+    penalties = [_number(body, k, 0.0, -2.0, 2.0) for k in ("frequency_penalty", "presence_penalty")]
     stream = _opt(body, "stream", bool, False)
     if so is not None and not stream:
         raise BadRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
@@ -198,9 +216,25 @@ def _common(body: dict[str, Any], kind: str, prompt: str | None, ids: tuple[int,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
         seed=seed % (2**64) if seed is not None else None, stop=stops, stop_token_ids=tuple(stop_ids),
         ignore_eos=_opt(body, "ignore_eos", bool, False), logprobs=logprobs, stream=stream,
-        include_usage=bool(so and so.get("include_usage")),
         prompt_cache_key=body.get("prompt_cache_key"), user=body.get("user"),
+        include_usage=bool(so and so.get("include_usage")), n=n, max_tokens_param=max_tokens_key,
+        frequency_penalty=penalties[0], presence_penalty=penalties[1], logit_bias=_logit_bias(body.get("logit_bias")),
     )
+
+
+def _logit_bias(v: Any) -> tuple[tuple[int, float], ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, dict) or len(v) > MAX_LOGIT_BIAS:
+        raise BadRequest(f"'logit_bias' must be an object of up to {MAX_LOGIT_BIAS} token ids", param="logit_bias")
+    out = []
+    for k, b in v.items():
+        if not (isinstance(k, str) and k.isdigit() and len(k) < 10):
+            raise BadRequest("'logit_bias' keys must be token ids", param="logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise BadRequest("'logit_bias' values must be numbers between -100 and 100", param="logit_bias")
+        out.append((int(k), float(b)))
+    return tuple(out)
 
 
 def _is_int(v: Any) -> bool:

@@ -76,10 +76,13 @@ class Endpoint:
 
     __slots__ = ("pool_id", "url", "site", "kind", "models", "healthy", "breaker_open", "in_flight",
                  "load", "load_at", "load_pushed", "rtt_ms", "country", "prior_rtt_ms", "sent_since_report",
-                 "prefix")
+                 "prefix", "capabilities")
 
-    def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str]):
+    def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str],
+                 capabilities: frozenset[str] | None = None):
         self.pool_id = pool_id
+        # endpoints and features it serves (core/capabilities.py); None: any (older callers, tests)
+        self.capabilities = capabilities
         self.url = url
         self.site = site
         self.kind = kind
@@ -124,6 +127,7 @@ class RouteRequest:
     session_pool: str = ""
     session_chunks: int = 0
     tokens_per_char: float = 0.25  # the gateway does not tokenize: learned from pools' usage answers
+    needs: frozenset[str] = frozenset()  # capabilities the serving pool must have (core/capabilities.py)
 
     @property
     def prompt_tokens(self) -> int:

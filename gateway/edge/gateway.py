@@ -23,6 +23,7 @@ from gateway.core.tls import CertExpiryCollector
 from gateway.core.types import RouteRequest
 from gateway.core.wire import DEADLINE_HEADER, PRIORITIES, PRIORITY_HEADER, RESIDENCY_HEADER, SLO_HEADER
 from gateway.edge.admission import Admission, Principal, limit_table
+from gateway.edge.capability_check import check_servable
 from gateway.edge.decisions import DecisionLog
 from gateway.edge.discovery import attach_gateway
 from gateway.edge.forward import Call, Forwarder
@@ -176,7 +177,7 @@ class Gateway:
             principal = self.admission.authenticate(headers)
         limits = self.cfg.limits
         if g.max_tokens is not None and g.max_tokens > limits.max_tokens:
-            raise BadRequest(f"'max_tokens' is at most {limits.max_tokens} here", param="max_tokens")
+            raise BadRequest(f"'{g.max_tokens_param}' is at most {limits.max_tokens} here", param=g.max_tokens_param)
         prompt_chars = len(g.prompt or "") + sum(len(m["content"]) for m in g.messages or ())
         if prompt_chars > limits.max_prompt_chars:
             raise PayloadTooLarge(f"the prompt is longer than {limits.max_prompt_chars} characters",
@@ -184,6 +185,7 @@ class Gateway:
         # A model the key may not use looks like one that does not exist (as OpenAI answers).
         if g.model not in self.upstreams.models() or not self.admission.may_use(principal, g.model):
             raise NotFound(f"The model '{g.model}' does not exist", param="model", code="model_not_found")
+        check_servable(g, self.upstreams.capabilities_of(g.model))
         if self.in_flight >= limits.max_in_flight:
             raise Overloaded("the gateway is at its in-flight limit; retry later", retry_after_s=1)
         prefix_fields = self.prefix_routing.route_fields(g, headers)  # before admission: may refuse (400)
@@ -193,8 +195,9 @@ class Gateway:
         # Last of the checks: admission takes from the key's buckets, which only Call.finish gives back.
         # Without max_tokens a request may run to the model's context; the gateway's cap stands in for it.
         prompt_est = estimate_prompt_tokens(g, prompt_chars)
-        ticket = self.admission.admit(principal, headers, self.in_flight,
-                                      prompt_est + (g.max_tokens or limits.max_tokens))
+        # Embeddings generate nothing; n choices generate up to n times max_tokens.
+        output_est = 0 if g.kind == "embeddings" else g.n * (g.max_tokens or limits.max_tokens)
+        ticket = self.admission.admit(principal, headers, self.in_flight, prompt_est + output_est)
         up_headers = {"Content-Type": "application/json", "x-request-id": rid}
         if ticket.priority is not None:
             up_headers[PRIORITY_HEADER] = ticket.priority  # the key's class, whatever the client sent
@@ -203,7 +206,7 @@ class Gateway:
                              priority=PRIORITIES.get(ticket.priority or "", 0),
                              client_rtt_ms=self.geo.client_rtt_ms(loc := self.geo.client(headers, client_ip)),
                              countries=_countries(headers, principal), ttft_slo_s=_slo_s(headers),
-                             prefix_key=_prefix_key(g), **{"prompt_chars": prompt_chars, **prefix_fields})
+                             prefix_key=_prefix_key(g), needs=g.needs, **{"prompt_chars": prompt_chars, **prefix_fields})
         span = self.tracing.start(f"POST {path}", headers, up_headers)
         call = Call(path=path, body=up_body, stream=g.stream, route=route, headers=up_headers, request_id=rid,
                     arrival=arrival, deadline=deadline, principal=principal, priority=ticket.priority, meter=meter,

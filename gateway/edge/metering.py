@@ -62,14 +62,10 @@ class Metering:
               prompt_estimate: int) -> tuple[bytes, RequestMeter]:
         """The body to send upstream, and the meter to put on the request's Call."""
         strip = False
+        if g.kind == "responses":  # its stream always ends with the whole response, usage included
+            return body, ResponsesMeter(self, ticket, g.model, request_id, prompt_estimate, False)
         if g.stream and not g.include_usage:
-            try:
-                obj = orjson.loads(body)
-            except orjson.JSONDecodeError:  # a front that sends another encoding: count chunks instead
-                obj = None
-            if isinstance(obj, dict):
-                obj["stream_options"] = {**(obj.get("stream_options") or {}), "include_usage": True}
-                body, strip = orjson.dumps(obj), True
+            body, strip = _ask_usage(body)
         return body, RequestMeter(self, ticket, g.model, request_id, prompt_estimate, strip)
 
     def record(self, meter: RequestMeter, pool: str, status: str, prompt: int, completion: int) -> None:
@@ -211,6 +207,63 @@ class RequestMeter:
         return status, self.prompt_estimate, self.chunks
 
 
+class ResponsesMeter(RequestMeter):
+    """A Responses API stream: typed events (`event: ...` then `data: {...}`), no [DONE]; it is
+    complete at response.completed (or .incomplete), whose response carries the usage."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> bytes:
+        buf = self._buf + chunk if self._buf else chunk
+        ends = list(_EVENT_END.finditer(buf))
+        if not ends:
+            self._buf = buf
+            return b""
+        whole, self._buf = buf[:ends[-1].end()], buf[ends[-1].end():]
+        for ev in _EVENT_END.split(whole)[:-1]:
+            self._note(ev)
+        return whole  # passed on as the pool sent it
+
+    def _note(self, ev: bytes) -> None:
+        data = b"".join(line[5:].strip() for line in ev.splitlines() if line.startswith(b"data:"))
+        if b".delta" in data[:80]:
+            self.chunks += 1  # an output delta: counted in case the stream is cut short
+            return
+        if not any(t in data for t in (b"response.completed", b"response.incomplete", b"response.failed",
+                                       b'"error"')):
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if kind in ("response.completed", "response.incomplete"):
+            self.done = True
+            use = (obj.get("response") or {}).get("usage")
+            if isinstance(use, dict):
+                self.usage = _counts(use)
+        elif kind in ("response.failed", "error"):
+            self.errored = True
+
+
+def _ask_usage(body: bytes) -> tuple[bytes, bool]:
+    """The body with stream_options.include_usage set, and whether it was changed. Without a
+    stream_options field the field is appended, so the client's bytes reach the pool as they came;
+    with one, the body is encoded anew."""
+    if b'"stream_options"' not in body:
+        head = body.rstrip()
+        if head.endswith(b"}"):
+            return head[:-1] + b',"stream_options":{"include_usage":true}}', True
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:  # a front that sends another encoding: count chunks instead
+        return body, False
+    if not isinstance(obj, dict):
+        return body, False
+    obj["stream_options"] = {**(obj.get("stream_options") or {}), "include_usage": True}
+    return orjson.dumps(obj), True
+
+
 def _first_rare(whole: bytes) -> int:
     """Where the first usage object, error or [DONE] is in whole (-1: none)."""
     found = [i for i in (whole.find(b'"usage"'), whole.find(b'"error"'), whole.find(b"[DONE]")) if i >= 0]
@@ -218,7 +271,10 @@ def _first_rare(whole: bytes) -> int:
 
 
 def _counts(use: dict[str, Any]) -> tuple[int, int]:
-    p, c = use.get("prompt_tokens"), use.get("completion_tokens")
+    """(prompt, completion) of a usage object: chat/completions/embeddings name them prompt_ and
+    completion_tokens, the Responses API input_ and output_tokens."""
+    p = use.get("prompt_tokens", use.get("input_tokens"))
+    c = use.get("completion_tokens", use.get("output_tokens"))
     return (p if isinstance(p, int) else 0), (c if isinstance(c, int) else 0)
 
 

@@ -11,6 +11,7 @@ import orjson
 
 from gateway.config import PoolConfig, ProbeConfig, TlsClientConfig, UpstreamConfig
 from gateway.pools.shared import SharedTable
+from gateway.core import capabilities
 from gateway.core.types import Endpoint, LoadReport
 from gateway.core.wire import LOAD_HEADER
 from gateway.pools.breaker import BreakerState, CircuitBreaker
@@ -29,7 +30,9 @@ class Pool:
 
     def __init__(self, cfg: PoolConfig, up: UpstreamConfig, load: SharedTable, worker_index: int = 0):
         self.cfg = cfg
-        self.endpoint = Endpoint(cfg.id, cfg.base_url, cfg.site, cfg.kind, frozenset(cfg.served_models))
+        self.endpoint = Endpoint(cfg.id, cfg.base_url, cfg.site, cfg.kind, frozenset(cfg.served_models),
+                                 frozenset(cfg.capabilities) if cfg.capabilities is not None
+                                 else capabilities.default_for(cfg.kind))
         self.requests = InFlight(load, f"pool:{cfg.id}", worker_index)  # across every gateway process
         self._sent_at_report = self.requests.sent
         self.sync()
@@ -119,6 +122,7 @@ class Upstreams:
         t = up.tls
         self.tls = ClientTls(t.files(), t.server_name) if t != TlsClientConfig() else None
         self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
+        self._capabilities: dict[str, frozenset[str]] = {}  # model -> what its pools serve, together
         self._probe_task: asyncio.Task[None] | None = None
         # Whom to probe each round (pool ids); the gateway sets it from its geography. Default: all.
         self.probe_targets: Callable[[list[Endpoint]], list[str]] = lambda eps: [e.pool_id for e in eps]
@@ -133,6 +137,7 @@ class Upstreams:
         self.pools = {p.id: old[p.id] if p.id in old and old[p.id].cfg == p else self._pool(p) for p in pools}
         self.endpoints = [p.endpoint for p in self.pools.values()]
         self._models = sorted({m for p in self.pools.values() for m in p.endpoint.models})
+        self._capabilities.clear()
         joined = [p.endpoint for pid, p in self.pools.items() if old.get(pid) is not p]
         for callback in self.on_change:
             callback(joined)
@@ -160,6 +165,16 @@ class Upstreams:
     def models(self) -> list[str]:
         """Every model some pool serves (sorted)."""
         return self._models
+
+    def capabilities_of(self, model: str) -> frozenset[str]:
+        """What the pools serving `model` can serve between them (core/capabilities.py; cached until
+        the pool set or a pool's advertised set changes)."""
+        caps = self._capabilities.get(model)
+        if caps is None:
+            sets = [p.endpoint.capabilities for p in self.pools.values() if model in p.endpoint.models]
+            caps = self._capabilities[model] = capabilities.ALL if any(c is None for c in sets) else \
+                frozenset().union(*sets)
+        return caps
 
     def any_available(self) -> bool:
         for p in self.pools.values():
@@ -198,7 +213,10 @@ class Upstreams:
                 finally:
                     r.close()
             rtt_ms = (time.perf_counter() - t0) * 1000
+            caps = pool.endpoint.capabilities
             ok, handling_s = self._probe_answer(pool, path, r.status, body)
+            if pool.endpoint.capabilities != caps:
+                self._capabilities.clear()
             rtt_ms -= 1000 * handling_s
         except (UpstreamError, TimeoutError, ValueError, TypeError):
             ok = False
@@ -230,6 +248,9 @@ class Upstreams:
             if not d.pop("ready", True):  # up, but still loading its model
                 return False, 0.0
             handling_s = float(d.get("handling_s", 0.0))
+            caps = d.get("capabilities")
+            if isinstance(caps, list):  # what the worker says it serves (core/capabilities.py)
+                pool.endpoint.capabilities = frozenset(c for c in caps if isinstance(c, str))
             d["hot_prefix_hashes"] = tuple(d.get("hot_prefix_hashes", ()))
             pool.update_load(LoadReport(**{k: v for k, v in d.items() if k in LoadReport.__slots__}))
             return True, handling_s

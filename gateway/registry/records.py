@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from gateway.config import POOL_KINDS, Config, PoolConfig, PoolKind, SiteConfig
+from gateway.core import capabilities
 
 POOLS = "pools/"
 GATEWAYS = "gateways/"
@@ -28,11 +29,13 @@ class PoolRecord:
     # Written just before a draining pool deletes its key: gateways then drop it at once, while a
     # key that vanishes without it (a lease that lapsed) may be a live pool cut off from etcd.
     draining: bool = False
+    # What it serves (gateway/core/capabilities.py); empty: not said (its kind's default)
+    capabilities: tuple[str, ...] = ()
 
     def pool_config(self) -> PoolConfig:
         """The gateway's view of the pool: only what routing and forwarding use."""
         return PoolConfig(id=self.id, site=self.site.id if self.site else None, kind=self.kind, url=self.url,
-                          models=self.models)
+                          models=self.models, capabilities=self.capabilities or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +61,8 @@ def decode_pool(raw: bytes) -> PoolRecord:
         raise ValueError(f"unknown pool kind {d.get('kind')!r}")
     return PoolRecord(id=str(d["id"]), url=str(d["url"]), site=site, models=tuple(d.get("models") or ()),
                       capacity=int(d.get("capacity") or 0), kind=kind,
-                      coords=d.get("coords"), draining=bool(d.get("draining", False)))
+                      coords=d.get("coords"), draining=bool(d.get("draining", False)),
+                      capabilities=tuple(str(c) for c in d.get("capabilities") or ()))
 
 
 def decode_gateway(raw: bytes) -> GatewayRecord:
@@ -79,5 +83,6 @@ def site_of(cfg: Config, site_id: str | None) -> SiteConfig | None:
 
 def pool_record(cfg: Config, pool: PoolConfig) -> PoolRecord:
     capacity = pool.engine.max_num_seqs if pool.kind == "meshgate" else 0
+    caps = pool.capabilities if pool.capabilities is not None else capabilities.default_for(pool.kind)
     return PoolRecord(id=pool.id, url=pool.base_url, site=site_of(cfg, pool.site), models=pool.served_models,
-                      capacity=capacity, kind=pool.kind)
+                      capacity=capacity, kind=pool.kind, capabilities=tuple(sorted(caps)))

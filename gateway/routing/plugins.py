@@ -16,7 +16,10 @@ class ServesModel:
     name = "serves-model"
 
     def filter(self, req: RouteRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
-        return [e for e in endpoints if req.model in e.models]
+        """Serves the model, and can serve the request (its endpoint and features)."""
+        needs = req.needs
+        return [e for e in endpoints if req.model in e.models
+                and (not needs or e.capabilities is None or needs <= e.capabilities)]
 
 
 class Available:

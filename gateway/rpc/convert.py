@@ -73,6 +73,16 @@ def request_body(req: pb.GenerateRequest, stream: bool) -> tuple[str, dict[str, 
         body["stop_token_ids"] = list(req.stop_token_ids)
     if req.ignore_eos:
         body["ignore_eos"] = True
+    for name in ("frequency_penalty", "presence_penalty"):
+        if req.HasField(name):
+            body[name] = getattr(req, name)
+    for name in ("tools", "tool_choice", "response_format", "logit_bias"):
+        text = getattr(req, name + "_json")
+        if text:
+            try:
+                body[name] = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                raise BadRequest(f"'{name}_json' is not valid JSON", param=f"{name}_json") from None
     _logprobs(req, body, chat)
     if stream:
         body["stream"] = True
@@ -106,7 +116,7 @@ def stream_response(event: dict[str, Any]) -> pb.GenerateStreamResponse | None:
     """One stream chunk as a message; None for a chunk that carries nothing (a role-only delta)."""
     msg: pb.GenerateStreamResponse = _fill(pb.GenerateStreamResponse(id=_str(event.get("id")),
                                                                      model=_str(event.get("model"))), event, "delta")
-    if not (msg.text or msg.finish_reason or msg.logprobs or msg.HasField("usage")):
+    if not (msg.text or msg.finish_reason or msg.logprobs or msg.tool_calls or msg.HasField("usage")):
         return None
     return msg
 
@@ -120,10 +130,25 @@ def _fill(msg: Any, body: dict[str, Any], content_key: str) -> Any:
         msg.text = _str(part.get("content") if isinstance(part, dict) else choice.get("text"))
         msg.finish_reason = _str(choice.get("finish_reason"))
         msg.logprobs.extend(token_logprobs(choice.get("logprobs")))
+        if isinstance(part, dict):
+            msg.tool_calls.extend(tool_calls(part.get("tool_calls")))
     use = body.get("usage")
     if isinstance(use, dict):
         msg.usage.CopyFrom(usage(use))
     return msg
+
+
+def tool_calls(calls: Any) -> list[pb.ToolCall]:
+    """A message's (or a delta's) tool_calls."""
+    out = []
+    for i, c in enumerate(calls if isinstance(calls, list) else ()):
+        if not isinstance(c, dict):
+            continue
+        f = c.get("function") if isinstance(c.get("function"), dict) else {}
+        index = c.get("index", i)
+        out.append(pb.ToolCall(index=index if isinstance(index, int) and index >= 0 else i, id=_str(c.get("id")),
+                               name=_str(f.get("name")), arguments=_str(f.get("arguments"))))
+    return out
 
 
 def usage(use: dict[str, Any]) -> pb.Usage:
@@ -151,7 +176,7 @@ def token_logprobs(lp: Any) -> list[pb.TokenLogprob]:
 
 def _first_choice(body: dict[str, Any]) -> dict[str, Any] | None:
     choices = body.get("choices")
-    # n > 1 is refused by core.protocol, so one choice is all there is
+    # the proto has no `n`: one choice is all there is
     return choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
 
 

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.core.errors import APIError, InternalError
+from gateway.core import envelope
 from gateway.core.protocol import parse_chat, parse_completion
 from gateway.core.wire import REQUEST_ID_HEADER, ROUTE_HEADER
 from gateway.edge.forward import Call, StreamBroken, Upstream
@@ -125,8 +126,11 @@ class GenerationService(pb_grpc.GenerationServicer):
         # Before anything else, as over HTTP: a caller without a key learns nothing of its request.
         principal = self.gw.admission.authenticate(headers, _peer_ip(context))
         path, body = convert.request_body(request, stream)
-        parse = parse_chat if path == convert.CHAT_PATH else parse_completion
-        call = tally.call = self.gw.prepare(path, orjson.dumps(body), parse(body), headers, arrival, principal)
+        # The proto carries only fields OpenAI defines, so this front checks them all (as a pool
+        # would); what routing and limits read comes from the gateway's own view, as over HTTP.
+        (parse_chat if path == convert.CHAT_PATH else parse_completion)(body)
+        call = tally.call = self.gw.prepare(path, orjson.dumps(body), envelope.read(path, body), headers, arrival,
+                                            principal)
         remaining = context.time_remaining()
         if remaining is not None:  # the client's deadline bounds the request like x-meshgate-deadline-ms
             call.deadline = min(call.deadline, arrival + remaining)

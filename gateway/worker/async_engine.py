@@ -15,8 +15,12 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator
+from typing import Any
+
+import torch
 
 from gateway.core.types import LoadReport
+from gateway.worker.embeddings import embed
 from gateway.worker.engine import Engine, RequestOutput, TokenEvent
 from gateway.worker.request import Request
 
@@ -129,6 +133,7 @@ class AsyncEngine:
                 last_report = now
 
     def _drain_commands(self, block: bool) -> None:
+        embeds: list[tuple[list[list[int]], asyncio.Future[Any]]] = []
         try:
             cmd, arg = self._cmds.get(timeout=IDLE_POLL_S) if block else self._cmds.get_nowait()
         except queue.Empty:
@@ -140,10 +145,38 @@ class AsyncEngine:
                 self.engine.abort_request(arg)  # type: ignore[arg-type]
             elif cmd == "stop":
                 self.engine.finish_stopped(arg)  # type: ignore[arg-type]
+            elif cmd == "embed":
+                embeds.append(arg)  # type: ignore[arg-type]
             try:
                 cmd, arg = self._cmds.get_nowait()
             except queue.Empty:
-                return
+                break
+        if embeds:
+            self._embed(embeds)
+
+    def _embed(self, jobs: list[tuple[list[list[int]], asyncio.Future[Any]]]) -> None:
+        """Every embeddings request that came since the last step, in one batch."""
+        assert self._loop is not None
+        seqs = [s for inputs, _ in jobs for s in inputs]
+        try:
+            vectors = embed(self.engine.runner.model, seqs)  # type: ignore[attr-defined]
+        except Exception as e:  # a bug: these requests fail, the engine keeps serving
+            log.exception("embedding failed")
+            for _, fut in jobs:
+                self._loop.call_soon_threadsafe(_settle, fut, None, EngineDeadError(f"embedding failed: {e}"))
+            return
+        at = 0
+        for inputs, fut in jobs:
+            self._loop.call_soon_threadsafe(_settle, fut, vectors[at:at + len(inputs)], None)
+            at += len(inputs)
+
+    async def embed(self, inputs: list[list[int]]) -> torch.Tensor:
+        """Embeddings (len(inputs), hidden) of token sequences, computed on the engine thread."""
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineDeadError("the engine is not running")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._cmds.put(("embed", (inputs, fut)))
+        return await fut
 
     def _add(self, req: Request, refuse_above_s: float | None) -> None:
         err: Exception | None = None
@@ -182,3 +215,12 @@ class AsyncEngine:
             q = self._streams.get(rid)
             if q is not None:
                 q.put_nowait(err)
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, err: Exception | None) -> None:
+    if fut.done():  # the client went away
+        return
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(value)

@@ -25,7 +25,9 @@ from gateway.worker.outputs import OutputProcessor, RequestOutput, TokenEvent, t
 from gateway.worker.prefix_summary import PrefixSummary
 from gateway.worker.request import Request, RequestStatus, SamplingParams
 from gateway.worker.runner import Runner, make_runner
+from gateway.worker.logits import LogitsProcessor
 from gateway.worker.sampler import Sampler
+from gateway.worker.structured import Grammars
 from gateway.worker.scheduler import Scheduler, SchedulerConfig
 from gateway.worker.tokenizer import Tokenizer
 
@@ -65,6 +67,10 @@ class Engine:
                                       cfg.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer)
         self._last_advanced: list[Request] = []  # the requests of the last step_tokens' events
+        # the logits' width: the model's vocabulary (may exceed the tokenizer's)
+        self.vocab_size = int(getattr(mc, "vocab_size", 0) or self.tokenizer.vocab_size)
+        self.logits = LogitsProcessor(self.vocab_size)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size)
         self.stats = _StepStats()
         self.num_aborted = 0
         self.mean_request_s = 0.0  # how long a finished request held its slot (EWMA); 0: none yet
@@ -114,6 +120,7 @@ class Engine:
         """Engine-side state of a request that ended (the output side forgets on its own)."""
         self.batch_state.remove(req)
         self.sampler.forget(req.request_id)
+        self.logits.forget(req.request_id)
 
     def finish_stopped(self, stopped: list[tuple[Request | str, str]]) -> None:
         """End requests the output side found a stop string in: (request or its id, the string)."""
@@ -152,8 +159,9 @@ class Engine:
         if not sched:
             return []
         batch = state.prepare(sched)
-        logits = self.runner.execute(batch)
+        logits = self.logits.process(self.runner.execute(batch), batch.sampling)  # penalties, bias, grammars
         tokens = self.sampler.sample(logits, batch.sampling)
+        self.logits.accept(batch.sampling, tokens)
         state.advance(batch, tokens)
         sampled = {r.request_id: t for r, t in zip(batch.sampling, tokens)}
         advanced = self.scheduler.update(sched, sampled)

@@ -5,6 +5,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.core.prefix import PrefixChunks
 
@@ -22,6 +23,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to report per sampled token
+    # Logit processing (gateway/worker/logits.py)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    grammar: Any = None  # a compiled grammar (structured.py) the output must follow; None: free
 
     @property
     def greedy(self) -> bool:

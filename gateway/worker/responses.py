@@ -36,35 +36,39 @@ class ResponseBuilder:
     # -- whole responses --------------------------------------------------------------------
     def full(self, text: str, finish_reason: str | None, token_ids: list[int], logprobs: LogProbs | None,
              use: dict[str, Any]) -> dict[str, Any]:
+        return self.full_choices([self.choice(0, {"content": text}, finish_reason, token_ids, logprobs)], use)
+
+    def choice(self, index: int, message: dict[str, Any], finish_reason: str | None, token_ids: list[int],
+               logprobs: LogProbs | None) -> dict[str, Any]:
+        """One whole choice; message: {"content": ...} and, for a tool call, "tool_calls"."""
         if self.kind == "chat":
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
-                "logprobs": self._chat_logprobs(token_ids, logprobs),
-                "finish_reason": finish_reason,
-            }
-            body = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": text, "logprobs": self._completion_logprobs(token_ids, logprobs),
-                      "finish_reason": finish_reason}
-            body = self._head("text_completion")
-        body["choices"] = [choice]
+            return {"index": index,
+                    "message": {"role": "assistant", "refusal": None, "annotations": [], **message},
+                    "logprobs": self._chat_logprobs(token_ids, logprobs), "finish_reason": finish_reason}
+        return {"index": index, "text": message["content"],
+                "logprobs": self._completion_logprobs(token_ids, logprobs), "finish_reason": finish_reason}
+
+    def full_choices(self, choices: list[dict[str, Any]], use: dict[str, Any]) -> dict[str, Any]:
+        body = self._head("chat.completion" if self.kind == "chat" else "text_completion")
+        body["choices"] = choices
         body["usage"] = use
         return body
 
     # -- stream chunks ----------------------------------------------------------------------
     def chunk(self, text: str, finish_reason: str | None, token_ids: list[int], logprobs: LogProbs | None,
-              include_usage: bool, first: bool = False) -> dict[str, Any]:
+              include_usage: bool, first: bool = False, index: int = 0,
+              delta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """delta: the chat delta to send instead of {"content": text} (a tool call's)."""
         if self.kind == "chat":
-            delta: dict[str, Any] = {"content": text}
+            delta = dict(delta) if delta is not None else {"content": text}
             if first:
                 delta["role"] = "assistant"
-            choice: dict[str, Any] = {"index": 0, "delta": delta,
+            choice: dict[str, Any] = {"index": index, "delta": delta,
                                       "logprobs": self._chat_logprobs(token_ids, logprobs),
                                       "finish_reason": finish_reason}
             body = self._head("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text, "logprobs": self._completion_logprobs(token_ids, logprobs),
+            choice = {"index": index, "text": text, "logprobs": self._completion_logprobs(token_ids, logprobs),
                       "finish_reason": finish_reason}
             body = self._head("text_completion")
         body["choices"] = [choice]

@@ -20,6 +20,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.config import PoolConfig
+from gateway.core import capabilities
 from gateway.core.errors import APIError, BadRequest, InternalError, NotFound, Overloaded, RateLimited
 from gateway.worker.http import error_middleware, json_response, read_json
 from gateway.core.prefix import request_chunks
@@ -31,14 +32,20 @@ from gateway.worker.engine import Engine, RequestOutput
 from gateway.worker.load_feed import LoadFeed
 from gateway.worker.metrics import EngineCounters, WorkerMetrics
 from gateway.worker.request import Request, SamplingParams
+from gateway.core.responses_protocol import parse_embeddings, parse_responses
+from gateway.worker.choices import Choices, fan_out, run_choices
+from gateway.worker.embeddings import embed_request
+from gateway.worker.responses_api import serve_response
 from gateway.worker.responses import ResponseBuilder, usage
 from gateway.worker.tokenizer import ChatTemplateError
+from gateway.worker.tools import ChoiceShaper, prompt_messages
 
 log = logging.getLogger("meshgate.worker")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 Outputs = AsyncGenerator[RequestOutput, None]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CAPABILITIES = sorted(capabilities.MESHGATE_WORKER)
 
 
 class WorkerServer:
@@ -62,6 +69,8 @@ class WorkerServer:
         app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[error_middleware(self._count)])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_get("/health", self.health)
@@ -111,6 +120,7 @@ class WorkerServer:
         report = self.engine.report if self.engine else LoadReport()
         body = report.to_dict()
         body["ready"] = self.engine is not None
+        body["capabilities"] = CAPABILITIES  # what gateways may route here (gateway/core/capabilities.py)
         body["handling_s"] = time.perf_counter() - t0
         return json_response(body)
 
@@ -124,7 +134,7 @@ class WorkerServer:
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "meshgate",
-                "max_model_len": self.cfg.engine.max_model_len}
+                "max_model_len": self.cfg.engine.max_model_len, "capabilities": CAPABILITIES}
 
     async def models(self, request: web.Request) -> web.Response:
         return json_response({"object": "list", "data": [self._model_card()]})
@@ -142,6 +152,21 @@ class WorkerServer:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, parse_chat(await read_json(request)))
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_responses(await read_json(request)))
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        e = parse_embeddings(await read_json(request))
+        if e.model != self.model_name:
+            raise NotFound(f"The model '{e.model}' does not exist", param="model", code="model_not_found")
+        engine = self.engine
+        if engine is None:
+            raise Overloaded("the model is still loading", retry_after_s=5)
+        if getattr(engine.engine.runner, "model", None) is None:
+            raise BadRequest("this pool's runner does not serve embeddings", param="model",
+                             code="unsupported_endpoint")
+        return json_response(await embed_request(engine, e, self.cfg.engine.max_model_len, self.cfg.request_timeout_s))
+
     async def _generate(self, request: web.Request, g: GenerationRequest) -> web.StreamResponse:
         arrival = time.monotonic()
         if g.model != self.model_name:
@@ -153,19 +178,26 @@ class WorkerServer:
         if engine.num_in_flight >= ec.max_num_seqs + ec.max_waiting:
             raise Overloaded("the pool's queue is full; retry later", retry_after_s=1)
         tok = engine.engine.tokenizer
-        if g.kind == "chat":
+        if g.kind in ("chat", "responses"):
+            msgs = prompt_messages(g.messages or (), g.tools, g.tool_choice, tok.renders_tools)
             try:
-                prompt_ids = tok.apply_chat_template(list(g.messages or ()))
+                prompt_ids = tok.apply_chat_template(msgs, tools=_template_tools(g) if tok.renders_tools else None)
             except ChatTemplateError as e:
                 raise BadRequest(str(e), param="messages") from None
         elif g.prompt_token_ids is not None:
             prompt_ids = list(g.prompt_token_ids)
-            if max(prompt_ids) >= engine.engine.runner.config.vocab_size:  # type: ignore[attr-defined]
+            if max(prompt_ids) >= engine.engine.vocab_size:
                 raise BadRequest("'prompt' holds a token id outside the vocabulary", param="prompt")
         else:
             prompt_ids = tok.encode(g.prompt or "")
+        if any(t >= engine.engine.vocab_size for t, _ in g.logit_bias):
+            raise BadRequest("'logit_bias' names a token id outside the vocabulary", param="logit_bias")
         max_tokens = _check_length(len(prompt_ids), g.max_tokens, ec.max_model_len,
-                                   "messages" if g.kind == "chat" else "prompt")
+                                   {"chat": "messages", "responses": "input"}.get(g.kind, "prompt"))
+        grammar = None
+        if g.response_format is not None or g.tool_choice in ("required", "function"):
+            grammar = await asyncio.to_thread(engine.engine.grammars.for_request, g.response_format, g.tools,
+                                              g.tool_choice, g.tool_name)
         rid = uuid.uuid4().hex
         client_rid = request.headers.get("x-request-id", "")
         request[REQUEST_ID] = client_rid if _REQUEST_ID.match(client_rid) else rid
@@ -175,6 +207,8 @@ class WorkerServer:
             params=SamplingParams(
                 max_tokens=max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed,
                 stop=g.stop, stop_token_ids=g.stop_token_ids, ignore_eos=g.ignore_eos, logprobs=g.logprobs,
+                frequency_penalty=g.frequency_penalty, presence_penalty=g.presence_penalty,
+                logit_bias=g.logit_bias, grammar=grammar,
             ),
             priority=PRIORITIES.get(request.headers.get(PRIORITY_HEADER, ""), 0),
             prefix_chunks=request_chunks(g.prompt, g.prompt_token_ids, g.messages),  # bounded hashing
@@ -182,30 +216,36 @@ class WorkerServer:
         builder = ResponseBuilder(g.kind, rid, self.model_name, tok)
         deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
         refuse = ec.refuse_queue_wait_s if request.headers.get(MAY_REFUSE_HEADER) == "1" else None
-        outputs: Outputs = engine.generate(req, refuse_above_s=refuse)
+        outputs: Choices = run_choices(engine.generate, fan_out(req, g.n), refuse)
         if refuse is not None:
             outputs = await self._admitted(outputs, deadline)
         tracker = _Timing(self.metrics, arrival)
+        mode = "text" if g.kind == "completion" or g.tool_choice == "none" else (
+            "auto" if g.tool_choice == "auto" else "forced")
+        names = frozenset(t["name"] for t in g.tools)
+        shapers = [ChoiceShaper(mode, names) for _ in range(g.n)]
+        if g.kind == "responses":
+            return await serve_response(request, g, outputs, tracker.token, deadline, shapers[0], rid,
+                                        self.model_name, self._failure, (TimeoutError, EngineDeadError))
         if g.stream:
-            return await self._stream(request, g, outputs, builder, tracker, deadline)
-        text, ids, lps = [], [], []
-        last: RequestOutput | None = None
+            return await self._stream(request, g, outputs, builder, tracker, deadline, shapers)
+        acc = [_Choice() for _ in range(g.n)]
         try:
             async with contextlib.aclosing(outputs), asyncio.timeout_at(deadline):
-                async for out in outputs:
+                async for i, out in outputs:
                     tracker.token(out)
-                    text.append(out.text)
-                    ids.extend(out.token_ids)
-                    lps.extend(out.logprobs)
-                    last = out
+                    acc[i].add(out)
         except (TimeoutError, EngineDeadError) as e:
             raise self._failure(e) from None
-        assert last is not None
-        use = usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
-        return json_response(builder.full("".join(text), last.finish_reason, ids,
-                                          lps if g.logprobs is not None else None, use))
+        choices = []
+        for i, (c, shaper) in enumerate(zip(acc, shapers)):
+            assert c.last is not None
+            shaper.feed("".join(c.text))
+            _, message, reason = shaper.finish(c.last.finish_reason)
+            choices.append(builder.choice(i, message, reason, c.ids, c.lps if g.logprobs is not None else None))
+        return json_response(builder.full_choices(choices, _usage(acc)))
 
-    async def _admitted(self, outputs: Outputs, deadline: float) -> Outputs:
+    async def _admitted(self, outputs: Choices, deadline: float) -> Choices:
         """A request that may be refused: wait for the engine's first output before any answer
         goes out (a stream's headers included), so that a full pool can still answer 429. Returns
         the same outputs, the first one included."""
@@ -226,37 +266,89 @@ class WorkerServer:
             return Overloaded(f"the request did not finish within {self.cfg.request_timeout_s:g} s")
         return InternalError(str(e))
 
-    async def _stream(self, request: web.Request, g: GenerationRequest, outputs: Any, builder: ResponseBuilder,
-                      tracker: _Timing, deadline: float) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, g: GenerationRequest, outputs: Choices, builder: ResponseBuilder,
+                      tracker: _Timing, deadline: float, shapers: list[ChoiceShaper]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        last: RequestOutput | None = None
-        ids: list[int] = []  # tokens not sent yet (their text is held back, e.g. a partial UTF-8 char)
-        lps: list[Any] = []
+        acc = [_Choice() for _ in range(g.n)]
         try:
             async with contextlib.aclosing(outputs), asyncio.timeout_at(deadline):
-                async for out in outputs:
+                async for i, out in outputs:
                     tracker.token(out)
-                    ids.extend(out.token_ids)
-                    lps.extend(out.logprobs)
-                    if out.text or out.finished or last is None:
-                        chunk = builder.chunk(out.text, out.finish_reason, ids,
-                                              lps if g.logprobs is not None else None,
-                                              g.include_usage, first=last is None)
-                        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-                        ids, lps = [], []
-                    last = out
-            if g.include_usage and last is not None:
-                use = usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
-                await resp.write(b"data: " + orjson.dumps(builder.usage_chunk(use)) + b"\n\n")
+                    await resp.write(self._chunks(g, builder, shapers[i], acc[i], i, out))
+            if g.include_usage and all(c.last is not None for c in acc):
+                await resp.write(b"data: " + orjson.dumps(builder.usage_chunk(_usage(acc))) + b"\n\n")
         except (TimeoutError, EngineDeadError) as e:
             await resp.write(b"data: " + orjson.dumps(self._failure(e).body()) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 
+    @staticmethod
+    def _chunks(g: GenerationRequest, builder: ResponseBuilder, shaper: ChoiceShaper, c: _Choice, index: int,
+                out: RequestOutput) -> bytes:
+        """The SSE events for one output of choice `index`: its text (or tool call) deltas, the
+        tokens not sent yet with the first of them (text held back, e.g. a partial UTF-8 char,
+        keeps its tokens for later), and the finish reason with the last."""
+        first = c.last is None
+        c.add(out, keep=False)
+        deltas = shaper.feed(out.text) if g.kind == "chat" else ([{"content": out.text}] if out.text else [])
+        reason = None
+        if out.finished:
+            more, _, reason = shaper.finish(out.finish_reason) if g.kind == "chat" else ([], {}, out.finish_reason)
+            deltas += more
+        if not deltas and (first or out.finished):
+            deltas = [{"content": ""}]
+        events = []
+        for k, d in enumerate(deltas):
+            last = k == len(deltas) - 1
+            lps = c.pending_lps if g.logprobs is not None and k == 0 else None
+            chunk = builder.chunk(d.get("content", ""), reason if last else None, c.pending_ids if k == 0 else [],
+                                  lps, g.include_usage, first=first and k == 0, index=index,
+                                  delta=d if g.kind == "chat" else None)
+            events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if deltas:
+            c.pending_ids, c.pending_lps = [], []
+        return b"".join(events)
 
-async def _prepend(first: RequestOutput, rest: Outputs) -> Outputs:
+
+class _Choice:
+    """What one choice produced so far."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.ids: list[int] = []
+        self.lps: list[Any] = []
+        self.pending_ids: list[int] = []  # streams: tokens whose text has not gone out yet
+        self.pending_lps: list[Any] = []
+        self.last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput, keep: bool = True) -> None:
+        if keep:
+            self.text.append(out.text)
+            self.ids.extend(out.token_ids)
+            self.lps.extend(out.logprobs)
+        else:
+            self.pending_ids.extend(out.token_ids)
+            self.pending_lps.extend(out.logprobs)
+        self.last = out
+
+
+def _usage(acc: list[_Choice]) -> dict[str, Any]:
+    """The prompt once, the completion tokens of every choice."""
+    last = [c.last for c in acc if c.last is not None]
+    return usage(last[0].num_prompt_tokens, sum(o.num_output_tokens for o in last), last[0].num_cached_tokens)
+
+
+def _template_tools(g: GenerationRequest) -> list[dict[str, Any]] | None:
+    """Tools as Hugging Face tool-calling templates take them."""
+    if not g.tools or g.tool_choice == "none":
+        return None
+    return [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")}}
+            for t in g.tools]
+
+
+async def _prepend(first: Any, rest: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
     """`first`, then the rest; closing it closes `rest` (which aborts an unfinished request)."""
     try:
         yield first

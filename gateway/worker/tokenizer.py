@@ -48,7 +48,12 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself (tool-calling templates do)."""
+        return "tools" in self.chat_template
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         if self._compiled is None:
             self._compiled = _compile(self.chat_template)
         from jinja2.exceptions import TemplateError
@@ -59,6 +64,7 @@ class Tokenizer:
                 add_generation_prompt=True,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                tools=tools,
             )
         except TemplateError as e:  # e.g. the template's raise_exception("roles must alternate")
             raise ChatTemplateError(f"the model's chat template refused the messages: {e}") from e

@@ -23,14 +23,15 @@ class Harness:
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self, names: list[str], routing: str = "round-robin", sites: dict[str, dict] | None = None,
-                    **gateway: object) -> None:
-        """sites: pool name -> its site ({id, name, country, lat, lon}), for geography-aware tests."""
+                    pool_cfg: dict[str, dict] | None = None, **gateway: object) -> None:
+        """sites: pool name -> its site ({id, name, country, lat, lon}), for geography-aware tests;
+        pool_cfg: pool name -> more keys of its pools[] entry."""
         pools = []
         for n in names:
             stub = StubPool(n)
             url = await stub.start()
             self.stubs[n] = stub
-            pools.append({"id": n, "url": url, "models": [MODEL]})
+            pools.append({"id": n, "url": url, "models": [MODEL], **(pool_cfg or {}).get(n, {})})
             if sites and n in sites:
                 pools[-1]["site"] = sites[n]["id"]
         port = free_port()

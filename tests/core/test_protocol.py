@@ -51,8 +51,7 @@ def test_prompt_is_required_and_one_only():
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("n", True), ("best_of", True), ("echo", 0), ("frequency_penalty", False), ("presence_penalty", False),
-    ("n", 2), ("echo", True), ("moderation", {"input": True}),
+    ("n", True), ("best_of", True), ("echo", 0), ("echo", True), ("moderation", {"input": True}),
 ])
 def test_unsupported_fields_only_at_their_default_value_and_type(field, value):
     """True == 1 and 0 == False in Python, not in JSON: `n: true` is not `n: 1`."""
@@ -81,6 +80,41 @@ def test_no_effect_fields_are_accepted_when_well_typed(field, good, bad):
 
 def test_moderation_null_is_the_default():
     parse_chat({**CHAT, "moderation": None})
+
+
+@pytest.mark.parametrize(("field", "bad"), [
+    ("n", 0), ("n", 17), ("n", 2.0), ("frequency_penalty", False), ("presence_penalty", 2.5),
+    ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}), ("logit_bias", [5]), ("tools", {}),
+    ("tools", [{"type": "function", "function": {"name": "a b"}}]), ("tool_choice", "always"),
+    ("tool_choice", "required"), ("response_format", {"type": "xml"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"schema": {}}}),
+])
+def test_agent_fields_are_checked(field, bad):
+    with pytest.raises(BadRequest) as e:
+        parse_chat({**CHAT, field: bad})
+    assert (e.value.param or "").startswith(field), e.value.message
+
+
+def test_agent_fields_parse():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    g = parse_chat({**CHAT, "n": 3, "frequency_penalty": 0.5, "presence_penalty": -1, "logit_bias": {"7": -100},
+                    "tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert (g.n, g.frequency_penalty, g.presence_penalty, g.logit_bias) == (3, 0.5, -1.0, ((7, -100.0),))
+    assert (g.tool_choice, g.tool_name, g.tools[0]["name"]) == ("function", "get_weather", "get_weather")
+    assert parse_chat({**CHAT, "tools": tools}).tool_choice == "auto"  # the default with tools
+    g = parse_chat({**CHAT, "response_format": {"type": "json_schema",
+                                                "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True}}})
+    assert g.response_format == {"type": "json_schema", "name": "x", "schema": {"type": "object"}, "strict": True}
+    refused(parse_chat, {**CHAT, "tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": tools},
+            "tool_choice")
+    msgs = [{"role": "user", "content": "x"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    g = parse_chat({**CHAT, "messages": msgs})
+    assert g.messages[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert g.messages[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
+    refused(parse_chat, {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id")
 
 
 def test_max_completion_tokens_and_its_deprecated_name():

@@ -3,6 +3,7 @@ cancellation, deadlines, health and reflection."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import orjson
@@ -273,3 +274,38 @@ async def test_streams_are_metered_per_key(h):
     m = h.server.metrics
     assert await _eventually(lambda: m.usage_completion.labels("gold", MODEL, "a")._value.get() == 5)
     assert m.usage_requests.labels("gold", MODEL, "a", "complete")._value.get() == 1
+
+
+async def test_tools_and_response_format_as_json_strings(h):
+    """Tools, tool_choice, response_format, penalties and logit_bias reach the pool as the OpenAI
+    fields they stand for; a tool call in the answer comes back as tool_calls."""
+    await h.start(["a"])
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    req = pb.GenerateRequest(model=MODEL, messages=[pb.Message(role="user", content="x")],
+                             tools_json=json.dumps(tools), tool_choice_json='"required"',
+                             frequency_penalty=0.5, logit_bias_json='{"5": -100}')
+    await h.stub.Generate(req)
+    body = h.stubs["a"].received[-1][1]
+    assert body["tools"] == tools and body["tool_choice"] == "required"
+    assert body["frequency_penalty"] == 0.5 and body["logit_bias"] == {"5": -100}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    await h.stub.Generate(pb.GenerateRequest(model=MODEL, messages=[pb.Message(role="user", content="x")],
+                                             response_format_json=json.dumps(fmt)))
+    assert h.stubs["a"].received[-1][1]["response_format"] == fmt
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await h.stub.Generate(pb.GenerateRequest(model=MODEL, messages=[pb.Message(role="user", content="x")],
+                                                 tools_json="[oops"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools_json" in err.value.details()
+
+
+def test_tool_calls_convert():
+    from gateway.rpc import convert
+
+    whole = convert.whole_response({"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": "tool_calls",
+        "message": {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]}}]})
+    assert whole.finish_reason == "tool_calls"
+    assert [(t.id, t.name, t.arguments) for t in whole.tool_calls] == [("call_1", "f", '{"a":1}')]
+    piece = convert.stream_response({"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": None,
+        "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\""}}]}}]})
+    assert piece is not None and piece.tool_calls[0].arguments == '{"a"' and not piece.tool_calls[0].id

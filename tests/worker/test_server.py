@@ -126,7 +126,7 @@ def test_stream_logprobs_cover_every_token(url, path, body):
         ({"model": MODEL, "prompt": {"a": 1}}, 400, "prompt"),
         ({"model": MODEL, "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
         ({"model": MODEL, "prompt": [10**7]}, 400, "prompt"),
-        ({"model": MODEL, "prompt": "x", "n": 3}, 400, "n"),
+        ({"model": MODEL, "prompt": "x", "n": 17}, 400, "n"),
         ({"model": "no-such-model", "prompt": "x"}, 404, "model"),
         ({"prompt": "x"}, 400, "model"),
         ([1, 2, 3], 400, None),
