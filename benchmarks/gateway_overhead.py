@@ -1,7 +1,11 @@
 """Gateway overhead: what a router in front of a pool costs, meshgate beside peer routers.
 
     python -m benchmarks.gateway_overhead [--quick] [--json PATH] [--targets a,b] [--install-peers]
-                                          [--profile cprofile|py-spy]
+                                          [--profile cprofile|py-spy] [--paced [--paced-only]]
+
+--paced adds the paced streaming rows (benchmarks/gateway_paced.py: one SSE write per token, 20 ms
+apart, 100/300/1,000 streams open at once; CPU per relayed chunk, TTFT, inter-chunk gaps);
+--paced-only runs only those.
 
 One fast stub upstream (benchmarks/stub_upstream.py, its own process: answers at once, a whole JSON
 answer or an SSE stream of --tokens chunks) stands for the pool. Targets, measured one after another
@@ -48,7 +52,7 @@ from typing import Any
 
 import orjson
 
-from benchmarks import common, profiles, routers
+from benchmarks import common, gateway_paced, profiles, routers
 from benchmarks.common import Progress, percentile
 from benchmarks.gateway_overhead_report import LAT_KEYS, MAX_ERROR_RATE, MODES, goals, plot, print_report, summarize
 from benchmarks.routers import (
@@ -315,7 +319,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "INFO measures it with its access log)")
     p.add_argument("--rate", type=float, help="open-loop req/s (default 200)")
     p.add_argument("--tokens", type=int, help="streamed chunks per answer (default 16)")
+    p.add_argument("--paced", action="store_true", help="also the paced streaming rows (benchmarks/gateway_paced.py)")
+    p.add_argument("--paced-only", action="store_true", help="only the paced streaming rows")
+    p.add_argument("--paced-levels", help="comma-separated concurrent streams (default 100,300,1000)")
     args = p.parse_args(argv)
+    if args.paced_only:
+        args.paced = True
+        if args.json == common.RESULTS_DIR / "gateway_overhead.json":  # keep the request rows' file
+            args.json = common.RESULTS_DIR / "gateway_paced.json"
     common.setup_logging()
     plan = QUICK if args.quick else FULL
     if args.rate:
@@ -326,15 +337,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(names) - set(ALL_TARGETS)
     if unknown:
         p.error(f"unknown targets {sorted(unknown)}; known: {','.join(ALL_TARGETS)}")
-    if shutil.which("wrk") is None:
+    if shutil.which("wrk") is None and not args.paced_only:
         p.error("wrk is not installed (apt-get install wrk)")
     routers.set_venvs(args.peers_venv, args.litellm_venv)
     installs = install_peers(log) if args.install_peers else {}
     loadavg_start = common.machine_info()["loadavg_1m"]
 
+    paced_plan = gateway_paced.PACED_QUICK if args.quick else gateway_paced.PACED_FULL
+    if args.paced_levels:
+        paced_plan = replace(paced_plan, levels=tuple(int(x) for x in args.paced_levels.split(",")))
     with tempfile.TemporaryDirectory(prefix="mg-overhead-") as tmp:
         workdir = Path(tmp)
-        out = run_targets(plan, names, workdir, args.profile, args.meshgate_log_level)
+        out: dict[str, Any] = {"raw": {}, "notes": {}, "meta": {}}
+        if not args.paced_only:
+            out = run_targets(plan, names, workdir, args.profile, args.meshgate_log_level)
+        paced = gateway_paced.run_paced(paced_plan, names, workdir, plan.peers) if args.paced else None
         prof = None
         if args.profile:
             for f in ("meshgate.prof", "meshgate.pyspy.txt"):
@@ -344,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     shutil.copy(workdir / f, prof)
 
     targets: dict[str, Any] = {}
-    for name in names:
+    for name in names if not args.paced_only else []:
         note = out["notes"].get(name, "")
         if name in installs and installs[name] != "ok":
             note = f"{note}; install: {installs[name]}".strip("; ")
@@ -387,12 +404,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["profile"] = {"file": str(prof), "requests_approx": served, **summary}
     elif args.profile:
         res["profile"] = {"file": None, "note": "the profiler wrote nothing (see the meshgate note)"}
-    print_report(res)
+    if not args.paced_only:
+        print_report(res)
     if summary is not None:
         profiles.print_summary(summary, top=20)
+    if paced is not None:
+        res["paced"] = paced
+        gateway_paced.print_paced(paced)
     path = common.write_json(args.json, res)
     png = common.png_path(path)
-    plot(res, png)
+    if not args.paced_only:
+        plot(res, png)
+    if paced is not None:
+        png = png if args.paced_only else path.with_name(f"{path.stem}_paced.png")
+        gateway_paced.plot_paced(paced, png)
     print(f"\nwrote {path} and {png}" + (f" (profile: {prof})" if prof else ""))
     return res
 
