@@ -141,7 +141,8 @@ async def _relay(request: Request, up: Upstream) -> Response | Stream:
     out = request.start_stream(headers={"cache-control": "no-cache"})
     try:
         async for chunk in up.chunks():
-            await out.write(chunk)
+            if out.push(chunk):  # the client reads slowly: stop reading the pool until it catches up
+                await out.drained()
     except StreamBroken as e:
         err = InternalError(str(e))
         err.type = "upstream_error"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.edge.admission import Principal
-from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.metrics import GatewayMetrics, observe_many
 from gateway.edge.tracing import end_request
 from gateway.config import RoutingOptions
 from gateway.core.errors import APIError, Overloaded
@@ -32,6 +32,8 @@ from gateway.routing.candidates import CandidateSet
 from gateway.routing.framework import Profile
 
 log = logging.getLogger("meshgate.gateway")
+
+_GAPS_BATCH = 256  # inter-token gaps a stream keeps before they go to the histogram
 
 
 class BadGateway(APIError):
@@ -132,6 +134,7 @@ class Upstream:
         self.ttft_s = time.monotonic() - call.arrival  # first body bytes: the first token when streaming
         self.outcome = "ok" if resp.status < 400 else "client_error"
         self._closed = False
+        self._gaps: list[float] = []  # inter-token gaps not yet in the ITL histogram
 
     @property
     def pool_id(self) -> str:
@@ -145,14 +148,20 @@ class Upstream:
             yield first
         if not self.call.stream:
             return
-        itl = self.fwd.m.pool(self.pool_id).itl
-        last = time.monotonic()
+        # Per token only what must be: read, meter, hand on. The gaps are kept in a list and go to
+        # the ITL histogram in bulk (close(), or every _GAPS_BATCH tokens of a long stream).
+        gaps = self._gaps
+        readany = self.resp.readany
+        monotonic = time.monotonic
+        last = monotonic()
         try:
             async with asyncio.timeout_at(_loop_time(self.call.deadline)):
-                while chunk := await self.resp.readany():
-                    now = time.monotonic()
-                    itl.observe(now - last)
+                while chunk := await readany():
+                    now = monotonic()
+                    gaps.append(now - last)
                     last = now
+                    if len(gaps) >= _GAPS_BATCH:
+                        self._flush_gaps()
                     if meter is not None and not (chunk := meter.feed(chunk)):
                         continue  # no whole event yet, or only one the client did not ask for
                     yield chunk
@@ -164,6 +173,10 @@ class Upstream:
             raise StreamBroken("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
                                else "the pool failed mid-stream; the response is incomplete") from None
 
+    def _flush_gaps(self) -> None:
+        observe_many(self.fwd.m.pool(self.pool_id).itl, self._gaps)
+        self._gaps.clear()
+
     def close(self) -> None:
         """Book the attempt. Closing an unfinished response drops the connection, which tells the
         pool to abort the request and free its KV blocks (client gone)."""
@@ -174,6 +187,7 @@ class Upstream:
         self.pool.done()
         if self.outcome != "broken_stream":
             self.pool.record_success()
+        self._flush_gaps()
         m = self.fwd.m
         series = m.pool(self.pool_id)
         series.attempt(self.outcome)

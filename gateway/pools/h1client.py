@@ -17,6 +17,8 @@ import asyncio
 import base64
 import ssl
 from collections import deque
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -166,9 +168,10 @@ class Response:
         self.status = conn.status
         self.headers = conn.headers  # lower-case names
 
-    async def readany(self) -> bytes:
-        """The body bytes that have arrived (waiting for some); b"" at its end."""
-        return await self._conn.take()
+    def readany(self) -> Coroutine[Any, Any, bytes]:
+        """The body bytes that have arrived (waiting for some); b"" at its end. (The connection's
+        own coroutine, not one wrapping it: this runs once per streamed token.)"""
+        return self._conn.take()
 
     async def read(self) -> bytes:
         parts = []
@@ -192,6 +195,8 @@ class _Conn(asyncio.Protocol):
         self.used = False
         self.closed = False
         self.parser = httptools.HttpResponseParser(self)
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._waiting_since = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -229,19 +234,31 @@ class _Conn(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             self._more = self.loop.create_future()
-            timer = self.loop.call_later(self.origin.client.idle_timeout_s, self._idle)
+            self._waiting_since = self.loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = self.loop.call_at(self._waiting_since + self.origin.client.idle_timeout_s,
+                                                     self._idle)
             try:
                 await self._more
             finally:
-                timer.cancel()
                 self._more = None
         data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.body.clear()
         return data
 
     def _idle(self) -> None:
-        self._fail(ReadTimeout(f"no data from {self.origin.host}:{self.origin.port} "
-                               f"for {self.origin.client.idle_timeout_s:g} s"))
+        """The idle watchdog: one timer per connection, re-armed when it fires, instead of a timer
+        made and cancelled for every wait (every streamed token). Fails the read that has waited
+        idle_timeout_s; a wait that began later gets the rest of its own."""
+        self._idle_timer = None
+        if self._more is None or self.closed:
+            return  # nobody waits: the next wait arms it again
+        idle_s = self.origin.client.idle_timeout_s
+        due = self._waiting_since + idle_s
+        if self.loop.time() < due:
+            self._idle_timer = self.loop.call_at(due, self._idle)
+            return
+        self._fail(ReadTimeout(f"no data from {self.origin.host}:{self.origin.port} for {idle_s:g} s"))
         self.abort()
 
     def _fail(self, e: UpstreamError) -> None:
@@ -261,6 +278,9 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.origin.gone(self)
         self._fail(UpstreamError(f"{self.origin.host}:{self.origin.port} closed the connection"))
 

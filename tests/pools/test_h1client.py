@@ -13,7 +13,8 @@ class Server:
     """Answers each request after `delay_s`; `close_after` answers per connection, then closes it
     (a keep-alive timer that beat the client's); `stall`: send the head and half a body, then wait."""
 
-    def __init__(self, delay_s: float = 0.0, close_after: int = 0, stall: bool = False):
+    def __init__(self, delay_s: float = 0.0, close_after: int = 0, stall: bool = False, trickle_s: float = 0.0):
+        self.trickle_s = trickle_s  # > 0: the body goes out a byte at a time, this far apart
         self.delay_s = delay_s
         self.close_after = close_after
         self.stall = stall
@@ -39,6 +40,12 @@ class Server:
                     await reader.read()  # until the client gives up
                     return
                 out = b"echo:" + body
+                if self.trickle_s:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(out))
+                    for i in range(len(out)):
+                        await asyncio.sleep(self.trickle_s)
+                        writer.write(out[i:i + 1])
+                    continue
                 writer.write(b"HTTP/1.1 200 OK\r\nx-meshgate-load: w=1\r\ncontent-length: %d\r\n\r\n%s" % (len(out), out))
                 answered += 1
                 if self.close_after and answered >= self.close_after:
@@ -118,6 +125,18 @@ async def test_a_stalled_body_times_out() -> None:
         r = await c.request("POST", url + "/x", b"q")
         with pytest.raises(ReadTimeout):
             await r.read()
+        r.close()
+        await c.close()
+
+
+async def test_a_body_that_keeps_trickling_never_times_out() -> None:
+    """The idle timeout is per gap: a body slower in total than the timeout, but never silent for
+    that long, is read whole (the client keeps one watchdog timer per connection, re-armed)."""
+    s = Server(trickle_s=0.2)
+    async with s as url:
+        c = HttpClient(8, 1.0, 1.0)
+        r = await c.request("POST", url + "/x", b"abcd")  # 9 bytes, 1.8 s in all
+        assert await r.read() == b"echo:abcd"
         r.close()
         await c.close()
 
