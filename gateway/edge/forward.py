@@ -26,7 +26,7 @@ from gateway.config import RoutingOptions
 from gateway.core.errors import APIError, Overloaded
 from gateway.core.types import RouteRequest
 from gateway.core.wire import MAY_REFUSE_HEADER
-from gateway.pools.h1client import Response, UpstreamError
+from gateway.pools.h1client import ConnectionWaitTimeout, Response, UpstreamError
 from gateway.pools.upstream import Pool, Upstreams
 from gateway.routing.candidates import CandidateSet
 from gateway.routing.framework import Profile
@@ -210,6 +210,7 @@ class Forwarder:
         self.m = metrics
         self.max_attempts = max_attempts
         self.first_byte_timeout_s = first_byte_timeout_s
+        self.connection_wait_s = upstreams.up.connection_wait_s  # the most a request waits for a connection
 
     async def open(self, call: Call) -> Upstream:
         try:
@@ -235,7 +236,8 @@ class Forwarder:
         # sooner; the last attempt always queues. If the candidates run out first, the first pool
         # that refused is asked again, told it may not refuse.
         pools = (self.up.pools[ep.pool_id] for ep in decision.ranked)
-        attempts, refused = 0, None
+        attempts, refused, waits_out = 0, None, False
+        skipped: list[Pool] = []  # at their connection cap: passed over for the next candidate
         while attempts < self.max_attempts:
             pool, final = next(pools, None), False
             if pool is None:
@@ -244,20 +246,32 @@ class Forwarder:
                 pool, refused, final = refused, None, True
             elif not pool.breaker.allow():
                 continue
+            elif self.up.would_wait(pool):
+                # Every connection to it is busy: a queue routing would not see. Full, like a
+                # refusal (no attempt spent); it is waited for only if no candidate is left.
+                refused = refused or pool
+                skipped.append(pool)
+                continue
             attempts += 1
             try:
                 resp, first = await self._attempt(call, pool, may_refuse=not final and attempts < self.max_attempts)
             except _Retry as e:
-                refused = refused or (pool if e.busy else None)
+                waits_out = isinstance(e.__cause__, ConnectionWaitTimeout) or waits_out
+                refused = refused or (pool if e.busy and not final else None)  # the final ask is not repeated
                 self.m.pool(pool.endpoint.pool_id).failovers.inc()
                 # A full pool turning a request away is routine under load; a failure is not.
                 (log.debug if e.busy else log.warning)("request %s: pool %s %s before the first token (%s)",
                                                        call.request_id, pool.endpoint.pool_id,
                                                        "refused" if e.busy else "failed", e)
                 continue
+            for full in skipped:
+                if full is not pool:  # served elsewhere: counted as skipped (else as waited, above)
+                    self.m.pool(full.endpoint.pool_id).connection_wait("skipped")
             up = Upstream(self, call, pool, resp, first, decision.explain(), attempts - 1)
             self.m.pool(pool.endpoint.pool_id).ttft.observe(up.ttft_s)
             return up
+        if waits_out:
+            raise Overloaded("every connection to the pools that serve this model is busy", retry_after_s=1)
         raise BadGateway(f"no pool could serve the request ({attempts} tried)")
 
     async def _attempt(self, call: Call, pool: Pool, may_refuse: bool) -> tuple[Response, bytes]:
@@ -272,7 +286,16 @@ class Forwarder:
             try:
                 async with asyncio.timeout(min(remaining, self.first_byte_timeout_s)) as timer:
                     headers = {**call.headers, MAY_REFUSE_HEADER: "1"} if may_refuse else call.headers
-                    resp = await self.up.client.request("POST", ep.url + call.path, call.body, headers)
+                    try:
+                        resp = await self.up.client.request("POST", ep.url + call.path, call.body, headers,
+                                                            max_wait_s=self.connection_wait_s)
+                    except ConnectionWaitTimeout as e:
+                        self.m.pool(ep.pool_id).connection_wait("timed_out")
+                        pool.connection_waited(self.connection_wait_s)
+                        raise _Retry(str(e), busy=True) from e
+                    if resp.waited_s > 0:
+                        self.m.pool(ep.pool_id).connection_wait("waited")
+                    pool.connection_waited(resp.waited_s)
                     pool.load_from_header(resp.headers)
                     if resp.status >= 500 or resp.status == 429:
                         raise _Retry(f"status {resp.status}", busy=resp.status in (429, 503))

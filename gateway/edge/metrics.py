@@ -77,6 +77,11 @@ class GatewayMetrics:
                                 ["pool", "outcome"], registry=own)
         self.failovers = Counter("meshgate_failovers", "Requests retried on another pool after a failure.",
                                  ["from_pool"], registry=own)
+        self.connection_waits = Counter(
+            "meshgate_upstream_connection_waits", "Requests that found every connection to a pool busy (its "
+            "connection cap reached), by pool and outcome: skipped (routed to its next candidate instead), waited "
+            "(the last candidate: got one within upstream.connection_wait_s), timed_out (did not).",
+            ["pool", "outcome"], registry=own)
         self.ttft = Histogram("meshgate_time_to_first_token_seconds", "Arrival to first token, by pool.",
                               ["pool"], buckets=_LATENCY, registry=own)
         self.itl = Histogram("meshgate_inter_token_latency_seconds", "Gap between streamed chunks, by pool.",
@@ -152,6 +157,9 @@ class PoolSeries:
 
     def attempt(self, outcome: str) -> None:
         self._m.child(self._m.attempts, self._pool_id, outcome).inc()
+
+    def connection_wait(self, outcome: str) -> None:
+        self._m.child(self._m.connection_waits, self._pool_id, outcome).inc()
 
 
 class _PoolCollector:

@@ -5,8 +5,10 @@ machine (request and response objects, header multidicts, a connector lookup), a
 gateway did. This one writes a request in one send, parses the answer with httptools, and hands the
 body over as it arrives (`readany`) so SSE is relayed without re-framing.
 
-Per origin at most `max_connections` connections, kept alive and reused; a request that finds them
-all busy waits for one (under the caller's timeout). A connection whose response was not read to the
+Per origin at most `max_connections` connections (or the limit set_limit gave it), kept alive and
+reused; a request that finds them all busy waits for one, for at most its `max_wait_s` (else under
+the caller's timeout). `would_wait` tells a caller beforehand, so routing can treat the pool as full
+instead of queueing silently; a Response says how long its request waited (`waited_s`). A connection whose response was not read to the
 end is closed, not reused: that is how a cancelled request tells the pool to stop. A request on a
 reused connection that the server had closed meanwhile (its keep-alive timer beat ours) is sent again
 once on a new connection, as long as no byte of an answer came back.
@@ -32,6 +34,10 @@ class ReadTimeout(UpstreamError):
     """No bytes for `idle_timeout_s` while a body was expected."""
 
 
+class ConnectionWaitTimeout(UpstreamError):
+    """Every connection to the origin stayed busy for the request's `max_wait_s`: nothing was sent."""
+
+
 class HttpClient:
     def __init__(self, max_connections: int, connect_timeout_s: float, idle_timeout_s: float):
         self.max_connections = max_connections
@@ -40,22 +46,52 @@ class HttpClient:
         self._origins: dict[str, _Origin] = {}
 
     async def request(self, method: str, url: str, body: bytes = b"",
-                      headers: dict[str, str] | None = None) -> Response:
-        """Send and wait for the response head. url: an absolute http(s) URL."""
+                      headers: dict[str, str] | None = None, max_wait_s: float | None = None) -> Response:
+        """Send and wait for the response head. url: an absolute http(s) URL. max_wait_s: the most to
+        wait for a free connection (ConnectionWaitTimeout past it); None: as long as the caller lets."""
         base, path = _split(url)
-        origin = self._origins.get(base)
-        if origin is None:
-            origin = self._origins[base] = _Origin(base, self)
+        origin = self._origin(base)
         data = origin.encode(method, path, body, headers)
+        waited_s = 0.0
         for _ in range(2):
-            conn = await origin.acquire()
+            conn, w = await origin.acquire(max_wait_s)
+            waited_s += w
             reused = conn.used
             try:
-                return await conn.send(data)
+                resp = await conn.send(data)
+                resp.waited_s = waited_s
+                return resp
             except UpstreamError:
                 if not (reused and conn.no_answer):
                     raise
         raise AssertionError("unreachable")
+
+    def _origin(self, base: str) -> _Origin:
+        origin = self._origins.get(base)
+        if origin is None:
+            origin = self._origins[base] = _Origin(base, self)
+        return origin
+
+    def set_limit(self, base_url: str, limit: int) -> None:
+        """The connection cap of one origin (scheme://host:port), in place of max_connections."""
+        origin = self._origin(base_url)
+        raised = limit > origin.limit
+        origin.limit = max(1, limit)
+        if raised:
+            while origin.count < origin.limit and origin._wake(None):
+                pass  # waiters that fit under the new cap go open connections
+
+    def limit(self, base_url: str) -> int:
+        origin = self._origins.get(base_url)
+        return origin.limit if origin is not None else self.max_connections
+
+    def would_wait(self, base_url: str) -> bool:
+        """Whether a request to this origin now would wait for a connection (none idle and the cap
+        reached)."""
+        origin = self._origins.get(base_url)
+        if origin is None:
+            return False
+        return origin.count >= origin.limit and not any(not c.closed for c in origin.idle)
 
     async def close(self) -> None:
         for origin in self._origins.values():
@@ -91,38 +127,48 @@ class _Origin:
         self.idle: deque[_Conn] = deque()
         self.waiters: deque[asyncio.Future[_Conn | None]] = deque()
         self.count = 0  # connections open or opening
+        self.limit = client.max_connections
 
     def encode(self, method: str, path: str, body: bytes, headers: dict[str, str] | None) -> bytes:
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) if headers else ""
         length = f"content-length: {len(body)}\r\n" if body or method == "POST" else ""
         return f"{method} {path} HTTP/1.1\r\n{self.fixed}{length}{extra}\r\n".encode("latin-1") + body
 
-    async def acquire(self) -> _Conn:
+    async def acquire(self, max_wait_s: float | None = None) -> tuple[_Conn, float]:
+        """A connection, and the seconds waited for it."""
         while self.idle:
             conn = self.idle.pop()  # the most recently used: the least likely to have timed out
             if not conn.closed:
-                return conn
-        while self.count >= self.client.max_connections:
-            fut: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
+                return conn, 0.0
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while self.count >= self.limit:
+            fut: asyncio.Future[_Conn | None] = loop.create_future()
             self.waiters.append(fut)
+            timer = None
+            if max_wait_s is not None:
+                timer = loop.call_at(t0 + max_wait_s, _expire, fut, f"{self.host}:{self.port}", max_wait_s)
             try:
                 handed = await fut
             except asyncio.CancelledError:
                 if fut.done() and not fut.cancelled() and (late := fut.result()) is not None:
                     self.release(late)  # handed over just as we gave up: pass it on
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
             if handed is not None:
-                return handed
+                return handed, loop.time() - t0
+        waited = loop.time() - t0
         self.count += 1
         try:
-            loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.client.connect_timeout_s):
                 _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self.ssl)
         except (OSError, TimeoutError) as e:
             self.count -= 1
             self._wake(None)
             raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {e}") from None
-        return conn
+        return conn, waited
 
     def release(self, conn: _Conn) -> None:
         """A connection whose exchange ended: reuse it if it may be, else drop it."""
@@ -158,15 +204,21 @@ class _Origin:
                 fut.set_exception(UpstreamError("the client is closed"))
 
 
+def _expire(fut: asyncio.Future[_Conn | None], where: str, max_wait_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(ConnectionWaitTimeout(f"no free connection to {where} within {max_wait_s:g} s"))
+
+
 class Response:
     """A response whose head has arrived. Read the body (read / readany), then close()."""
 
-    __slots__ = ("_conn", "headers", "status")
+    __slots__ = ("_conn", "headers", "status", "waited_s")
 
     def __init__(self, conn: _Conn):
         self._conn = conn
         self.status = conn.status
         self.headers = conn.headers  # lower-case names
+        self.waited_s = 0.0  # for a free connection before the request went out
 
     def readany(self) -> Coroutine[Any, Any, bytes]:
         """The body bytes that have arrived (waiting for some); b"" at its end. (The connection's
