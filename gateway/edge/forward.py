@@ -45,6 +45,18 @@ class StreamBroken(Exception):
     """The pool failed, or the deadline passed, after the first token reached the client."""
 
 
+class _ClientGone(Exception):
+    """relay(): the sink failed (its client went away); not the pool's fault."""
+
+
+class Sink(Protocol):
+    """Where relay() puts the client's bytes (gateway.api.h1.Stream)."""
+
+    def push(self, data: bytes) -> bool: ...  # True: the client is behind; await drained() first
+
+    async def drained(self) -> None: ...  # raises ConnectionError once the client is gone
+
+
 class Meter(Protocol):
     """Watches a request's stream and hears, once, how it ended (gateway.edge.metering.RequestMeter)."""
 
@@ -135,6 +147,7 @@ class Upstream:
         self.outcome = "ok" if resp.status < 400 else "client_error"
         self._closed = False
         self._gaps: list[float] = []  # inter-token gaps not yet in the ITL histogram
+        self._resume: asyncio.Future[None] | None = None  # relay(): waits for a slow client, then reads on
 
     @property
     def pool_id(self) -> str:
@@ -173,6 +186,62 @@ class Upstream:
             raise StreamBroken("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
                                else "the pool failed mid-stream; the response is incomplete") from None
 
+    async def relay(self, sink: Sink) -> None:
+        """What pushing each of chunks() to sink does (same bytes, metering, gaps, deadline and
+        StreamBroken), but the pool's reads go to the sink from the connection's callback: no task
+        wakes up, no coroutine resumes, per token. Flow control: while the sink's client is behind,
+        the pool's connection is not read. The sink's own failure (its client went away) is raised
+        as the ConnectionResetError it is, not as a broken stream."""
+        meter = self.call.meter if self.call.stream and self.status < 400 else None
+        first = meter.feed(self.first) if meter is not None else self.first
+        if first and sink.push(first):
+            await sink.drained()
+        if not self.call.stream:
+            return
+        gaps, resp, monotonic = self._gaps, self.resp, time.monotonic
+        last = monotonic()
+
+        def on_data(chunk: bytes) -> None:
+            nonlocal last
+            now = monotonic()
+            gaps.append(now - last)
+            last = now
+            if len(gaps) >= _GAPS_BATCH:
+                self._flush_gaps()
+            if meter is not None and not (chunk := meter.feed(chunk)):
+                return
+            try:
+                behind = sink.push(chunk)
+            except ConnectionError as e:
+                raise _ClientGone() from e
+            if behind and self._resume is None:
+                resp.pause_reading()
+                self._resume = asyncio.ensure_future(self._resume_when_drained(sink))
+
+        try:
+            async with asyncio.timeout_at(_loop_time(self.call.deadline)):
+                await resp.pipe(on_data)
+                if self._resume is not None:
+                    await self._resume
+            if meter is not None and (rest := meter.tail()) and sink.push(rest):
+                await sink.drained()
+        except _ClientGone:
+            raise ConnectionResetError("the client went away") from None
+        except (UpstreamError, TimeoutError, ConnectionError) as e:
+            self.outcome = "broken_stream"
+            self.pool.record_failure()
+            raise StreamBroken("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
+                               else "the pool failed mid-stream; the response is incomplete") from None
+
+    async def _resume_when_drained(self, sink: Sink) -> None:
+        try:
+            await sink.drained()
+        except ConnectionError:
+            return  # the client is gone: its request is being cancelled
+        finally:
+            self._resume = None
+        self.resp.resume_reading()
+
     def _flush_gaps(self) -> None:
         observe_many(self.fwd.m.pool(self.pool_id).itl, self._gaps)
         self._gaps.clear()
@@ -183,6 +252,8 @@ class Upstream:
         if self._closed:
             return
         self._closed = True
+        if self._resume is not None:
+            self._resume.cancel()
         self.resp.close()
         self.pool.done()
         if self.outcome != "broken_stream":

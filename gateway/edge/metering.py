@@ -101,19 +101,20 @@ class RequestMeter:
     # -- streams ------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
         """Take bytes from the pool; return whole events to pass on (possibly fewer than came)."""
-        buf = self._buf + chunk if self._buf else chunk
-        if b"\r" in buf:  # CR line ends (rare): the general parser
-            parts = _EVENT_END.split(buf)
-            self._buf = parts.pop()
-            return self._events(parts)
-        end = buf.rfind(b"\n\n") + 2
-        if end < 2:
-            self._buf = buf  # no whole event yet
-            return b""
-        if end == len(buf):  # the usual read: whole events only, no copies
-            self._buf, whole = b"", buf
+        if not self._buf and chunk.endswith(b"\n\n"):
+            whole = chunk  # the usual read: whole LF-ended events (a CR or CRLF pool's never end so)
         else:
-            self._buf, whole = buf[end:], buf[:end]
+            buf = self._buf + chunk if self._buf else chunk
+            if b"\r" in buf:  # CR line ends (rare): the general parser
+                parts = _EVENT_END.split(buf)
+                self._buf = parts.pop()
+                return self._events(parts)
+            end = buf.rfind(b"\n\n") + 2
+            if end < 2:
+                self._buf = buf  # no whole event yet
+                return b""
+            self._buf = buf[end:]
+            whole = buf[:end] if self._buf else buf
         if self.strip:
             # Compact JSON cannot hold this byte sequence inside a string (its quotes would be escaped),
             # so removing it from the whole read at once is safe; a leading-position field is left

@@ -19,7 +19,7 @@ import asyncio
 import base64
 import ssl
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -231,11 +231,29 @@ class Response:
             parts.append(chunk)
         return b"".join(parts)
 
+    def pipe(self, on_data: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """Hand the body to on_data as it arrives, from the connection's own callback (bytes
+        already here first, at once): no task wakes up per read, which is what a relay of one
+        event per token spends most on otherwise. The future ends with the body, or fails with
+        the UpstreamError (ReadTimeout included) that ended it, or with what on_data raised (then
+        nothing more is handed over). Use instead of readany, not with it."""
+        return self._conn.pipe(on_data)
+
+    def pause_reading(self) -> None:
+        """Stop reading the pool (its TCP window fills, so it slows down): the relay's client is behind."""
+        if self._conn is not None:
+            self._conn.pause()
+
+    def resume_reading(self) -> None:
+        if self._conn is not None:
+            self._conn.resume()
+
     def close(self) -> None:
         """Give the connection back (whole answer read) or close it (not: the pool sees the request
         cancelled). Idempotent."""
         conn, self._conn = self._conn, None  # type: ignore[assignment]
         if conn is not None:
+            conn.unpipe()
             conn.origin.release(conn)
 
 
@@ -261,6 +279,9 @@ class _Conn(asyncio.Protocol):
         self.error: UpstreamError | None = None
         self._head: asyncio.Future[Response] | None = None
         self._more: asyncio.Future[None] | None = None
+        self._pipe: Callable[[bytes], None] | None = None  # Response.pipe's consumer
+        self._piped: asyncio.Future[None] | None = None  # ... and the end of its body
+        self._paused = False  # reading paused for a slow consumer: not idle
 
     def reusable(self) -> bool:
         return self.complete and not self.closed and self.error is None and self.keep_alive
@@ -286,10 +307,7 @@ class _Conn(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             self._more = self.loop.create_future()
-            self._waiting_since = self.loop.time()
-            if self._idle_timer is None:
-                self._idle_timer = self.loop.call_at(self._waiting_since + self.origin.client.idle_timeout_s,
-                                                     self._idle)
+            self._arm_idle()
             try:
                 await self._more
             finally:
@@ -298,13 +316,58 @@ class _Conn(asyncio.Protocol):
         self.body.clear()
         return data
 
+    def pipe(self, on_data: Callable[[bytes], None]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = self.loop.create_future()
+        if self.body:
+            data = b"".join(self.body)
+            self.body.clear()
+            on_data(data)
+        if self.complete:
+            fut.set_result(None)
+        elif self.error is not None:
+            fut.set_exception(self.error)
+        else:
+            self._pipe, self._piped = on_data, fut
+            self._arm_idle()
+        return fut
+
+    def unpipe(self) -> None:
+        fut, self._pipe, self._piped = self._piped, None, None
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    def _end_pipe(self, e: BaseException | None) -> None:
+        fut, self._pipe, self._piped = self._piped, None, None
+        if fut is not None and not fut.done():
+            if e is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(e)
+
+    def pause(self) -> None:
+        if not self.closed and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+            self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """The quiet time counts from now (a wait begins)."""
+        self._waiting_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_at(self._waiting_since + self.origin.client.idle_timeout_s, self._idle)
+
     def _idle(self) -> None:
         """The idle watchdog: one timer per connection, re-armed when it fires, instead of a timer
         made and cancelled for every wait (every streamed token). Fails the read that has waited
         idle_timeout_s; a wait that began later gets the rest of its own."""
         self._idle_timer = None
-        if self._more is None or self.closed:
-            return  # nobody waits: the next wait arms it again
+        if (self._more is None and self._piped is None) or self._paused or self.closed:
+            return  # nobody waits (or a slow consumer holds the reads): the next wait arms it again
         idle_s = self.origin.client.idle_timeout_s
         due = self._waiting_since + idle_s
         if self.loop.time() < due:
@@ -318,6 +381,7 @@ class _Conn(asyncio.Protocol):
             self.error = e
         if self._head is not None and not self._head.done():
             self._head.set_exception(e)
+        self._end_pipe(self.error or e)
         self._wake()
 
     def _wake(self) -> None:
@@ -354,9 +418,18 @@ class _Conn(asyncio.Protocol):
             self._head.set_result(Response(self))
 
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-        self._wake()
+        pipe = self._pipe
+        if pipe is None:
+            self.body.append(body)
+            self._wake()
+            return
+        self._waiting_since = self.loop.time()  # the idle watchdog's clock
+        try:
+            pipe(body)
+        except Exception as e:  # the consumer's failure (its client went away): it hears it, we stop
+            self._end_pipe(e)
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self._end_pipe(None)
         self._wake()

@@ -194,3 +194,35 @@ def test_connection_cap_settings_are_checked_at_load(field, value):
     with pytest.raises(ConfigError, match=f"gateway.upstream.{field}"):
         config_from_dict({"gateway": {"upstream": {field: value}},
                           "pools": [{"id": "a", "url": "http://127.0.0.1:1", "models": ["m"], "kind": "openai"}]})
+
+
+async def test_a_client_that_reads_slowly_pauses_the_pool_and_still_gets_every_token(h, monkeypatch):
+    """Flow control through the relay: while the client's socket is full, the gateway stops reading
+    the pool (instead of buffering the stream), and resumes when the client reads again."""
+    import socket
+
+    from gateway.pools import h1client
+
+    pauses = []
+    real_pause = h1client._Conn.pause
+    monkeypatch.setattr(h1client._Conn, "pause", lambda self: (pauses.append(1), real_pause(self))[1])
+    await h.start(["a"])
+    h.stubs["a"].num_tokens = 50000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(h.url.rsplit(":", 1)[1])))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = json.dumps(chat(stream=True)).encode()  # the stub sends num_tokens whatever it is asked
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    head = await reader.read(1024)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    for _ in range(100):  # the client reads nothing more until the gateway has paused the pool
+        if pauses:
+            break
+        await asyncio.sleep(0.05)
+    assert pauses, [(c.paused, c.transport.get_write_buffer_size()) for c in h.server.http.conns]
+    raw = await asyncio.wait_for(reader.read(), 60)
+    writer.close()
+    assert raw.count(b'"delta"') >= 49990 and b"data: [DONE]" in raw

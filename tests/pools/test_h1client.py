@@ -155,3 +155,25 @@ def test_basic_credentials_in_the_url_become_an_authorization_header() -> None:
     wire = o.encode("POST", "/v1/x", b"{}", {"x-a": "1"})
     assert wire.startswith(b"POST /v1/x HTTP/1.1\r\nhost: example.com:8080\r\nauthorization: Basic dXNlcjpwQHNz\r\n")
     assert wire.endswith(b"content-length: 2\r\nx-a: 1\r\n\r\n{}")
+
+
+async def test_a_piped_body_arrives_whole_and_a_stalled_one_times_out() -> None:
+    s = Server(trickle_s=0.05)
+    async with s as url:
+        c = HttpClient(8, 1.0, 1.0)
+        r = await c.request("POST", url + "/x", b"abcd")
+        got: list[bytes] = []
+        await asyncio.wait_for(r.pipe(got.append), 5)
+        assert b"".join(got) == b"echo:abcd"
+        r.close()
+        await c.close()
+    s = Server(stall=True)
+    async with s as url:
+        c = HttpClient(8, 1.0, 0.2)
+        r = await c.request("POST", url + "/x", b"q")
+        got = []
+        with pytest.raises(ReadTimeout):
+            await asyncio.wait_for(r.pipe(got.append), 5)
+        assert got == [b"half"]
+        r.close()
+        await c.close()
