@@ -75,7 +75,9 @@ log = logging.getLogger("meshgate.bench")
 
 PEERS = ("vllm-router", "smg", "litellm")
 OURS = ("meshgate", "meshgate-workers")  # one gateway process; one per CPU (`serve --workers`)
-ALL_TARGETS = ("direct", *OURS, *PEERS)
+BASELINE = "meshgate-baseline"  # --baseline-tree: another checkout, one process (before/after in one run)
+ALL_TARGETS = ("direct", *OURS, BASELINE, *PEERS)
+BASELINE_TREE: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +267,7 @@ def run_targets(plan: Plan, names: list[str], workdir: Path, profile: str | None
     raw: dict[str, Any] = {}
     notes: dict[str, str] = {}
     meta: dict[str, dict[str, Any]] = {}
-    measured = [n for n in names if n in ("direct", *OURS) or plan.peers]
+    measured = [n for n in names if n in ("direct", *OURS, BASELINE) or plan.peers]
     total = 4 * len(measured)
     try:
         with Progress(total, "gateway overhead", unit="run") as bar:
@@ -279,6 +281,8 @@ def run_targets(plan: Plan, names: list[str], workdir: Path, profile: str | None
                 try:
                     if name == "direct":
                         target = Target("direct", None, stub_url, "stub", "python -m benchmarks.stub_upstream")
+                    elif name == BASELINE:
+                        target = start_meshgate(workdir, stub_url, None, meshgate_log_level, tree=BASELINE_TREE)
                     elif name in OURS:
                         workers = (os.cpu_count() or 1) if name == "meshgate-workers" else 1
                         target = start_meshgate(workdir, stub_url, profile, meshgate_log_level, workers)
@@ -322,7 +326,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--paced", action="store_true", help="also the paced streaming rows (benchmarks/gateway_paced.py)")
     p.add_argument("--paced-only", action="store_true", help="only the paced streaming rows")
     p.add_argument("--paced-levels", help="comma-separated concurrent streams (default 100,300,1000)")
+    p.add_argument("--baseline-tree", type=Path,
+                   help=f"another meshgate checkout (e.g. `git worktree add /tmp/base main`), measured as the "
+                        f"{BASELINE} target beside this one: before/after in the same run")
     args = p.parse_args(argv)
+    global BASELINE_TREE
+    BASELINE_TREE = args.baseline_tree
+    if BASELINE_TREE is not None and BASELINE not in args.targets.split(","):
+        args.targets += "," + BASELINE
     if args.paced_only:
         args.paced = True
         if args.json == common.RESULTS_DIR / "gateway_overhead.json":  # keep the request rows' file
@@ -351,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"raw": {}, "notes": {}, "meta": {}}
         if not args.paced_only:
             out = run_targets(plan, names, workdir, args.profile, args.meshgate_log_level)
-        paced = gateway_paced.run_paced(paced_plan, names, workdir, plan.peers) if args.paced else None
+        paced = (gateway_paced.run_paced(paced_plan, names, workdir, plan.peers, BASELINE_TREE)
+                 if args.paced else None)
         prof = None
         if args.profile:
             for f in ("meshgate.prof", "meshgate.pyspy.txt"):
@@ -365,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         note = out["notes"].get(name, "")
         if name in installs and installs[name] != "ok":
             note = f"{note}; install: {installs[name]}".strip("; ")
-        installed = name in ("direct", *OURS) or peer_executable(name).exists()
+        installed = name in ("direct", *OURS, BASELINE) or peer_executable(name).exists()
         t = summarize(out["raw"].get(name), note, installed, out["meta"].get(name, {}))
         if name == "direct":
             t["note"] = t["note"] or "the stub alone; CPU is the stub's"

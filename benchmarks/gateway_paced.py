@@ -5,7 +5,7 @@
 A second stub (benchmarks/stub_upstream.py --itl-ms 20 --tokens 64) writes one SSE event per token,
 one write each, 20 ms apart: a stream lasts ~1.3 s, as a pool decoding at 50 tokens/s. For each
 concurrency level (100, 300, 1,000 streams open at once) and each target (direct, meshgate with 1
-and 2 processes, vllm-router, smg), benchmarks/paced_client.py (its own process) keeps that many
+and 2 processes, meshgate-baseline: another checkout given by --baseline-tree, vllm-router, smg), benchmarks/paced_client.py (its own process) keeps that many
 streams open for the run and reports, per target:
 
   * CPU µs per chunk: the router's process tree CPU over the run / SSE events its clients received,
@@ -48,7 +48,7 @@ from benchmarks.routers import (
 
 log = logging.getLogger("meshgate.bench")
 
-PACED_TARGETS = ("direct", "meshgate", "meshgate-workers", "vllm-router", "smg")
+PACED_TARGETS = ("direct", "meshgate", "meshgate-workers", "meshgate-baseline", "vllm-router", "smg")
 # Goals of issue 15 (judged in the same run).
 GOAL_TTFT_P99_VS_DIRECT = 1.5
 GOAL_ADDED_GAP_P99_MS = 1.0
@@ -116,7 +116,8 @@ def _level(plan: PacedPlan, t: Target, stub: Proc, stub_url: str, streams: int, 
     return res
 
 
-def run_paced(plan: PacedPlan, names: list[str], workdir: Path, peers: bool) -> dict[str, Any]:
+def run_paced(plan: PacedPlan, names: list[str], workdir: Path, peers: bool,
+              baseline_tree: Path | None = None) -> dict[str, Any]:
     """Every target at every level; a target that fails to start is noted with the reason."""
     stub, stub_url = start_paced_stub(workdir, plan)
     rows: dict[str, dict[str, Any]] = {}
@@ -132,6 +133,11 @@ def run_paced(plan: PacedPlan, names: list[str], workdir: Path, peers: bool) -> 
             try:
                 if name == "direct":
                     target = Target("direct", None, stub_url, "stub", "python -m benchmarks.stub_upstream")
+                elif name == "meshgate-baseline":
+                    if baseline_tree is None:
+                        notes[name] = "no --baseline-tree"
+                        continue
+                    target = start_meshgate(workdir, stub_url, None, "WARNING", tree=baseline_tree)
                 elif name.startswith("meshgate"):
                     workers = (os.cpu_count() or 1) if name == "meshgate-workers" else 1
                     target = start_meshgate(workdir, stub_url, None, "WARNING", workers)
