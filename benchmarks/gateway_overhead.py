@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         profiles.print_summary(summary, top=20)
     if paced is not None:
         res["paced"] = paced
+        paced["goals"].update(gateway_paced.request_goals(targets))
         gateway_paced.print_paced(paced)
     path = common.write_json(args.json, res)
     png = common.png_path(path)

@@ -202,6 +202,25 @@ def paced_goals(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def request_goals(targets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Issue 15's goals on the request rows: meshgate's non-stream figures no worse than the
+    baseline checkout's in the same run (--baseline-tree); stretch: CPU per non-stream request
+    within 1.5x of vllm-router's."""
+    out: dict[str, dict[str, Any]] = {}
+    mg, base, vr = targets.get("meshgate", {}), targets.get("meshgate-baseline", {}), targets.get("vllm-router", {})
+    if "latency_ms" in mg and "latency_ms" in base:
+        a, b = mg["max_rps"]["nonstream"], base["max_rps"]["nonstream"]
+        out["max_rps_nonstream_vs_baseline"] = common.goal(a / b, f">= 1x the baseline's {b:,.0f} req/s", a >= b)
+        for k in ("e2e_p50", "e2e_p99"):
+            a, b = mg["added_ms"]["nonstream"][k], base["added_ms"]["nonstream"][k]
+            out[f"added_{k}_ms_nonstream_vs_baseline"] = common.goal(a, f"<= the baseline's {b:.2f} ms", a <= b)
+    if "latency_ms" in mg and "latency_ms" in vr:
+        a, b = mg["cpu_ms_per_req"]["nonstream"], vr["cpu_ms_per_req"]["nonstream"]
+        out["stretch_cpu_per_request_vs_vllm_router"] = common.goal(a / b, f"<= 1.5x vllm-router's {b:.3f} ms",
+                                                                    a <= 1.5 * b)
+    return out
+
+
 def print_paced(res: dict[str, Any]) -> None:
     p = res["plan"]
     rows = []
