@@ -1,7 +1,11 @@
 """Gateway overhead: what a router in front of a pool costs, meshgate beside peer routers.
 
     python -m benchmarks.gateway_overhead [--quick] [--json PATH] [--targets a,b] [--install-peers]
-                                          [--profile cprofile|py-spy]
+                                          [--profile cprofile|py-spy] [--paced [--paced-only]]
+
+--paced adds the paced streaming rows (benchmarks/gateway_paced.py: one SSE write per token, 20 ms
+apart, 100/300/1,000 streams open at once; CPU per relayed chunk, TTFT, inter-chunk gaps);
+--paced-only runs only those.
 
 One fast stub upstream (benchmarks/stub_upstream.py, its own process: answers at once, a whole JSON
 answer or an SSE stream of --tokens chunks) stands for the pool. Targets, measured one after another
@@ -48,7 +52,7 @@ from typing import Any
 
 import orjson
 
-from benchmarks import common, profiles, routers
+from benchmarks import common, gateway_paced, profiles, routers
 from benchmarks.common import Progress, percentile
 from benchmarks.gateway_overhead_report import LAT_KEYS, MAX_ERROR_RATE, MODES, goals, plot, print_report, summarize
 from benchmarks.routers import (
@@ -71,7 +75,9 @@ log = logging.getLogger("meshgate.bench")
 
 PEERS = ("vllm-router", "smg", "litellm")
 OURS = ("meshgate", "meshgate-workers")  # one gateway process; one per CPU (`serve --workers`)
-ALL_TARGETS = ("direct", *OURS, *PEERS)
+BASELINE = "meshgate-baseline"  # --baseline-tree: another checkout, one process (before/after in one run)
+ALL_TARGETS = ("direct", *OURS, BASELINE, *PEERS)
+BASELINE_TREE: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +267,7 @@ def run_targets(plan: Plan, names: list[str], workdir: Path, profile: str | None
     raw: dict[str, Any] = {}
     notes: dict[str, str] = {}
     meta: dict[str, dict[str, Any]] = {}
-    measured = [n for n in names if n in ("direct", *OURS) or plan.peers]
+    measured = [n for n in names if n in ("direct", *OURS, BASELINE) or plan.peers]
     total = 4 * len(measured)
     try:
         with Progress(total, "gateway overhead", unit="run") as bar:
@@ -275,6 +281,8 @@ def run_targets(plan: Plan, names: list[str], workdir: Path, profile: str | None
                 try:
                     if name == "direct":
                         target = Target("direct", None, stub_url, "stub", "python -m benchmarks.stub_upstream")
+                    elif name == BASELINE:
+                        target = start_meshgate(workdir, stub_url, None, meshgate_log_level, tree=BASELINE_TREE)
                     elif name in OURS:
                         workers = (os.cpu_count() or 1) if name == "meshgate-workers" else 1
                         target = start_meshgate(workdir, stub_url, profile, meshgate_log_level, workers)
@@ -318,6 +326,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tls", action="store_true",
                    help="instead: meshgate with client TLS and upstream mutual TLS beside cleartext, in one run "
                         "(benchmarks/gateway_tls.py; JSON default benchmarks/results/gateway_tls.json)")
+    p.add_argument("--paced", action="store_true", help="also the paced streaming rows (benchmarks/gateway_paced.py)")
+    p.add_argument("--paced-only", action="store_true", help="only the paced streaming rows")
+    p.add_argument("--paced-levels", help="comma-separated concurrent streams (default 100,300,1000)")
+    p.add_argument("--baseline-tree", type=Path,
+                   help=f"another meshgate checkout (e.g. `git worktree add /tmp/base main`), measured as the "
+                        f"{BASELINE} target beside this one: before/after in the same run")
     args = p.parse_args(argv)
     if args.tls:
         from benchmarks import gateway_tls
@@ -325,6 +339,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = args.json if args.json != common.RESULTS_DIR / "gateway_overhead.json" else None
         return gateway_tls.main([*(["--quick"] if args.quick else []), *(["--rate", str(args.rate)] if args.rate else []),
                                  *(["--json", str(out)] if out else [])])
+    global BASELINE_TREE
+    BASELINE_TREE = args.baseline_tree
+    if BASELINE_TREE is not None and BASELINE not in args.targets.split(","):
+        args.targets += "," + BASELINE
+    if args.paced_only:
+        args.paced = True
+        if args.json == common.RESULTS_DIR / "gateway_overhead.json":  # keep the request rows' file
+            args.json = common.RESULTS_DIR / "gateway_paced.json"
     common.setup_logging()
     plan = QUICK if args.quick else FULL
     if args.rate:
@@ -335,15 +357,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(names) - set(ALL_TARGETS)
     if unknown:
         p.error(f"unknown targets {sorted(unknown)}; known: {','.join(ALL_TARGETS)}")
-    if shutil.which("wrk") is None:
+    if shutil.which("wrk") is None and not args.paced_only:
         p.error("wrk is not installed (apt-get install wrk)")
     routers.set_venvs(args.peers_venv, args.litellm_venv)
     installs = install_peers(log) if args.install_peers else {}
     loadavg_start = common.machine_info()["loadavg_1m"]
 
+    paced_plan = gateway_paced.PACED_QUICK if args.quick else gateway_paced.PACED_FULL
+    if args.paced_levels:
+        paced_plan = replace(paced_plan, levels=tuple(int(x) for x in args.paced_levels.split(",")))
     with tempfile.TemporaryDirectory(prefix="mg-overhead-") as tmp:
         workdir = Path(tmp)
-        out = run_targets(plan, names, workdir, args.profile, args.meshgate_log_level)
+        out: dict[str, Any] = {"raw": {}, "notes": {}, "meta": {}}
+        if not args.paced_only:
+            out = run_targets(plan, names, workdir, args.profile, args.meshgate_log_level)
+        paced = (gateway_paced.run_paced(paced_plan, names, workdir, plan.peers, BASELINE_TREE)
+                 if args.paced else None)
         prof = None
         if args.profile:
             for f in ("meshgate.prof", "meshgate.pyspy.txt"):
@@ -353,11 +382,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     shutil.copy(workdir / f, prof)
 
     targets: dict[str, Any] = {}
-    for name in names:
+    for name in names if not args.paced_only else []:
         note = out["notes"].get(name, "")
         if name in installs and installs[name] != "ok":
             note = f"{note}; install: {installs[name]}".strip("; ")
-        installed = name in ("direct", *OURS) or peer_executable(name).exists()
+        installed = name in ("direct", *OURS, BASELINE) or peer_executable(name).exists()
         t = summarize(out["raw"].get(name), note, installed, out["meta"].get(name, {}))
         if name == "direct":
             t["note"] = t["note"] or "the stub alone; CPU is the stub's"
@@ -396,12 +425,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["profile"] = {"file": str(prof), "requests_approx": served, **summary}
     elif args.profile:
         res["profile"] = {"file": None, "note": "the profiler wrote nothing (see the meshgate note)"}
-    print_report(res)
+    if not args.paced_only:
+        print_report(res)
     if summary is not None:
         profiles.print_summary(summary, top=20)
+    if paced is not None:
+        res["paced"] = paced
+        paced["goals"].update(gateway_paced.request_goals(targets))
+        gateway_paced.print_paced(paced)
     path = common.write_json(args.json, res)
     png = common.png_path(path)
-    plot(res, png)
+    if not args.paced_only:
+        plot(res, png)
+    if paced is not None:
+        png = png if args.paced_only else path.with_name(f"{path.stem}_paced.png")
+        gateway_paced.plot_paced(paced, png)
     print(f"\nwrote {path} and {png}" + (f" (profile: {prof})" if prof else ""))
     return res
 

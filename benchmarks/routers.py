@@ -224,7 +224,7 @@ class Target:
 
 
 def start_meshgate(workdir: Path, stub_url: str, profile: str | None = None, log_level: str = "WARNING",
-                   workers: int = 1) -> Target:
+                   workers: int = 1, tree: Path | None = None) -> Target:
     """`python -m gateway serve` with the stub as its only pool. profile: None, "cprofile" (stats
     written at exit to workdir/meshgate.prof) or "py-spy" (attached once it serves, collapsed stacks
     in workdir/meshgate.pyspy.txt); workers > 1: that many processes (`--workers`), not profiled."""
@@ -243,9 +243,11 @@ def start_meshgate(workdir: Path, stub_url: str, profile: str | None = None, log
     if workers > 1:
         argv += ["--workers", str(workers)]
         name, profile = "meshgate-workers", None
+    if tree is not None:  # another checkout of meshgate (a baseline commit), one process, same config
+        name, profile = "meshgate-baseline", None
     if profile == "cprofile":
         argv = [sys.executable, "-m", "cProfile", "-o", str(workdir / "meshgate.prof"), "-m", "gateway", *argv[3:]]
-    proc = Proc(name, argv, workdir / f"{name}.log").start()
+    proc = Proc(name, argv, workdir / f"{name}.log", cwd=tree or REPO).start()  # `-m gateway`: the tree's
     url = f"http://{HOST}:{port}"
     try:
         wait_serving(proc, url, 30)
@@ -263,7 +265,8 @@ def start_meshgate(workdir: Path, stub_url: str, profile: str | None = None, log
         spy = Proc("py-spy", [exe, "record", "--pid", str(proc.pid), "--rate", "250",
                               "--format", "raw", "--output", str(workdir / "meshgate.pyspy.txt")],
                    workdir / "py-spy.log").start()
-    return Target(name, proc, url, _meshgate_version(), " ".join(argv), spy)
+    version = _meshgate_version() if tree is None else f"tree {tree}"
+    return Target(name, proc, url, version, " ".join(argv) + (f" (in {tree})" if tree else ""), spy)
 
 
 def _meshgate_version() -> str:

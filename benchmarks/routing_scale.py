@@ -9,10 +9,12 @@ gateway's prefix index (gateway/routing/prefix_index.py) holding what it sent to
 prefix matching is on, every request carries up to 128 chunk hashes, 30 % a session. Timed per decision, for the
 latency profile and the baselines:
 
-  all         Profile.route(request, all 1,100 endpoints): what gateway/edge/forward.py does today;
+  all         Profile.route(request, all 1,100 endpoints): the gateway before the candidate set, kept
+              as the comparison (gateway/edge/forward.py no longer routes this way);
   candidates  CandidateSet.select(request) (below: the k_near pools with the lowest estimated RTT that
               are healthy, serve the model and satisfy residency, plus k_spill from a list ranked by
-              RTT + reported queue wait) and Profile.route over those.
+              RTT + reported queue wait) and Profile.route over those: what gateway/edge/forward.py
+              does for every request. The ≤ 100 µs p99 goal is judged on this column.
 
 Also: CandidateSet.refresh() (once per probe period, off the request path), a k sweep for the
 latency profile, and tracemalloc of building the view (endpoints + reports + candidate structure).

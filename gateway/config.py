@@ -259,13 +259,30 @@ class UpstreamConfig:
     connect_timeout_s: float = 1.0
     first_byte_timeout_s: float = 60.0  # until the pool's response headers arrive
     idle_timeout_s: float = 60.0  # max gap between streamed chunks
-    max_connections: int = 256  # per pool, kept alive and reused
+    # Connections per pool, kept alive and reused; one per request in flight (HTTP/1.1), so the cap
+    # is how many requests a pool can have from this gateway at once. A pool that advertises its
+    # batch slots (s= in its load header) gets max(max_connections, connections_per_slot x slots).
+    # A request that would wait for a connection treats the pool as full: routing tries its next
+    # candidate, and only the last one waits, for at most connection_wait_s (counted per pool in
+    # meshgate_upstream_connection_waits). Was 256 with a silent wait: at 300 streams to one pool,
+    # 44 waited for a whole stream (benchmarks/RESULTS.md, issue 15).
+    max_connections: int = 2048
     # Pools tried for one request before it fails. A full pool's refusal costs one round trip, so
     # refusals need room (mesh_sim's attempt sweep: benchmarks/RESULTS.md).
     max_attempts: int = 5
     breaker_failures: int = 5  # consecutive failures that open a pool's circuit
     breaker_cooldown_s: float = 5.0  # open -> half-open (one trial request)
     tls: TlsClientConfig = field(default_factory=TlsClientConfig)  # for https pools (probes and load streams too)
+    connections_per_slot: float = 16.0  # see max_connections; 0: the cap is max_connections whatever the pool says
+    connection_wait_s: float = 1.0  # the most a request waits for a connection to its last candidate
+
+    def validate(self, path: str) -> None:
+        if self.max_connections < 1:
+            raise ConfigError(f"{path}.max_connections: must be at least 1")
+        if self.connections_per_slot < 0:
+            raise ConfigError(f"{path}.connections_per_slot: must not be negative")
+        if not self.connection_wait_s > 0:
+            raise ConfigError(f"{path}.connection_wait_s: must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,6 +609,7 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     cfg.gateway.usage_log.validate("gateway.usage_log")
     cfg.discovery.validate("discovery")
     cfg.gateway.load_stream.validate("gateway.load_stream")
+    cfg.gateway.upstream.validate("gateway.upstream")
     options = cfg.gateway.routing_options
     options.validate("gateway.routing_options")
     for name, profile in options.profiles.items():

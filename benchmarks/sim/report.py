@@ -64,13 +64,25 @@ def goals(policies: dict[str, dict[str, float]], variants: dict[str, dict[str, f
         v = 1 - common.ratio(lat["ttft_p99_s"], policies["nearest"]["ttft_p99_s"])
         out["latency_p99_reduction_vs_nearest"] = common.goal(v, ">= 0.30", v >= 0.30)
     for base in ("least-load", "round-robin"):
-        if base in policies:  # over the gateway's candidate set (nearest + spill): not network-blind
+        # Judged on the baseline in its strongest form (DESIGN §7): run over the gateway's candidate
+        # set (nearest by RTT + spill), as a deployment of it would be. The network-blind runs are
+        # extra comparisons (extra_comparisons), not the goal.
+        if base in policies:
             v = common.ratio(policies[base]["ttft_p50_s"], lat["ttft_p50_s"])
-            out[f"{base}_p50_over_latency"] = common.goal(v, ">= 2", v >= 2)
+            out[f"{base}_p50_over_latency"] = common.goal(v, ">= 2 (baseline over the gateway's candidates)", v >= 2)
+    return out
+
+
+def extra_comparisons(policies: dict[str, dict[str, float]], variants: dict[str, dict[str, float]] | None
+                      ) -> dict[str, float]:
+    """latency's p50 against least-load and round-robin drawn from the whole mesh (network-blind):
+    extra rows beside the goals, which are judged on the candidate-set runs."""
+    lat = policies.get("latency")
+    out: dict[str, float] = {}
+    for base in ("least-load", "round-robin"):
         blind = (variants or {}).get(f"{base}/anywhere")
-        if blind:  # the issue's baseline: ignores the network
-            v = common.ratio(blind["ttft_p50_s"], lat["ttft_p50_s"])
-            out[f"{base}_network_blind_p50_over_latency"] = common.goal(v, ">= 2", v >= 2)
+        if lat is not None and blind:
+            out[f"{base}_network_blind_p50_over_latency"] = common.ratio(blind["ttft_p50_s"], lat["ttft_p50_s"])
     return out
 
 
@@ -94,6 +106,9 @@ def print_results(res: dict[str, Any]) -> None:
         common.print_table("variants (one setting changed each: see benchmarks/sim/settings.py VARIANTS)", head,
                            [[n, *(v[c] for c in COLUMNS)] for n, v in res["variants"].items()])
     common.print_goals(res["goals"])
+    if res.get("extra"):
+        common.print_table("extra comparisons, not goals (baselines blind to the network: candidates drawn from "
+                           "the whole mesh)", ["comparison", "ratio"], list(res["extra"].items()))
     if res.get("p50_bound"):
         common.print_table("p50 goals at best (a baseline's p50 / the floor's p50: no policy's p50 is below the floor's)",
                            ["baseline", "p50 / floor p50"], list(res["p50_bound"].items()))
@@ -140,4 +155,5 @@ def result_dict(mesh: Mesh, arr: Arrivals, s: Settings, results: dict[str, Resul
             "mesh": {**mesh.info, **common_ms}, "num_requests_measured": measured, "policies": pol, "variants": var,
             "variant_settings": {n: {"row": VARIANTS[n][0], **VARIANTS[n][1]} for n in var if n in VARIANTS},
             "floor": floor, "p50_bound": p50_bound(pol, floor["ttft_p50_s"]), "goals": goals(pol, var),
+            "extra": extra_comparisons(pol, var),
             "run_s": {n: round(r[2], 2) for n, r in results.items()}}

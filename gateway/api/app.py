@@ -157,8 +157,7 @@ async def _relay(request: Request, up: Upstream) -> Response | Stream:
         return Response(up.first, up.status)
     out = request.start_stream(headers={"cache-control": "no-cache"})
     try:
-        async for chunk in up.chunks():
-            await out.write(chunk)
+        await up.relay(out)  # up.chunks() pushed to out, without a task wake-up per token
     except StreamBroken as e:
         err = InternalError(str(e))
         err.type = "upstream_error"

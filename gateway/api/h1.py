@@ -149,11 +149,18 @@ class Stream:
         self.ended = False
 
     async def write(self, data: bytes) -> None:
-        if not data:
-            return
-        self._send(b"%x\r\n%s\r\n" % (len(data), data))
-        if self.conn.paused:
+        if self.push(data):
             await self.conn.drained()
+
+    def push(self, data: bytes) -> bool:
+        """write() without the wait, for a relay's per-token loop (no coroutine per chunk): True when
+        the client is behind, and the caller must `await stream.drained()` before pushing more."""
+        if data:
+            self._send(b"%x\r\n%s\r\n" % (len(data), data))
+        return self.conn.paused
+
+    async def drained(self) -> None:
+        await self.conn.drained()
 
     async def end(self) -> None:
         if not self.ended:

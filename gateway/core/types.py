@@ -76,7 +76,7 @@ class Endpoint:
 
     __slots__ = ("pool_id", "url", "site", "kind", "models", "healthy", "breaker_open", "in_flight",
                  "load", "load_at", "load_pushed", "rtt_ms", "country", "prior_rtt_ms", "sent_since_report",
-                 "prefix", "capabilities")
+                 "prefix", "capabilities", "connection_wait_s")
 
     def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str],
                  capabilities: frozenset[str] | None = None):
@@ -101,6 +101,9 @@ class Endpoint:
         self.prior_rtt_ms: float | None = None  # RTT estimated (network coordinates, else distance) until probes measure it
         # What the gateway knows of the pool's prefix cache (gateway/routing/prefix_index.py); None: nothing
         self.prefix: PrefixHolder | None = None
+        # Recent waits for a free connection to the pool (EWMA over requests, seconds; 0 while none
+        # wait): its connection cap reached is a queue the pool's own report cannot show
+        self.connection_wait_s = 0.0
 
     def __repr__(self) -> str:
         return f"Endpoint({self.pool_id}, healthy={self.healthy}, in_flight={self.in_flight})"

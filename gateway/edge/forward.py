@@ -20,18 +20,20 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.edge.admission import Principal
-from gateway.edge.metrics import GatewayMetrics
+from gateway.edge.metrics import GatewayMetrics, observe_many
 from gateway.edge.tracing import end_request
 from gateway.config import RoutingOptions
 from gateway.core.errors import APIError, Overloaded
 from gateway.core.types import Endpoint, RouteRequest
 from gateway.core.wire import MAY_REFUSE_HEADER
-from gateway.pools.h1client import Response, UpstreamError
+from gateway.pools.h1client import ConnectionWaitTimeout, Response, UpstreamError
 from gateway.pools.upstream import Pool, Upstreams
 from gateway.routing.candidates import CandidateSet
 from gateway.routing.framework import Profile
 
 log = logging.getLogger("meshgate.gateway")
+
+_GAPS_BATCH = 256  # inter-token gaps a stream keeps before they go to the histogram
 
 
 class BadGateway(APIError):
@@ -41,6 +43,18 @@ class BadGateway(APIError):
 
 class StreamBroken(Exception):
     """The pool failed, or the deadline passed, after the first token reached the client."""
+
+
+class _ClientGone(Exception):
+    """relay(): the sink failed (its client went away); not the pool's fault."""
+
+
+class Sink(Protocol):
+    """Where relay() puts the client's bytes (gateway.api.h1.Stream)."""
+
+    def push(self, data: bytes) -> bool: ...  # True: the client is behind; await drained() first
+
+    async def drained(self) -> None: ...  # raises ConnectionError once the client is gone
 
 
 class Meter(Protocol):
@@ -132,6 +146,8 @@ class Upstream:
         self.ttft_s = time.monotonic() - call.arrival  # first body bytes: the first token when streaming
         self.outcome = "ok" if resp.status < 400 else "client_error"
         self._closed = False
+        self._gaps: list[float] = []  # inter-token gaps not yet in the ITL histogram
+        self._resume: asyncio.Future[None] | None = None  # relay(): waits for a slow client, then reads on
 
     @property
     def pool_id(self) -> str:
@@ -145,14 +161,20 @@ class Upstream:
             yield first
         if not self.call.stream:
             return
-        itl = self.fwd.m.pool(self.pool_id).itl
-        last = time.monotonic()
+        # Per token only what must be: read, meter, hand on. The gaps are kept in a list and go to
+        # the ITL histogram in bulk (close(), or every _GAPS_BATCH tokens of a long stream).
+        gaps = self._gaps
+        readany = self.resp.readany
+        monotonic = time.monotonic
+        last = monotonic()
         try:
             async with asyncio.timeout_at(_loop_time(self.call.deadline)):
-                while chunk := await self.resp.readany():
-                    now = time.monotonic()
-                    itl.observe(now - last)
+                while chunk := await readany():
+                    now = monotonic()
+                    gaps.append(now - last)
                     last = now
+                    if len(gaps) >= _GAPS_BATCH:
+                        self._flush_gaps()
                     if meter is not None and not (chunk := meter.feed(chunk)):
                         continue  # no whole event yet, or only one the client did not ask for
                     yield chunk
@@ -164,16 +186,79 @@ class Upstream:
             raise StreamBroken("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
                                else "the pool failed mid-stream; the response is incomplete") from None
 
+    async def relay(self, sink: Sink) -> None:
+        """What pushing each of chunks() to sink does (same bytes, metering, gaps, deadline and
+        StreamBroken), but the pool's reads go to the sink from the connection's callback: no task
+        wakes up, no coroutine resumes, per token. Flow control: while the sink's client is behind,
+        the pool's connection is not read. The sink's own failure (its client went away) is raised
+        as the ConnectionResetError it is, not as a broken stream."""
+        meter = self.call.meter if self.call.stream and self.status < 400 else None
+        first = meter.feed(self.first) if meter is not None else self.first
+        if first and sink.push(first):
+            await sink.drained()
+        if not self.call.stream:
+            return
+        gaps, resp, monotonic = self._gaps, self.resp, time.monotonic
+        last = monotonic()
+
+        def on_data(chunk: bytes) -> None:
+            nonlocal last
+            now = monotonic()
+            gaps.append(now - last)
+            last = now
+            if len(gaps) >= _GAPS_BATCH:
+                self._flush_gaps()
+            if meter is not None and not (chunk := meter.feed(chunk)):
+                return
+            try:
+                behind = sink.push(chunk)
+            except ConnectionError as e:
+                raise _ClientGone() from e
+            if behind and self._resume is None:
+                resp.pause_reading()
+                self._resume = asyncio.ensure_future(self._resume_when_drained(sink))
+
+        try:
+            async with asyncio.timeout_at(_loop_time(self.call.deadline)):
+                await resp.pipe(on_data)
+                if self._resume is not None:
+                    await self._resume
+            if meter is not None and (rest := meter.tail()) and sink.push(rest):
+                await sink.drained()
+        except _ClientGone:
+            raise ConnectionResetError("the client went away") from None
+        except (UpstreamError, TimeoutError, ConnectionError) as e:
+            self.outcome = "broken_stream"
+            self.pool.record_failure()
+            raise StreamBroken("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
+                               else "the pool failed mid-stream; the response is incomplete") from None
+
+    async def _resume_when_drained(self, sink: Sink) -> None:
+        try:
+            await sink.drained()
+        except ConnectionError:
+            return  # the client is gone: its request is being cancelled
+        finally:
+            self._resume = None
+        self.resp.resume_reading()
+
+    def _flush_gaps(self) -> None:
+        observe_many(self.fwd.m.pool(self.pool_id).itl, self._gaps)
+        self._gaps.clear()
+
     def close(self) -> None:
         """Book the attempt. Closing an unfinished response drops the connection, which tells the
         pool to abort the request and free its KV blocks (client gone)."""
         if self._closed:
             return
         self._closed = True
+        if self._resume is not None:
+            self._resume.cancel()
         self.resp.close()
         self.pool.done()
         if self.outcome != "broken_stream":
             self.pool.record_success()
+        self._flush_gaps()
         m = self.fwd.m
         series = m.pool(self.pool_id)
         series.attempt(self.outcome)
@@ -198,6 +283,7 @@ class Forwarder:
         self.first_byte_timeout_s = first_byte_timeout_s
         # told which pool took each request (prefix memory and sessions: gateway/edge/prefix_routing.py)
         self.on_routed: Callable[[RouteRequest, Endpoint], None] | None = None
+        self.connection_wait_s = upstreams.up.connection_wait_s  # the most a request waits for a connection
 
     async def open(self, call: Call) -> Upstream:
         try:
@@ -223,7 +309,8 @@ class Forwarder:
         # sooner; the last attempt always queues. If the candidates run out first, the first pool
         # that refused is asked again, told it may not refuse.
         pools = (self.up.pools[ep.pool_id] for ep in decision.ranked)
-        attempts, refused = 0, None
+        attempts, refused, waits_out = 0, None, False
+        skipped: list[Pool] = []  # at their connection cap: passed over for the next candidate
         while attempts < self.max_attempts:
             pool, final = next(pools, None), False
             if pool is None:
@@ -232,22 +319,34 @@ class Forwarder:
                 pool, refused, final = refused, None, True
             elif not pool.breaker.allow():
                 continue
+            elif self.up.would_wait(pool):
+                # Every connection to it is busy: a queue routing would not see. Full, like a
+                # refusal (no attempt spent); it is waited for only if no candidate is left.
+                refused = refused or pool
+                skipped.append(pool)
+                continue
             attempts += 1
             try:
                 resp, first = await self._attempt(call, pool, may_refuse=not final and attempts < self.max_attempts)
             except _Retry as e:
-                refused = refused or (pool if e.busy else None)
+                waits_out = isinstance(e.__cause__, ConnectionWaitTimeout) or waits_out
+                refused = refused or (pool if e.busy and not final else None)  # the final ask is not repeated
                 self.m.pool(pool.endpoint.pool_id).failovers.inc()
                 # A full pool turning a request away is routine under load; a failure is not.
                 (log.debug if e.busy else log.warning)("request %s: pool %s %s before the first token (%s)",
                                                        call.request_id, pool.endpoint.pool_id,
                                                        "refused" if e.busy else "failed", e)
                 continue
+            for full in skipped:
+                if full is not pool:  # served elsewhere: counted as skipped (else as waited, above)
+                    self.m.pool(full.endpoint.pool_id).connection_wait("skipped")
             up = Upstream(self, call, pool, resp, first, decision.explain(), attempts - 1)
             if self.on_routed is not None and resp.status < 400:
                 self.on_routed(call.route, pool.endpoint)
             self.m.pool(pool.endpoint.pool_id).ttft.observe(up.ttft_s)
             return up
+        if waits_out:
+            raise Overloaded("every connection to the pools that serve this model is busy", retry_after_s=1)
         raise BadGateway(f"no pool could serve the request ({attempts} tried)")
 
     async def _attempt(self, call: Call, pool: Pool, may_refuse: bool) -> tuple[Response, bytes]:
@@ -262,7 +361,16 @@ class Forwarder:
             try:
                 async with asyncio.timeout(min(remaining, self.first_byte_timeout_s)) as timer:
                     headers = {**call.headers, MAY_REFUSE_HEADER: "1"} if may_refuse else call.headers
-                    resp = await self.up.client.request("POST", ep.url + call.path, call.body, headers)
+                    try:
+                        resp = await self.up.client.request("POST", ep.url + call.path, call.body, headers,
+                                                            max_wait_s=self.connection_wait_s)
+                    except ConnectionWaitTimeout as e:
+                        self.m.pool(ep.pool_id).connection_wait("timed_out")
+                        pool.connection_waited(self.connection_wait_s)
+                        raise _Retry(str(e), busy=True) from e
+                    if resp.waited_s > 0:
+                        self.m.pool(ep.pool_id).connection_wait("waited")
+                    pool.connection_waited(resp.waited_s)
                     pool.load_from_header(resp.headers)
                     if resp.status >= 500 or resp.status == 429:
                         raise _Retry(f"status {resp.status}", busy=resp.status in (429, 503))

@@ -104,28 +104,32 @@ class RequestMeter:
     # -- streams ------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
         """Take bytes from the pool; return whole events to pass on (possibly fewer than came)."""
-        buf = self._buf + chunk if self._buf else chunk
-        if b"\r" in buf:  # CR line ends (rare): the general parser
-            parts = _EVENT_END.split(buf)
-            self._buf = parts.pop()
-            return self._events(parts)
-        end = buf.rfind(b"\n\n") + 2
-        if end < 2:
-            self._buf = buf  # no whole event yet
-            return b""
-        self._buf = buf[end:]
-        whole = buf[:end] if self._buf else buf
+        if not self._buf and chunk.endswith(b"\n\n"):
+            whole = chunk  # the usual read: whole LF-ended events (a CR or CRLF pool's never end so)
+        else:
+            buf = self._buf + chunk if self._buf else chunk
+            if b"\r" in buf:  # CR line ends (rare): the general parser
+                parts = _EVENT_END.split(buf)
+                self._buf = parts.pop()
+                return self._events(parts)
+            end = buf.rfind(b"\n\n") + 2
+            if end < 2:
+                self._buf = buf  # no whole event yet
+                return b""
+            self._buf = buf[end:]
+            whole = buf[:end] if self._buf else buf
         if self.strip:
             # Compact JSON cannot hold this byte sequence inside a string (its quotes would be escaped),
             # so removing it from the whole read at once is safe; a leading-position field is left
             # for the per-event path below.
             whole = whole.replace(b',"usage":null', b"")
         # A read may hold many events (one per decode step); only the rare ones (usage, error, the
-        # end) need a look of their own, from the first of them on.
-        rare = _first_rare(whole)
-        if rare < 0:
+        # end) need a look of their own, from the first of them on. Almost every read is a token
+        # or a few: passed on as they came, after three substring scans and a count.
+        if b'"usage"' not in whole and b"[DONE]" not in whole and b'"error"' not in whole:
             self.chunks += whole.count(b"\n\ndata:") + whole.startswith(b"data:")
             return whole
+        rare = _first_rare(whole)
         start = whole.rfind(b"\n\n", 0, rare)
         cut = start + 2 if start >= 0 else 0  # where the event holding it begins
         head = whole[:cut]

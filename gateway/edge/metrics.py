@@ -11,7 +11,8 @@ the in-flight gauges read whatever callables they are given (point them at share
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,11 @@ class GatewayMetrics:
                                 ["pool", "outcome"], registry=own)
         self.failovers = Counter("meshgate_failovers", "Requests retried on another pool after a failure.",
                                  ["from_pool"], registry=own)
+        self.connection_waits = Counter(
+            "meshgate_upstream_connection_waits", "Requests that found every connection to a pool busy (its "
+            "connection cap reached), by pool and outcome: skipped (routed to its next candidate instead), waited "
+            "(the last candidate: got one within upstream.connection_wait_s), timed_out (did not).",
+            ["pool", "outcome"], registry=own)
         self.ttft = Histogram("meshgate_time_to_first_token_seconds", "Arrival to first token, by pool.",
                               ["pool"], buckets=_LATENCY, registry=own)
         self.itl = Histogram("meshgate_inter_token_latency_seconds", "Gap between streamed chunks, by pool.",
@@ -121,6 +127,25 @@ class GatewayMetrics:
         return series
 
 
+def observe_many(hist: Any, amounts: Sequence[float]) -> None:
+    """Many observations of one histogram child at once: one increment per bucket touched, not per
+    value. Streams use it for inter-token gaps: observe() per token took two locked increments
+    and a bucket scan on the relay's per-token path. Same result as observe() for each value
+    (prometheus_client 0.2x keeps a child's bounds, buckets and sum in these fields; the test
+    in tests/edge/test_metering.py compares the two)."""
+    if not amounts:
+        return
+    bounds = hist._upper_bounds
+    counts = [0] * len(bounds)
+    for a in amounts:
+        counts[bisect_left(bounds, a)] += 1  # the first bound >= a: observe()'s "amount <= bound"
+    buckets = hist._buckets
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+    hist._sum.inc(sum(amounts))
+
+
 class PoolSeries:
     def __init__(self, m: GatewayMetrics, pool_id: str):
         self.ttft = m.ttft.labels(pool_id)
@@ -132,6 +157,9 @@ class PoolSeries:
 
     def attempt(self, outcome: str) -> None:
         self._m.child(self._m.attempts, self._pool_id, outcome).inc()
+
+    def connection_wait(self, outcome: str) -> None:
+        self._m.child(self._m.connection_waits, self._pool_id, outcome).inc()
 
 
 class _PoolCollector:

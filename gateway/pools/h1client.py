@@ -5,8 +5,10 @@ machine (request and response objects, header multidicts, a connector lookup), a
 gateway did. This one writes a request in one send, parses the answer with httptools, and hands the
 body over as it arrives (`readany`) so SSE is relayed without re-framing.
 
-Per origin at most `max_connections` connections, kept alive and reused; a request that finds them
-all busy waits for one (under the caller's timeout). A connection whose response was not read to the
+Per origin at most `max_connections` connections (or the limit set_limit gave it), kept alive and
+reused; a request that finds them all busy waits for one, for at most its `max_wait_s` (else under
+the caller's timeout). `would_wait` tells a caller beforehand, so routing can treat the pool as full
+instead of queueing silently; a Response says how long its request waited (`waited_s`). A connection whose response was not read to the
 end is closed, not reused: that is how a cancelled request tells the pool to stop. A request on a
 reused connection that the server had closed meanwhile (its keep-alive timer beat ours) is sent again
 once on a new connection, as long as no byte of an answer came back.
@@ -17,6 +19,8 @@ import asyncio
 import base64
 import ssl
 from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -32,6 +36,10 @@ class ReadTimeout(UpstreamError):
     """No bytes for `idle_timeout_s` while a body was expected."""
 
 
+class ConnectionWaitTimeout(UpstreamError):
+    """Every connection to the origin stayed busy for the request's `max_wait_s`: nothing was sent."""
+
+
 class HttpClient:
     def __init__(self, max_connections: int, connect_timeout_s: float, idle_timeout_s: float,
                  tls: ClientTls | None = None):
@@ -45,24 +53,54 @@ class HttpClient:
         self._origins: dict[str, _Origin] = {}
 
     async def request(self, method: str, url: str, body: bytes = b"",
-                      headers: dict[str, str] | None = None) -> Response:
-        """Send and wait for the response head. url: an absolute http(s) URL."""
+                      headers: dict[str, str] | None = None, max_wait_s: float | None = None) -> Response:
+        """Send and wait for the response head. url: an absolute http(s) URL. max_wait_s: the most to
+        wait for a free connection (ConnectionWaitTimeout past it); None: as long as the caller lets."""
         base, path = _split(url)
-        origin = self._origins.get(base)
-        if origin is None:
-            origin = self._origins[base] = _Origin(base, self)
+        origin = self._origin(base)
         data = origin.encode(method, path, body, headers)
+        waited_s = 0.0
         for attempt in range(2):
             # The resend goes on a new connection: when the server dropped one kept-alive connection
             # (a restart, a killed pool behind a proxy), its other idle ones are as stale.
-            conn = await origin.acquire(fresh=attempt > 0)
+            conn, w = await origin.acquire(max_wait_s, fresh=attempt > 0)
+            waited_s += w
             reused = conn.used
             try:
-                return await conn.send(data)
+                resp = await conn.send(data)
+                resp.waited_s = waited_s
+                return resp
             except UpstreamError:
                 if attempt or not (reused and conn.no_answer):
                     raise
         raise AssertionError("unreachable")  # the second attempt returned or raised
+
+    def _origin(self, base: str) -> _Origin:
+        origin = self._origins.get(base)
+        if origin is None:
+            origin = self._origins[base] = _Origin(base, self)
+        return origin
+
+    def set_limit(self, base_url: str, limit: int) -> None:
+        """The connection cap of one origin (scheme://host:port), in place of max_connections."""
+        origin = self._origin(base_url)
+        raised = limit > origin.limit
+        origin.limit = max(1, limit)
+        if raised:
+            while origin.count < origin.limit and origin._wake(None):
+                pass  # waiters that fit under the new cap go open connections
+
+    def limit(self, base_url: str) -> int:
+        origin = self._origins.get(base_url)
+        return origin.limit if origin is not None else self.max_connections
+
+    def would_wait(self, base_url: str) -> bool:
+        """Whether a request to this origin now would wait for a connection (none idle and the cap
+        reached)."""
+        origin = self._origins.get(base_url)
+        if origin is None:
+            return False
+        return origin.count >= origin.limit and not any(not c.closed for c in origin.idle)
 
     async def close(self) -> None:
         for origin in self._origins.values():
@@ -99,33 +137,43 @@ class _Origin:
         self.idle: deque[_Conn] = deque()
         self.waiters: deque[asyncio.Future[_Conn | None]] = deque()
         self.count = 0  # connections open or opening
+        self.limit = client.max_connections
 
     def encode(self, method: str, path: str, body: bytes, headers: dict[str, str] | None) -> bytes:
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) if headers else ""
         length = f"content-length: {len(body)}\r\n" if body or method == "POST" else ""
         return f"{method} {path} HTTP/1.1\r\n{self.fixed}{length}{extra}\r\n".encode("latin-1") + body
 
-    async def acquire(self, fresh: bool = False) -> _Conn:
-        """An idle kept-alive connection, else a new one (waiting while max_connections are open).
-        fresh: a new one (idle ones count against the limit until they close)."""
+    async def acquire(self, max_wait_s: float | None = None, fresh: bool = False) -> tuple[_Conn, float]:
+        """A connection, and the seconds waited for it: an idle kept-alive one, else a new one (waiting
+        while the cap's connections are open). fresh: a new one (idle ones count against the cap
+        until they close)."""
         while self.idle and not fresh:
             conn = self.idle.pop()  # the most recently used: the least likely to have timed out
             if not conn.closed:
-                return conn
-        while self.count >= self.client.max_connections:
-            fut: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
+                return conn, 0.0
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while self.count >= self.limit:
+            fut: asyncio.Future[_Conn | None] = loop.create_future()
             self.waiters.append(fut)
+            timer = None
+            if max_wait_s is not None:
+                timer = loop.call_at(t0 + max_wait_s, _expire, fut, f"{self.host}:{self.port}", max_wait_s)
             try:
                 handed = await fut
             except asyncio.CancelledError:
                 if fut.done() and not fut.cancelled() and (late := fut.result()) is not None:
                     self.release(late)  # handed over just as we gave up: pass it on
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
             if handed is not None:
-                return handed
+                return handed, loop.time() - t0
+        waited = loop.time() - t0
         self.count += 1
         try:
-            loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.client.connect_timeout_s):
                 context, name = self._tls()
                 _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=context,
@@ -134,7 +182,7 @@ class _Origin:
             self.count -= 1
             self._wake(None)
             raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {e}") from None
-        return conn
+        return conn, waited
 
     def _tls(self) -> tuple[ssl.SSLContext | None, str | None]:
         """create_connection's TLS arguments: none for http; for https the client's current context
@@ -178,19 +226,26 @@ class _Origin:
                 fut.set_exception(UpstreamError("the client is closed"))
 
 
+def _expire(fut: asyncio.Future[_Conn | None], where: str, max_wait_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(ConnectionWaitTimeout(f"no free connection to {where} within {max_wait_s:g} s"))
+
+
 class Response:
     """A response whose head has arrived. Read the body (read / readany), then close()."""
 
-    __slots__ = ("_conn", "headers", "status")
+    __slots__ = ("_conn", "headers", "status", "waited_s")
 
     def __init__(self, conn: _Conn):
         self._conn = conn
         self.status = conn.status
         self.headers = conn.headers  # lower-case names
+        self.waited_s = 0.0  # for a free connection before the request went out
 
-    async def readany(self) -> bytes:
-        """The body bytes that have arrived (waiting for some); b"" at its end."""
-        return await self._conn.take()
+    def readany(self) -> Coroutine[Any, Any, bytes]:
+        """The body bytes that have arrived (waiting for some); b"" at its end. (The connection's
+        own coroutine, not one wrapping it: this runs once per streamed token.)"""
+        return self._conn.take()
 
     async def read(self) -> bytes:
         parts = []
@@ -198,11 +253,29 @@ class Response:
             parts.append(chunk)
         return b"".join(parts)
 
+    def pipe(self, on_data: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """Hand the body to on_data as it arrives, from the connection's own callback (bytes
+        already here first, at once): no task wakes up per read, which is what a relay of one
+        event per token spends most on otherwise. The future ends with the body, or fails with
+        the UpstreamError (ReadTimeout included) that ended it, or with what on_data raised (then
+        nothing more is handed over). Use instead of readany, not with it."""
+        return self._conn.pipe(on_data)
+
+    def pause_reading(self) -> None:
+        """Stop reading the pool (its TCP window fills, so it slows down): the relay's client is behind."""
+        if self._conn is not None:
+            self._conn.pause()
+
+    def resume_reading(self) -> None:
+        if self._conn is not None:
+            self._conn.resume()
+
     def close(self) -> None:
         """Give the connection back (whole answer read) or close it (not: the pool sees the request
         cancelled). Idempotent."""
         conn, self._conn = self._conn, None  # type: ignore[assignment]
         if conn is not None:
+            conn.unpipe()
             conn.origin.release(conn)
 
 
@@ -214,6 +287,8 @@ class _Conn(asyncio.Protocol):
         self.used = False
         self.closed = False
         self.parser = httptools.HttpResponseParser(self)
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._waiting_since = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -226,6 +301,9 @@ class _Conn(asyncio.Protocol):
         self.error: UpstreamError | None = None
         self._head: asyncio.Future[Response] | None = None
         self._more: asyncio.Future[None] | None = None
+        self._pipe: Callable[[bytes], None] | None = None  # Response.pipe's consumer
+        self._piped: asyncio.Future[None] | None = None  # ... and the end of its body
+        self._paused = False  # reading paused for a slow consumer: not idle
 
     def reusable(self) -> bool:
         return self.complete and not self.closed and self.error is None and self.keep_alive
@@ -251,19 +329,73 @@ class _Conn(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             self._more = self.loop.create_future()
-            timer = self.loop.call_later(self.origin.client.idle_timeout_s, self._idle)
+            self._arm_idle()
             try:
                 await self._more
             finally:
-                timer.cancel()
                 self._more = None
         data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.body.clear()
         return data
 
+    def pipe(self, on_data: Callable[[bytes], None]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = self.loop.create_future()
+        if self.body:
+            data = b"".join(self.body)
+            self.body.clear()
+            on_data(data)
+        if self.complete:
+            fut.set_result(None)
+        elif self.error is not None:
+            fut.set_exception(self.error)
+        else:
+            self._pipe, self._piped = on_data, fut
+            self._arm_idle()
+        return fut
+
+    def unpipe(self) -> None:
+        fut, self._pipe, self._piped = self._piped, None, None
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    def _end_pipe(self, e: BaseException | None) -> None:
+        fut, self._pipe, self._piped = self._piped, None, None
+        if fut is not None and not fut.done():
+            if e is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(e)
+
+    def pause(self) -> None:
+        if not self.closed and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+            self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """The quiet time counts from now (a wait begins)."""
+        self._waiting_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_at(self._waiting_since + self.origin.client.idle_timeout_s, self._idle)
+
     def _idle(self) -> None:
-        self._fail(ReadTimeout(f"no data from {self.origin.host}:{self.origin.port} "
-                               f"for {self.origin.client.idle_timeout_s:g} s"))
+        """The idle watchdog: one timer per connection, re-armed when it fires, instead of a timer
+        made and cancelled for every wait (every streamed token). Fails the read that has waited
+        idle_timeout_s; a wait that began later gets the rest of its own."""
+        self._idle_timer = None
+        if (self._more is None and self._piped is None) or self._paused or self.closed:
+            return  # nobody waits (or a slow consumer holds the reads): the next wait arms it again
+        idle_s = self.origin.client.idle_timeout_s
+        due = self._waiting_since + idle_s
+        if self.loop.time() < due:
+            self._idle_timer = self.loop.call_at(due, self._idle)
+            return
+        self._fail(ReadTimeout(f"no data from {self.origin.host}:{self.origin.port} for {idle_s:g} s"))
         self.abort()
 
     def _fail(self, e: UpstreamError) -> None:
@@ -271,6 +403,7 @@ class _Conn(asyncio.Protocol):
             self.error = e
         if self._head is not None and not self._head.done():
             self._head.set_exception(e)
+        self._end_pipe(self.error or e)
         self._wake()
 
     def _wake(self) -> None:
@@ -283,6 +416,9 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.origin.gone(self)
         self._fail(UpstreamError(f"{self.origin.host}:{self.origin.port} closed the connection"))
 
@@ -304,9 +440,18 @@ class _Conn(asyncio.Protocol):
             self._head.set_result(Response(self))
 
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-        self._wake()
+        pipe = self._pipe
+        if pipe is None:
+            self.body.append(body)
+            self._wake()
+            return
+        self._waiting_since = self.loop.time()  # the idle watchdog's clock
+        try:
+            pipe(body)
+        except Exception as e:  # the consumer's failure (its client went away): it hears it, we stop
+            self._end_pipe(e)
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self._end_pipe(None)
         self._wake()

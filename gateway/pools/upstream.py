@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +24,7 @@ log = logging.getLogger("meshgate.pools")
 
 RTT_ALPHA = 0.3
 RTT_WINDOW = 20  # probe RTTs behind the windowed p90
+CONN_WAIT_ALPHA = 0.3  # EWMA weight of one request's connection wait
 
 
 class Pool:
@@ -43,6 +45,22 @@ class Pool:
         self.rtt_window: deque[float] = deque(maxlen=RTT_WINDOW)  # recent probe RTTs, ms
         self._last_header = ""  # the last load header parsed, and the report made of it
         self._header_report: LoadReport | None = None
+        self.max_connections = up.max_connections
+        self.connections_per_slot = up.connections_per_slot
+        self._slots = 0  # the batch slots the pool advertised last (0: none)
+        self.on_cap: Callable[[Pool], None] | None = None  # told when connection_cap() changes
+
+    def connection_cap(self) -> int:
+        """How many connections (requests at once) this gateway keeps to the pool: max_connections,
+        or connections_per_slot x the slots it advertises when that is more."""
+        return max(self.max_connections, math.ceil(self.connections_per_slot * self._slots))
+
+    def connection_waited(self, waited_s: float) -> None:
+        """A request got a connection after waiting waited_s (0: at once): the latency model's view."""
+        e = self.endpoint
+        e.connection_wait_s = (1 - CONN_WAIT_ALPHA) * e.connection_wait_s + CONN_WAIT_ALPHA * waited_s
+        if e.connection_wait_s < 1e-4:
+            e.connection_wait_s = 0.0
 
     def rtt_p90_ms(self) -> float | None:
         """The 90th percentile of the recent probe RTTs (nearest rank); None before any."""
@@ -77,6 +95,10 @@ class Pool:
         self.endpoint.sent_since_report = int(self.requests.sent - self._sent_at_report)
 
     def update_load(self, report: LoadReport) -> None:
+        if report.max_num_seqs != self._slots:
+            self._slots = max(0, report.max_num_seqs)
+            if self.on_cap is not None:
+                self.on_cap(self)
         self.endpoint.load = report
         self.endpoint.load_at = time.monotonic()
         self._sent_at_report = self.requests.sent  # the pool's figures now include what was sent
@@ -115,9 +137,9 @@ class Upstreams:
         self.worker_index = worker_index
         # Several processes: endpoints' in-flight figures are refreshed before each decision.
         self.shared = num_workers(self.load) > 1
+        self.client: HttpClient | None = None
         self.pools = {p.id: self._pool(p) for p in pools}
         self.endpoints = [p.endpoint for p in self.pools.values()]
-        self.client: HttpClient | None = None
         # https pools: gateway.upstream.tls (CA, client certificate); shared with the load streams' client
         t = up.tls
         self.tls = ClientTls(t.files(), t.server_name) if t != TlsClientConfig() else None
@@ -147,11 +169,24 @@ class Upstreams:
                     asyncio.ensure_future(self.probe(p))
 
     def _pool(self, cfg: PoolConfig) -> Pool:
-        return Pool(cfg, self.up, self.load, self.worker_index)
+        pool = Pool(cfg, self.up, self.load, self.worker_index)
+        pool.on_cap = self._apply_cap
+        self._apply_cap(pool)
+        return pool
+
+    def _apply_cap(self, pool: Pool) -> None:
+        if self.client is not None:
+            self.client.set_limit(pool.endpoint.url, pool.connection_cap())
+
+    def would_wait(self, pool: Pool) -> bool:
+        """Whether a request to the pool now would wait for a connection (its cap reached)."""
+        return self.client is not None and self.client.would_wait(pool.endpoint.url)
 
     async def start(self) -> None:
         self.client = HttpClient(self.up.max_connections, self.up.connect_timeout_s, self.up.idle_timeout_s,
                                  self.tls)
+        for pool in self.pools.values():
+            self._apply_cap(pool)
         await self.probe_all()
         self._probe_task = asyncio.create_task(self._probe_loop())
 

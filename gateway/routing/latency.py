@@ -15,7 +15,8 @@ trip before it came, the request gets there half a round trip after it leaves); 
 (Endpoint.load_pushed) has no age, since the pool would have said had it changed. P(full)
 follows, and a full pool's wait is a slot's turnover time per request ahead (mean request duration
 / slots). Pools that do not report their slots (third-party servers) keep their own queue_wait_s,
-counted down by the report's age.
+counted down by the report's age. A pool whose connections from this gateway are all busy has a
+queue here too: the recent connection wait (Endpoint.connection_wait_s) is added.
 """
 from __future__ import annotations
 
@@ -110,6 +111,10 @@ class TtftModel:
         return client_rtt_s + rtt + self._queue_s(e, tokens, tps, now, rtt) + (tokens - cached) / tps
 
     def _queue_s(self, e: Endpoint, tokens: int, tps: float, now: float, rtt_s: float = 0.0) -> float:
+        # Plus the gateway's own queue in front of the pool: the recent wait for a free connection.
+        return self._pool_queue_s(e, tokens, tps, now, rtt_s) + e.connection_wait_s
+
+    def _pool_queue_s(self, e: Endpoint, tokens: int, tps: float, now: float, rtt_s: float) -> float:
         load = e.load
         if load is None:
             return e.in_flight * tokens / tps

@@ -126,3 +126,103 @@ async def test_deadline_header_bounds_the_wait(h):
     s, b = await h.post(chat(), headers={"x-meshgate-deadline-ms": "300"})
     assert asyncio.get_running_loop().time() - t0 < 2.0
     assert s in (502, 503) and "error" in b
+
+
+def _conn_waits(h: Harness, pool: str, outcome: str) -> float:
+    v = h.server.metrics.registry.get_sample_value("meshgate_upstream_connection_waits_total",
+                                                   {"pool": pool, "outcome": outcome})
+    return v or 0.0
+
+
+# One connection per pool, and no probes during the test (a probe needs a connection too).
+ONE_CONNECTION = {"upstream": {"max_connections": 1, "connections_per_slot": 0, "connection_wait_s": 0.3},
+                  "probe": {"period_s": 30}}
+
+
+async def test_a_pool_at_its_connection_cap_is_passed_over_not_queued_behind(h):
+    await h.start(["a", "b"], **ONE_CONNECTION)  # round-robin: a, b, a ... first
+    h.stubs["a"].delay_s = 0.3  # a's stream holds its only connection for ~1.5 s
+    first = asyncio.create_task(h.request(chat(stream=True)))
+    while h.stubs["a"].requests == 0:
+        await asyncio.sleep(0.01)
+    assert (await h.post(chat(stream=True)))[0] == 200  # b's turn first
+    status, headers, events = await h.request(chat(stream=True))  # a's turn: a is full
+    assert status == 200 and headers["x-meshgate-pool"] == "b" and events[-1] == "data: [DONE]"
+    assert h.stubs["a"].requests == 1 and _conn_waits(h, "a", "skipped") == 1
+    assert not first.done()  # still streaming from a when the third request was served
+    status, headers, _ = await first
+    assert status == 200 and headers["x-meshgate-pool"] == "a"
+
+
+async def test_with_no_other_candidate_the_wait_for_a_connection_is_bounded_and_counted(h):
+    await h.start(["a"], **ONE_CONNECTION)
+    h.stubs["a"].delay_s = 0.3
+    first = asyncio.create_task(h.request(chat(stream=True)))
+    while h.stubs["a"].requests == 0:
+        await asyncio.sleep(0.01)
+    status, headers, body = await h.request(chat(stream=True))
+    assert status == 503 and "retry-after" in {k.lower() for k in headers}
+    assert body["error"]["message"].startswith("every connection")
+    assert _conn_waits(h, "a", "timed_out") == 1 and h.stubs["a"].requests == 1
+    assert h.server.upstreams.pools["a"].endpoint.connection_wait_s > 0  # the latency model sees the queue
+    assert not h.server.upstreams.pools["a"].endpoint.breaker_open  # busy, not broken
+    assert (await first)[0] == 200
+    status, _, _ = await h.request(chat(stream=True))  # the connection is free again: no wait
+    assert status == 200 and _conn_waits(h, "a", "waited") == 0
+
+
+def test_a_pool_advertising_slots_gets_connections_for_them():
+    from gateway.config import PoolConfig, ProbeConfig, UpstreamConfig
+    from gateway.core.types import LoadReport
+    from gateway.pools.upstream import Upstreams
+
+    up = Upstreams((PoolConfig(id="a", url="http://127.0.0.1:1", models=("m",), kind="openai"),),
+                   UpstreamConfig(max_connections=100, connections_per_slot=4), ProbeConfig())
+    pool = up.pools["a"]
+    assert pool.connection_cap() == 100  # nothing advertised: the configured cap
+    pool.update_load(LoadReport(max_num_seqs=64))
+    assert pool.connection_cap() == 256
+    pool.update_load(LoadReport(max_num_seqs=8))
+    assert pool.connection_cap() == 100  # never below the configured cap
+
+
+@pytest.mark.parametrize("field,value", [("max_connections", 0), ("connections_per_slot", -1),
+                                         ("connection_wait_s", 0)])
+def test_connection_cap_settings_are_checked_at_load(field, value):
+    from gateway.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=f"gateway.upstream.{field}"):
+        config_from_dict({"gateway": {"upstream": {field: value}},
+                          "pools": [{"id": "a", "url": "http://127.0.0.1:1", "models": ["m"], "kind": "openai"}]})
+
+
+async def test_a_client_that_reads_slowly_pauses_the_pool_and_still_gets_every_token(h, monkeypatch):
+    """Flow control through the relay: while the client's socket is full, the gateway stops reading
+    the pool (instead of buffering the stream), and resumes when the client reads again."""
+    import socket
+
+    from gateway.pools import h1client
+
+    pauses = []
+    real_pause = h1client._Conn.pause
+    monkeypatch.setattr(h1client._Conn, "pause", lambda self: (pauses.append(1), real_pause(self))[1])
+    await h.start(["a"])
+    h.stubs["a"].num_tokens = 50000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(h.url.rsplit(":", 1)[1])))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = json.dumps(chat(stream=True)).encode()  # the stub sends num_tokens whatever it is asked
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    head = await reader.read(1024)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    for _ in range(100):  # the client reads nothing more until the gateway has paused the pool
+        if pauses:
+            break
+        await asyncio.sleep(0.05)
+    assert pauses, [(c.paused, c.transport.get_write_buffer_size()) for c in h.server.http.conns]
+    raw = await asyncio.wait_for(reader.read(), 60)
+    writer.close()
+    assert raw.count(b'"delta"') >= 49990 and b"data: [DONE]" in raw

@@ -53,8 +53,12 @@ def test_network_blind_baselines_go_further(sim_result: dict) -> None:
     pol, var = sim_result["policies"], sim_result["variants"]
     for base in ("least-load", "round-robin"):
         assert var[f"{base}/anywhere"]["cross_border"] > pol[base]["cross_border"]
-    assert {"least-load_network_blind_p50_over_latency", "round-robin_network_blind_p50_over_latency"} <= set(
-        sim_result["goals"])
+    # The goals are judged on the candidate-set runs (the baselines' strongest form); the blind runs
+    # are extra comparisons, never goals.
+    assert set(sim_result["extra"]) == {"least-load_network_blind_p50_over_latency",
+                                        "round-robin_network_blind_p50_over_latency"}
+    assert {"least-load_p50_over_latency", "round-robin_p50_over_latency"} <= set(sim_result["goals"])
+    assert not any("blind" in k for k in sim_result["goals"])
 
 
 def test_pools_refuse_only_where_refusal_is_on(sim_result: dict) -> None:

@@ -211,3 +211,27 @@ def test_stream_meter_splits_reads_into_events_and_hides_usage():
     crlf = RequestMeter(None, Ticket(None, None, None, 0, lambda: 0.0), MODEL, "r", 1, strip=False)  # type: ignore[arg-type]
     out = crlf.feed(chunk(0).replace(b"\n\n", b"\r\n\r\n") + b"data: [DO") + crlf.feed(b"NE]\r\n\r\n")
     assert out.count(b"data:") == 2 and crlf.done and crlf.chunks == 1
+
+
+def test_observe_many_counts_as_observe_does():
+    """Streams put their inter-token gaps in the ITL histogram in bulk: same buckets, count and sum
+    as observing each gap (bounds included: a value on a bucket's bound falls in that bucket)."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from gateway.edge.metrics import observe_many
+
+    values = [0.0, 0.001, 0.0011, 0.02, 0.5, 3.0, 100.0, 0.02, 1e-9]
+    buckets = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
+    samples = []
+    for bulk in (False, True):
+        reg = CollectorRegistry()
+        h = Histogram("gap_seconds", "gaps", ["pool"], buckets=buckets, registry=reg).labels("p")
+        if bulk:
+            observe_many(h, values)
+            observe_many(h, [])
+        else:
+            for v in values:
+                h.observe(v)
+        samples.append({(s.name, tuple(sorted(s.labels.items()))): s.value
+                        for m in reg.collect() for s in m.samples if not s.name.endswith("_created")})
+    assert samples[0] == samples[1]

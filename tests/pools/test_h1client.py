@@ -13,7 +13,9 @@ class Server:
     """Answers each request after `delay_s`; `close_after` answers per connection, then closes it
     (a keep-alive timer that beat the client's); `stall`: send the head and half a body, then wait."""
 
-    def __init__(self, delay_s: float = 0.0, close_after: int = 0, stall: bool = False, drop_reused: bool = False):
+    def __init__(self, delay_s: float = 0.0, close_after: int = 0, stall: bool = False, drop_reused: bool = False,
+                 trickle_s: float = 0.0):
+        self.trickle_s = trickle_s  # > 0: the body goes out a byte at a time, this far apart
         self.delay_s = delay_s
         self.close_after = close_after
         self.stall = stall
@@ -42,6 +44,12 @@ class Server:
                     await reader.read()  # until the client gives up
                     return
                 out = b"echo:" + body
+                if self.trickle_s:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(out))
+                    for i in range(len(out)):
+                        await asyncio.sleep(self.trickle_s)
+                        writer.write(out[i:i + 1])
+                    continue
                 writer.write(b"HTTP/1.1 200 OK\r\nx-meshgate-load: w=1\r\ncontent-length: %d\r\n\r\n%s" % (len(out), out))
                 answered += 1
                 if self.close_after and answered >= self.close_after:
@@ -138,6 +146,18 @@ async def test_a_stalled_body_times_out() -> None:
         await c.close()
 
 
+async def test_a_body_that_keeps_trickling_never_times_out() -> None:
+    """The idle timeout is per gap: a body slower in total than the timeout, but never silent for
+    that long, is read whole (the client keeps one watchdog timer per connection, re-armed)."""
+    s = Server(trickle_s=0.2)
+    async with s as url:
+        c = HttpClient(8, 1.0, 1.0)
+        r = await c.request("POST", url + "/x", b"abcd")  # 9 bytes, 1.8 s in all
+        assert await r.read() == b"echo:abcd"
+        r.close()
+        await c.close()
+
+
 async def test_connect_failure_is_an_upstream_error() -> None:
     c = HttpClient(8, 1.0, 1.0)
     with pytest.raises(UpstreamError, match="cannot connect"):
@@ -152,3 +172,25 @@ def test_basic_credentials_in_the_url_become_an_authorization_header() -> None:
     wire = o.encode("POST", "/v1/x", b"{}", {"x-a": "1"})
     assert wire.startswith(b"POST /v1/x HTTP/1.1\r\nhost: example.com:8080\r\nauthorization: Basic dXNlcjpwQHNz\r\n")
     assert wire.endswith(b"content-length: 2\r\nx-a: 1\r\n\r\n{}")
+
+
+async def test_a_piped_body_arrives_whole_and_a_stalled_one_times_out() -> None:
+    s = Server(trickle_s=0.05)
+    async with s as url:
+        c = HttpClient(8, 1.0, 1.0)
+        r = await c.request("POST", url + "/x", b"abcd")
+        got: list[bytes] = []
+        await asyncio.wait_for(r.pipe(got.append), 5)
+        assert b"".join(got) == b"echo:abcd"
+        r.close()
+        await c.close()
+    s = Server(stall=True)
+    async with s as url:
+        c = HttpClient(8, 1.0, 0.2)
+        r = await c.request("POST", url + "/x", b"q")
+        got = []
+        with pytest.raises(ReadTimeout):
+            await asyncio.wait_for(r.pipe(got.append), 5)
+        assert got == [b"half"]
+        r.close()
+        await c.close()
