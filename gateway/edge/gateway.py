@@ -252,7 +252,8 @@ def _slo_s(headers: Mapping[str, str]) -> float | None:
 def _prefix_key(g: GenerationRequest) -> str:
     """The start of the prompt (a system prompt, usually) for prefix affinity."""
     if g.messages:
-        return g.messages[0]["content"][:PREFIX_CHARS]
+        content = g.messages[0].get("content")
+        return content[:PREFIX_CHARS] if isinstance(content, str) else ""
     return (g.prompt or "")[:PREFIX_CHARS]
 
 

@@ -207,8 +207,9 @@ class Upstreams:
         caps = self._capabilities.get(model)
         if caps is None:
             sets = [p.endpoint.capabilities for p in self.pools.values() if model in p.endpoint.models]
-            caps = self._capabilities[model] = capabilities.ALL if any(c is None for c in sets) else \
-                frozenset().union(*sets)
+            known = [c for c in sets if c is not None]
+            caps = self._capabilities[model] = capabilities.ALL if len(known) < len(sets) else \
+                frozenset().union(*known)
         return caps
 
     def any_available(self) -> bool:

@@ -144,7 +144,8 @@ def tool_calls(calls: Any) -> list[pb.ToolCall]:
     for i, c in enumerate(calls if isinstance(calls, list) else ()):
         if not isinstance(c, dict):
             continue
-        f = c.get("function") if isinstance(c.get("function"), dict) else {}
+        fn = c.get("function")
+        f: dict[str, Any] = fn if isinstance(fn, dict) else {}
         index = c.get("index", i)
         out.append(pb.ToolCall(index=index if isinstance(index, int) and index >= 0 else i, id=_str(c.get("id")),
                                name=_str(f.get("name")), arguments=_str(f.get("arguments"))))
