@@ -213,6 +213,7 @@ class Upstreams:
             pool.probe_hits = 0
             if e.healthy and pool.probe_misses >= self.probe_cfg.down_after:
                 e.healthy = False
+                e.load, e.load_pushed = None, False  # the report of a process that may be gone: unknown now
                 log.warning("pool %s is down (%d probes missed)", e.pool_id, pool.probe_misses)
         pool.refresh_breaker()
 

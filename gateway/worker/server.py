@@ -47,7 +47,8 @@ class WorkerServer:
         self.created = int(time.time())
         self.metrics = WorkerMetrics(self._state)
         self.load_feed = LoadFeed(lambda: self.engine.report if self.engine is not None else LoadReport(),
-                                  cfg.load_stream_interval_s, cfg.load_stream_heartbeat_s, cfg.max_load_streams)
+                                  cfg.load_stream_interval_s, cfg.load_stream_heartbeat_s, cfg.max_load_streams,
+                                  on_disconnect=self.metrics.disconnects.labels("/load/stream").inc)
 
     def _state(self) -> EngineCounters:
         e = self.engine
@@ -223,7 +224,25 @@ class WorkerServer:
     async def _stream(self, request: web.Request, g: GenerationRequest, outputs: Any, builder: ResponseBuilder,
                       tracker: _Timing, deadline: float) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+            await self._relay(resp, g, outputs, builder, tracker, deadline)
+        except ConnectionError:  # aiohttp's "Cannot write to closing transport" is one too
+            # The gateway dropped the stream (its client left, it moved the request, it gave up on
+            # a stall): routine. Closing the outputs aborts the request, so its KV is freed.
+            await outputs.aclose()
+            self._gone(request)
+        except asyncio.CancelledError:  # aiohttp cancels the handler of a connection that closed
+            self._gone(request)
+            raise
+        return resp
+
+    def _gone(self, request: web.Request) -> None:
+        self.metrics.disconnects.labels(request.path).inc()
+        log.debug("request %s: the client went away mid-stream", request.get(REQUEST_ID))
+
+    async def _relay(self, resp: web.StreamResponse, g: GenerationRequest, outputs: Any, builder: ResponseBuilder,
+                     tracker: _Timing, deadline: float) -> None:
         last: RequestOutput | None = None
         ids: list[int] = []  # tokens not sent yet (their text is held back, e.g. a partial UTF-8 char)
         lps: list[Any] = []
@@ -247,7 +266,6 @@ class WorkerServer:
             await resp.write(b"data: " + orjson.dumps(self._failure(e).body()) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-        return resp
 
 
 async def _prepend(first: RequestOutput, rest: Outputs) -> Outputs:
