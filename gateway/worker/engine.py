@@ -96,7 +96,11 @@ class Engine:
             raise ValueError(f"prompt of {req.num_prompt_tokens} tokens; the context is {self.cfg.max_model_len}")
         if req.eos_token_id is None:
             req.eos_token_id = self.tokenizer.eos_token_id
-        self.detoks[req.request_id] = Detokenizer(self.tokenizer, req.params.stop)
+        detok = self.detoks[req.request_id] = Detokenizer(self.tokenizer, req.params.stop)
+        if req.output_token_ids:  # a continuation (worker/resume.py): its earlier tokens, as if made here
+            for t in req.output_token_ids:
+                detok.add([t])  # their text reached the client already; what is held back stays held
+            self.sampler.skip(req, len(req.output_token_ids))
         self.scheduler.add(req)
 
     def abort_request(self, request_id: str) -> bool:

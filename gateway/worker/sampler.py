@@ -9,8 +9,9 @@ from gateway.worker.request import Request
 class Sampler:
     def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
+        self._skips: dict[str, int] = {}  # request id -> draws to discard before its first sample
 
-    def _generator(self, req: Request) -> torch.Generator:
+    def _generator(self, req: Request, like: torch.Tensor) -> torch.Generator:
         g = self._generators.get(req.request_id)
         if g is None:
             g = torch.Generator()
@@ -19,10 +20,19 @@ class Sampler:
             else:
                 g.seed()
             self._generators[req.request_id] = g
+            for _ in range(self._skips.pop(req.request_id, 0)):  # the same draws, one a token, as sample() makes
+                torch.empty_like(like).exponential_(generator=g)
         return g
+
+    def skip(self, req: Request, num_tokens: int) -> None:
+        """A continuation of a request another pool sampled num_tokens for: a seeded stream goes on
+        where that pool's left off (it drew once a token, as here)."""
+        if not req.params.greedy and req.params.seed is not None and num_tokens > 0:
+            self._skips[req.request_id] = num_tokens
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._skips.pop(request_id, None)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits: (S, V) fp32, one row per request. Returns a token id per request and records
@@ -43,7 +53,7 @@ class Sampler:
             probs = sub.softmax(dim=-1)
             for j, i in enumerate(rows):
                 # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p.
-                e = torch.empty_like(probs[j]).exponential_(generator=self._generator(requests[i]))
+                e = torch.empty_like(probs[j]).exponential_(generator=self._generator(requests[i], probs[j]))
                 tokens[i] = (probs[j] / e).argmax()
         out = tokens.tolist()
         for i, r in enumerate(requests):

@@ -24,13 +24,14 @@ from gateway.core.errors import APIError, BadRequest, InternalError, NotFound, O
 from gateway.worker.http import error_middleware, json_response, read_json
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.core.types import LoadReport
-from gateway.core.wire import LOAD_HEADER, MAY_REFUSE_HEADER, PRIORITIES, PRIORITY_HEADER
+from gateway.core.wire import LOAD_HEADER, MAY_REFUSE_HEADER, PRIORITIES, PRIORITY_HEADER, TOKEN_IDS_FIELD, TOKEN_IDS_HEADER
 from gateway.worker.async_engine import AsyncEngine, EngineDeadError, PoolFull
 from gateway.worker.engine import Engine, RequestOutput
 from gateway.worker.load_feed import LoadFeed
 from gateway.worker.metrics import EngineCounters, WorkerMetrics
 from gateway.worker.request import Request, SamplingParams
 from gateway.worker.responses import ResponseBuilder, usage
+from gateway.worker.resume import resumed_ids
 
 log = logging.getLogger("meshgate.worker")
 
@@ -136,12 +137,14 @@ class WorkerServer:
 
     # -- generation -------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_completion(await read_json(request)))
+        body = await read_json(request)
+        return await self._generate(request, parse_completion(body), body)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_chat(await read_json(request)))
+        body = await read_json(request)
+        return await self._generate(request, parse_chat(body), body)
 
-    async def _generate(self, request: web.Request, g: GenerationRequest) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, g: GenerationRequest, body: Any = None) -> web.StreamResponse:
         arrival = time.monotonic()
         if g.model != self.model_name:
             raise NotFound(f"The model '{g.model}' does not exist", param="model", code="model_not_found")
@@ -162,6 +165,10 @@ class WorkerServer:
             prompt_ids = tok.encode(g.prompt or "")
         max_tokens = _check_length(len(prompt_ids), g.max_tokens, ec.max_model_len,
                                    "messages" if g.kind == "chat" else "prompt")
+        # A continuation (another pool began this request and was cut): its tokens so far count as ours.
+        resumed = resumed_ids(body, tok, engine.engine.runner.config.vocab_size)  # type: ignore[attr-defined]
+        if resumed is not None and len(resumed) >= max_tokens:
+            raise BadRequest("the continuation already holds max_tokens tokens", param="meshgate_resume")
         rid = uuid.uuid4().hex
         client_rid = request.headers.get("x-request-id", "")
         request[REQUEST_ID] = client_rid if _REQUEST_ID.match(client_rid) else rid
@@ -173,6 +180,7 @@ class WorkerServer:
                 stop=g.stop, stop_token_ids=g.stop_token_ids, ignore_eos=g.ignore_eos, logprobs=g.logprobs,
             ),
             priority=PRIORITIES.get(request.headers.get(PRIORITY_HEADER, ""), 0),
+            output_token_ids=resumed or [],
         )
         builder = ResponseBuilder(g.kind, rid, self.model_name, tok)
         deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
@@ -182,7 +190,8 @@ class WorkerServer:
             outputs = await self._admitted(outputs, deadline)
         tracker = _Timing(self.metrics, arrival)
         if g.stream:
-            return await self._stream(request, g, outputs, builder, tracker, deadline)
+            return await self._stream(request, g, outputs, builder, tracker, deadline,
+                                      request.headers.get(TOKEN_IDS_HEADER) == "1")
         text, ids, lps = [], [], []
         last: RequestOutput | None = None
         try:
@@ -222,11 +231,11 @@ class WorkerServer:
         return InternalError(str(e))
 
     async def _stream(self, request: web.Request, g: GenerationRequest, outputs: Any, builder: ResponseBuilder,
-                      tracker: _Timing, deadline: float) -> web.StreamResponse:
+                      tracker: _Timing, deadline: float, with_ids: bool = False) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
             await resp.prepare(request)
-            await self._relay(resp, g, outputs, builder, tracker, deadline)
+            await self._relay(resp, g, outputs, builder, tracker, deadline, with_ids)
         except ConnectionError:  # aiohttp's "Cannot write to closing transport" is one too
             # The gateway dropped the stream (its client left, it moved the request, it gave up on
             # a stall): routine. Closing the outputs aborts the request, so its KV is freed.
@@ -242,7 +251,7 @@ class WorkerServer:
         log.debug("request %s: the client went away mid-stream", request.get(REQUEST_ID))
 
     async def _relay(self, resp: web.StreamResponse, g: GenerationRequest, outputs: Any, builder: ResponseBuilder,
-                     tracker: _Timing, deadline: float) -> None:
+                     tracker: _Timing, deadline: float, with_ids: bool) -> None:
         last: RequestOutput | None = None
         ids: list[int] = []  # tokens not sent yet (their text is held back, e.g. a partial UTF-8 char)
         lps: list[Any] = []
@@ -256,6 +265,8 @@ class WorkerServer:
                         chunk = builder.chunk(out.text, out.finish_reason, ids,
                                               lps if g.logprobs is not None else None,
                                               g.include_usage, first=last is None)
+                        if with_ids:  # last, so the gateway can cut it off without parsing (wire.py)
+                            chunk[TOKEN_IDS_FIELD] = ids
                         await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
                         ids, lps = [], []
                     last = out
