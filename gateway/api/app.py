@@ -22,6 +22,7 @@ from gateway.core.errors import BadRequest, InternalError, NotFound
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.edge.forward import StreamBroken, Upstream
 from gateway.edge.gateway import Gateway, SharedState
+from gateway.edge.resume import ResumableStream, ask_for_token_ids
 
 __all__ = ["GatewayServer", "SharedState"]
 
@@ -125,13 +126,33 @@ class GatewayServer(Gateway):
             raise BadRequest("We could not parse the JSON body of your request. Send valid JSON.") from None
         call = self.prepare(path, request.body, parse(parsed), request.headers, arrival, principal, request.remote)
         request.request_id = call.request_id
+        resilience = self.cfg.resilience
+        if call.stream and resilience.resume:
+            ask_for_token_ids(call)
         up = await self.forwarder.open(call)
+        if call.stream and up.status < 400 and resilience.resume:
+            stream = ResumableStream(self.forwarder, self.guard, resilience, up)
+            try:
+                request.pool = up.pool_id
+                request.route = up.route
+                return await _relay_resumable(request, stream)
+            finally:
+                stream.close()
         try:
             request.pool = up.pool_id
             request.route = up.route
             return await _relay(request, up)
         finally:
             up.close()
+
+
+async def _relay_resumable(request: Request, stream: ResumableStream) -> Stream:
+    """A stream that goes on on another pool when its pool fails or stalls (edge/resume.py)."""
+    out = request.start_stream(headers={"cache-control": "no-cache"})
+    async for chunk in stream.chunks():
+        await out.write(chunk)
+    await out.end()
+    return out
 
 
 async def _relay(request: Request, up: Upstream) -> Response | Stream:

@@ -176,6 +176,14 @@ class Response:
             parts.append(chunk)
         return b"".join(parts)
 
+    def abort(self, reason: str) -> None:
+        """Give up on this answer now (a stalled or lost pool): a read waiting or to come raises
+        UpstreamError(reason), and the connection closes (the pool sees the request cancelled)."""
+        conn = self._conn
+        if conn is not None:
+            conn._fail(UpstreamError(reason))
+            conn.abort()
+
     def close(self) -> None:
         """Give the connection back (whole answer read) or close it (not: the pool sees the request
         cancelled). Idempotent."""

@@ -31,7 +31,7 @@ from gateway.worker.load_feed import LoadFeed
 from gateway.worker.metrics import EngineCounters, WorkerMetrics
 from gateway.worker.request import Request, SamplingParams
 from gateway.worker.responses import ResponseBuilder, usage
-from gateway.worker.resume import resumed_ids
+from gateway.worker.resume import resumed_ids, unwrap
 
 log = logging.getLogger("meshgate.worker")
 
@@ -137,14 +137,15 @@ class WorkerServer:
 
     # -- generation -------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        return await self._generate(request, parse_completion(body), body)
+        body, resume = unwrap(await read_json(request))
+        return await self._generate(request, parse_completion(body), resume)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        return await self._generate(request, parse_chat(body), body)
+        body, resume = unwrap(await read_json(request))
+        return await self._generate(request, parse_chat(body), resume)
 
-    async def _generate(self, request: web.Request, g: GenerationRequest, body: Any = None) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, g: GenerationRequest,
+                        resume: dict[str, Any] | None = None) -> web.StreamResponse:
         arrival = time.monotonic()
         if g.model != self.model_name:
             raise NotFound(f"The model '{g.model}' does not exist", param="model", code="model_not_found")
@@ -166,7 +167,7 @@ class WorkerServer:
         max_tokens = _check_length(len(prompt_ids), g.max_tokens, ec.max_model_len,
                                    "messages" if g.kind == "chat" else "prompt")
         # A continuation (another pool began this request and was cut): its tokens so far count as ours.
-        resumed = resumed_ids(body, tok, engine.engine.runner.config.vocab_size)  # type: ignore[attr-defined]
+        resumed = resumed_ids(resume, tok, engine.engine.runner.config.vocab_size)  # type: ignore[attr-defined]
         if resumed is not None and len(resumed) >= max_tokens:
             raise BadRequest("the continuation already holds max_tokens tokens", param="meshgate_resume")
         rid = uuid.uuid4().hex

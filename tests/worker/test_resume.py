@@ -6,7 +6,7 @@ import pytest
 
 from gateway.core.errors import BadRequest
 from gateway.worker.request import Request, SamplingParams
-from gateway.worker.resume import resumed_ids
+from gateway.worker.resume import resumed_ids, unwrap
 from tests.worker.test_engine import TEXT, ScriptedRunner, run, text_of, tokens_of
 
 PROMPT = [7, 99, 301, 45, 12, 250, 3, 88, 160]
@@ -58,9 +58,15 @@ def test_a_stop_string_spanning_the_join_still_stops(make_engine) -> None:
 def test_resume_field_is_checked(model_dir) -> None:
     from gateway.worker.tokenizer import Tokenizer
     tok = Tokenizer(model_dir)
-    assert resumed_ids({"model": "m"}, tok, 512) is None
-    assert resumed_ids({"meshgate_resume": {"output_token_ids": [1, 2]}}, tok, 512) == [1, 2]
-    assert resumed_ids({"meshgate_resume": {"text": "Hello"}}, tok, 512) == tok.encode("Hello", add_special_tokens=False)
-    for bad in ({"output_token_ids": [1, 9999]}, {"output_token_ids": "x"}, {}, [1]):
+    def ids(body):
+        return resumed_ids(unwrap(body)[1], tok, 512)
+
+    assert unwrap({"model": "m"}) == ({"model": "m"}, None) and ids({"model": "m"}) is None
+    # The original request travels inside the field; the outer body is for third-party pools.
+    orig = {"model": "m", "prompt": "a"}
+    body = {"model": "m", "prompt": "a and more", "meshgate_resume": {"request": orig, "output_token_ids": [1, 2]}}
+    assert unwrap(body)[0] == orig and ids(body) == [1, 2]
+    assert ids({"meshgate_resume": {"text": "Hello"}}) == tok.encode("Hello", add_special_tokens=False)
+    for bad in ({"output_token_ids": [1, 9999]}, {"output_token_ids": "x"}, {}, [1], {"request": 3, "text": ""}):
         with pytest.raises(BadRequest):
-            resumed_ids({"meshgate_resume": bad}, tok, 512)
+            ids({"meshgate_resume": bad})
