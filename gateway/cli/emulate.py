@@ -26,6 +26,7 @@ class DelayProxy:
         self.rng = random.Random(seed)
         self.server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._down_until = 0.0  # loop time until which the link is cut (cut())
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, *self.listen)
@@ -43,6 +44,15 @@ class DelayProxy:
             t.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
 
+    def cut(self, down_s: float = 0.0) -> int:
+        """A link failure: drop every connection through this link now, and close new ones at once
+        for down_s. Returns how many connections were cut."""
+        self._down_until = asyncio.get_running_loop().time() + down_s
+        conns = list(self._conns)
+        for t in conns:
+            t.cancel()
+        return len(conns)
+
     def _delay(self) -> float:
         return max(0.0, self.one_way_s + self.rng.uniform(-self.jitter_s, self.jitter_s))
 
@@ -51,6 +61,8 @@ class DelayProxy:
         assert task is not None
         self._conns.add(task)
         try:
+            if asyncio.get_running_loop().time() < self._down_until:
+                return  # the link is down: the connection closes at once
             try:
                 up_r, up_w = await asyncio.open_connection(*self.target)
             except OSError:
