@@ -260,6 +260,7 @@ class ApiKeyConfig:
     tokens_per_min: int = 0  # prompt + completion (estimated at admission, settled at the end); 0: unlimited
     max_concurrent: int = 0  # 0: unlimited
     countries: tuple[str, ...] = ()  # residency: ISO-2 countries its requests may be served in; empty: any
+    hedge: bool = True  # false: never race this key's late first tokens on a second pool (gateway.resilience)
 
     def validate(self, path: str) -> None:
         if not self.id:

@@ -129,7 +129,7 @@ class GatewayServer(Gateway):
         resilience = self.cfg.resilience
         if call.stream and resilience.resume:
             ask_for_token_ids(call)
-        up = await self.forwarder.open(call)
+        up = await self.hedger.open(call, request.headers)
         if call.stream and up.status < 400 and resilience.resume:
             stream = ResumableStream(self.forwarder, self.guard, resilience, up)
             try:

@@ -42,6 +42,7 @@ class Principal:
     priority: str  # contracted | on-demand
     models: frozenset[str]  # empty: every model
     countries: frozenset[str] = frozenset()  # residency; empty: any
+    hedge: bool = True  # its late first tokens may be raced on a second pool (edge/hedge.py)
 
     def may_use(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -126,7 +127,8 @@ class _KeyState:
 
     def __init__(self, k: ApiKeyConfig, table: SharedTable, worker_index: int):
         self.digest = bytes.fromhex(k.sha256)
-        self.principal = Principal(k.id, k.priority, frozenset(k.models), frozenset(c.upper() for c in k.countries))
+        self.principal = Principal(k.id, k.priority, frozenset(k.models), frozenset(c.upper() for c in k.countries),
+                                   k.hedge)
         self.table = table
         s = table.slot(f"key:{k.id}")
         self.rec = table.record(s)

@@ -24,6 +24,7 @@ from gateway.core.wire import DEADLINE_HEADER, PRIORITIES, PRIORITY_HEADER, RESI
 from gateway.edge.admission import Admission, Principal, limit_table
 from gateway.edge.decisions import DecisionLog
 from gateway.edge.discovery import attach_gateway
+from gateway.edge.hedge import Hedger
 from gateway.edge.resume import Guard
 from gateway.edge.forward import Call, Forwarder
 from gateway.edge.metering import Metering, estimate_prompt_tokens
@@ -95,6 +96,7 @@ class Gateway:
                                    self.cfg.upstream.first_byte_timeout_s, self.cfg.routing_options)
         # Stall and pool-down detection before the first byte; continuation after it (edge/resume.py)
         self.guard = self.forwarder.guard = Guard(self.cfg.resilience, profile.predictor)
+        self.hedger = Hedger(self.forwarder, self.cfg.resilience, self.metrics)  # late first tokens (edge/hedge.py)
         # Pushed load from the pools the decisions depend on most: asked for after each round, once
         # the candidate order (refreshed by the Forwarder's callback, above) is current
         self.load_streams = LoadStreams(self.upstreams, self.cfg.load_stream)
