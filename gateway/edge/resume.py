@@ -363,6 +363,23 @@ class ResumableStream:
                 obj["continue_final_message"], obj["add_generation_prompt"] = True, False
         return orjson.dumps(obj)
 
+    # What a front reads of an Upstream, for the pool answering now.
+    @property
+    def status(self) -> int:
+        return self.up.status
+
+    @property
+    def pool_id(self) -> str:
+        return self.up.pool_id
+
+    @property
+    def route(self) -> str:
+        return self.up.route
+
+    @property
+    def first(self) -> bytes:
+        return self.up.first
+
     def close(self) -> None:
         self.up.close()
 
