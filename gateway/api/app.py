@@ -6,6 +6,7 @@ also serves HTTP; the gRPC front takes the same Gateway.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -149,8 +150,9 @@ class GatewayServer(Gateway):
 async def _relay_resumable(request: Request, stream: ResumableStream) -> Stream:
     """A stream that goes on on another pool when its pool fails or stalls (edge/resume.py)."""
     out = request.start_stream(headers={"cache-control": "no-cache"})
-    async for chunk in stream.chunks():
-        await out.write(chunk)
+    async with contextlib.aclosing(stream.chunks()) as chunks:  # its stall timer ends with the client
+        async for chunk in chunks:
+            await out.write(chunk)
     await out.end()
     return out
 

@@ -4,7 +4,7 @@ cancelled (its connection dropped, so the pool aborts the request and frees its 
 the pool's aborted-requests counter shows it).
 
 Bounded so that hedging never amplifies an overload: at most hedge_budget of this gateway's
-requests over the last hedge_window_s are hedged, and never to a pool that is down, circuit-open or
+requests that may be hedged (streams not opted out) over the last hedge_window_s are hedged, and never to a pool that is down, circuit-open or
 predicted full (its last report has every sequence slot taken and a queue). A request opts out with
 `x-meshgate-hedge: off`, a key with `hedge: false`. Metered once: both attempts run on stand-in
 Calls, and only the winner's Upstream is handed the client's Call (the loser's bookkeeping is
@@ -73,9 +73,9 @@ class Hedger:
 
     async def open(self, call: Call, headers: Mapping[str, str]) -> Upstream:
         """Forwarder.open, hedged when the first byte is late. headers: the client's."""
-        self.budget.request(time.monotonic())
         if not self.wanted(call, headers):
             return await self.fwd.open(call)
+        self.budget.request(time.monotonic())  # the budget is a share of the requests that may be hedged
         primary_call = _stand_in(call, call.avoid)
         primary = asyncio.create_task(self.fwd.open(primary_call))
         try:

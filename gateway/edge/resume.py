@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -258,7 +258,7 @@ class ResumableStream:
         self.num_resumes = 0
         self.join_gaps_s: list[float] = []  # client-visible: the last chunk before a cut to the next one
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         last_out = time.monotonic()
         while True:
             up = self.up

@@ -133,9 +133,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         resilience = self.gw.cfg.resilience
         if stream and resilience.resume:
             ask_for_token_ids(call)
-        up: Upstream | ResumableStream = await self.gw.hedger.open(call, headers)
-        if stream and up.status < 400 and resilience.resume:  # goes on elsewhere if its pool fails
-            up = ResumableStream(self.gw.forwarder, self.gw.guard, resilience, up)
+        opened = await self.gw.hedger.open(call, headers)
+        up: Upstream | ResumableStream = opened
+        if stream and opened.status < 400 and resilience.resume:  # goes on elsewhere if its pool fails
+            up = ResumableStream(self.gw.forwarder, self.gw.guard, resilience, opened)
         try:
             tally.pool = up.pool_id
             await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id), (ROUTE_HEADER, up.route)))

@@ -130,3 +130,13 @@ async def test_a_deadline_is_spent_on_other_pools_not_waiting_on_one(h):
     for status, headers, events in results:  # one of them tried a first, then b within the deadline
         assert status == 200 and headers["x-meshgate-pool"] == "b" and parse(events)[0] == WHOLE
     assert h.stubs["a"].requests == 1
+
+
+def test_resilience_settings_are_checked() -> None:
+    from gateway.config import ConfigError, config_from_dict
+    assert config_from_dict({"gateway": {"resilience": {"max_resumes": 0}}}).gateway.resilience.max_resumes == 0
+    for bad, name in (({"stall_floor_s": 0}, "stall_floor_s"), ({"stall_floor_s": 5, "stall_cap_s": 1}, "stall_cap_s"),
+                      ({"hedge_budget": 1.5}, "hedge_budget"), ({"max_resumes": -1}, "max_resumes"),
+                      ({"resume_everything": True}, "resume_everything")):
+        with pytest.raises(ConfigError, match=f"gateway.resilience.{name}"):
+            config_from_dict({"gateway": {"resilience": bad}})
