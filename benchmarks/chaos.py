@@ -79,15 +79,8 @@ class LateLink(DelayProxy):
         self.late_s = late_s
         self.enabled = False
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        one_way = self.one_way_s
-        while data := await src.read(65536):
-            delay = one_way + (self.late_s if self.enabled and b"text/event-stream" in data else 0.0)
-            await asyncio.sleep(delay)
-            dst.write(data)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()
+    def extra_delay_s(self, data: bytes, from_pool: bool) -> float:
+        return self.late_s if self.enabled and from_pool and b"text/event-stream" in data else 0.0
 
 
 class Mesh:
@@ -111,17 +104,19 @@ class Mesh:
         base["gateway"]["port"] = self.port
         base["gateway"]["probe"] = {"period_s": 0.25, "timeout_s": 0.5, "down_after": 2, "up_after": 1}
         base["gateway"]["access_log"] = False
+        # A short hedge budget window, so that the hedging runs are not credited with the fault
+        # phases' requests (the budget would then allow more than 5% of their own)
+        base["gateway"]["resilience"] = {"hedge_window_s": 10.0}
         base["pools"] = pools
         self.cfg = tmp / "chaos.yaml"
         self.cfg.write_text(yaml.safe_dump(base))
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[str] | None = None
 
-    async def start(self, late_pool: str, late_s: float) -> None:
+    async def start(self, late_s: float) -> None:
         for pid, port in self.worker_ports.items():
             listen = ("127.0.0.1", self.link_ports[pid])
-            link = (LateLink(listen, ("127.0.0.1", port), self.rtt_ms[pid], late_s) if pid == late_pool
-                    else DelayProxy(listen, ("127.0.0.1", port), self.rtt_ms[pid]))
+            link = LateLink(listen, ("127.0.0.1", port), self.rtt_ms[pid], late_s)  # late only when enabled
             await link.start()
             self.links[pid] = link
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "up", "--config", str(self.cfg),
@@ -299,11 +294,12 @@ async def fault_phase(mesh: Mesh, fault: str, n: int, duration_s: float, at_s: f
             "join_gap_p99_s": percentile(gaps, 99), "join_gaps_s": gaps}
 
 
-async def hedge_phase(mesh: Mesh, late_pool: str, n: int, duration_s: float) -> dict[str, Any]:
+async def hedge_phase(mesh: Mesh, late_pool: str, which: str, n: int, duration_s: float) -> dict[str, Any]:
     link = mesh.links[late_pool]
     assert isinstance(link, LateLink)
+    await asyncio.sleep(11.0)  # the budget window holds none of the earlier requests
     link.enabled = True
-    out: dict[str, Any] = {"late_pool": late_pool, "late_s": link.late_s}
+    out: dict[str, Any] = {"late_pool": late_pool, "which": which, "late_s": link.late_s}
     for label, headers in (("without", {"x-meshgate-hedge": "off"}), ("with", {})):
         hedges0 = await mesh.metric('meshgate_hedges_total{outcome="won"}') + await mesh.metric(
             'meshgate_hedges_total{outcome="lost"}') + await mesh.metric('meshgate_hedges_total{outcome="failed"}')
@@ -332,9 +328,8 @@ async def main_async(quick: bool) -> dict[str, Any]:
     hedge_s = 6.0 if quick else 20.0
     with tempfile.TemporaryDirectory() as tmp:
         mesh = Mesh(quick, Path(tmp))
-        late_pool = list(mesh.worker_ports)[1]
         try:
-            await mesh.start(late_pool, late_s=0.5)
+            await mesh.start(late_s=0.5)
             reference = await reference_texts(mesh, max_tokens)
             phases = []
             for fault in ("stall", "link", "kill"):  # the kill last: up does not restart a worker
@@ -342,7 +337,11 @@ async def main_async(quick: bool) -> dict[str, Any]:
                 while time.monotonic() - t0 < 60 and not all([await mesh.healthy(p) for p in mesh.worker_ports]):
                     await asyncio.sleep(0.5)
                 phases.append(await fault_phase(mesh, fault, n, duration_s, at_s, max_tokens, reference))
-            hedging = await hedge_phase(mesh, late_pool, n, hedge_s)
+            alive = [p for p in mesh.worker_ports if p != phases[-1]["pool"]]  # the killed one stays down
+            # The pool most streams go to (the nearest) answering late, and a pool that gets the
+            # spill (the next nearest): hedging within 5% of the requests can only mend the latter.
+            hedging = [await hedge_phase(mesh, alive[0], "nearest", n, hedge_s),
+                       await hedge_phase(mesh, alive[1], "next nearest", n, hedge_s)]
             resumes = await mesh.metric('meshgate_resumes_total{outcome="continued"')
         finally:
             await mesh.stop()
@@ -357,13 +356,15 @@ def report(res: dict[str, Any], json_path: Path, quick: bool) -> None:
                 f"fault at {res['phases'][0]['at_s']:g} s",
                 ["fault", "pool", "streams", "intact", "cut", "corrupted", "hung", "on pool", "join p50 s",
                  "join p99 s"], rows)
-    hd = res["hedging"]
-    print_table(f"hedging: {hd['late_pool']} answers {hd['late_s'] * 1000:.0f} ms late",
-                ["run", "requests", "on late pool", "TTFT p50 s", "TTFT p99 s", "hedges", "extra"],
-                [[k, hd[k]["requests"], hd[k]["on_late_pool"], hd[k]["ttft_p50_s"], hd[k]["ttft_p99_s"],
-                  hd[k]["hedges"], hd[k]["extra_requests"]] for k in ("without", "with")])
+    print_table("hedging: one pool's streams answer 500 ms late",
+                ["late pool", "run", "requests", "on late pool", "TTFT p50 s", "TTFT p99 s", "hedges", "extra"],
+                [[f"{hd['late_pool']} ({hd['which']})", k, hd[k]["requests"], hd[k]["on_late_pool"],
+                  hd[k]["ttft_p50_s"], hd[k]["ttft_p99_s"], hd[k]["hedges"], hd[k]["extra_requests"]]
+                 for hd in res["hedging"] for k in ("without", "with")])
     stall_bound_s = 10.0  # gateway.resilience.stall_cap_s (the stub-free bound's cap)
-    ttft_gain = hd["without"]["ttft_p99_s"] / hd["with"]["ttft_p99_s"] if hd["with"]["ttft_p99_s"] else float("nan")
+    gains = [hd["without"]["ttft_p99_s"] / hd["with"]["ttft_p99_s"] for hd in res["hedging"]]
+    extra = max(hd["with"]["extra_requests"] for hd in res["hedging"])
+    ttft_gain = min(gains)  # the goal holds for "one pool late", whichever: the weaker case
     goals = {
         "0 cut, 0 corrupted per fault": goal(sum(p["cut"] + p["corrupted"] + p["hung"] for p in res["phases"]),
                                              "0", all(p["cut"] + p["corrupted"] + p["hung"] == 0 for p in res["phases"])),
@@ -371,7 +372,7 @@ def report(res: dict[str, Any], json_path: Path, quick: bool) -> None:
                                                    f"<= {stall_bound_s:g} s + TTFT",
                                                    all(p["join_gap_p99_s"] <= stall_bound_s + 1.0 for p in res["phases"])),
         "hedging p99 TTFT gain": goal(ttft_gain, ">= 3x", ttft_gain >= 3.0),
-        "hedging extra requests": goal(hd["with"]["extra_requests"], "<= 5%", hd["with"]["extra_requests"] <= 0.05),
+        "hedging extra requests": goal(extra, "<= 5%", extra <= 0.05),
     }
     print_goals(goals)
     res["goals"] = goals
@@ -392,13 +393,15 @@ def report(res: dict[str, Any], json_path: Path, quick: bool) -> None:
     a.set_ylabel("streams")
     a.set_title("streams per fault")
     a.legend()
-    for k in ("without", "with"):
-        xs = sorted(hd[k]["ttfts_s"])
-        if xs:
-            b.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=f"{k} hedging")
+    for hd in res["hedging"]:
+        for k in ("without", "with"):
+            xs = sorted(hd[k]["ttfts_s"])
+            if xs:
+                b.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post",
+                       label=f"{hd['late_pool']} late, {k} hedging")
     b.set_xscale("log")
     b.set_xlabel("TTFT (s)")
-    b.set_title(f"TTFT, {hd['late_pool']} {hd['late_s'] * 1000:.0f} ms late")
+    b.set_title("TTFT with one pool 500 ms late")
     b.legend()
     fig.tight_layout()
     fig.savefig(png_path(json_path), dpi=110)

@@ -68,7 +68,7 @@ class DelayProxy:
             except OSError:
                 return  # the pool is down: the client sees the connection close, as on a real link
             try:
-                await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w))
+                await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w, from_pool=True))
             finally:
                 up_w.close()
         except (ConnectionError, asyncio.CancelledError):
@@ -77,7 +77,11 @@ class DelayProxy:
             client_w.close()
             self._conns.discard(task)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    def extra_delay_s(self, data: bytes, from_pool: bool) -> float:
+        """More delay for this chunk (a subclass emulating a pool that answers late); 0 here."""
+        return 0.0
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_pool: bool = False) -> None:
         """Copy src to dst, each chunk delivered one-way-delay after it was read."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=256)  # bounded: backpressure
@@ -101,7 +105,8 @@ class DelayProxy:
         try:
             while True:
                 data = await src.read(CHUNK)
-                last_due = max(last_due, loop.time() + self._delay())  # never reorder
+                # never reorder
+                last_due = max(last_due, loop.time() + self._delay() + self.extra_delay_s(data, from_pool))
                 await queue.put((last_due, data))
                 if not data:
                     break
