@@ -332,6 +332,54 @@ class LoadStreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ResilienceConfig:
+    """Streams that outlive their pool (issue 17; gateway/edge/resume.py, hedge.py).
+
+    A stream counts as cut when its pool fails, is marked down (probes missed, breaker open, its
+    load stream gone), or stalls: no chunk for stall_factor x the pool's per-stream token interval
+    (running / decode tokens/s, from its load report), within [stall_floor_s, stall_cap_s]. A cut
+    stream is continued on the next pool (same model, residency, key) up to max_resumes times within
+    the request's deadline. Before the first byte, an attempt on a streaming request is given up at
+    first_byte_factor x its predicted TTFT (within [first_byte_floor_s, first_byte_cap_s]) and at
+    half the time the deadline leaves while other pools remain, so the deadline is spent trying pools.
+    """
+
+    resume: bool = True
+    max_resumes: int = 2
+    stall_factor: float = 8.0
+    stall_floor_s: float = 1.0
+    stall_cap_s: float = 10.0
+    first_byte_factor: float = 4.0
+    first_byte_floor_s: float = 2.0
+    first_byte_cap_s: float = 30.0
+    # Hedging: a streaming request with no first byte by hedge_factor x its predicted TTFT (at least
+    # hedge_min_s) goes to the runner-up too; the first token wins, the other is cancelled. At most
+    # hedge_budget of the requests over the last hedge_window_s are hedged, never to a pool
+    # predicted full; x-meshgate-hedge: off (or a key's hedge: false) opts out.
+    hedge: bool = True
+    hedge_factor: float = 3.0
+    hedge_min_s: float = 0.1
+    hedge_budget: float = 0.05
+    hedge_window_s: float = 60.0
+
+    def validate(self, path: str) -> None:
+        for name in ("stall_factor", "stall_floor_s", "stall_cap_s", "first_byte_factor", "first_byte_floor_s",
+                     "first_byte_cap_s", "hedge_factor", "hedge_window_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{path}.{name}: must be positive")
+        if self.max_resumes < 0:
+            raise ConfigError(f"{path}.max_resumes: must be 0 or positive")
+        if self.stall_cap_s < self.stall_floor_s:
+            raise ConfigError(f"{path}.stall_cap_s: must be at least stall_floor_s")
+        if self.first_byte_cap_s < self.first_byte_floor_s:
+            raise ConfigError(f"{path}.first_byte_cap_s: must be at least first_byte_floor_s")
+        if not 0 <= self.hedge_budget <= 1:
+            raise ConfigError(f"{path}.hedge_budget: must be in [0, 1]")
+        if self.hedge_min_s < 0:
+            raise ConfigError(f"{path}.hedge_min_s: must be 0 or positive")
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens: int = 8192
@@ -364,6 +412,7 @@ class ApiKeyConfig:
     # The operator's views (/dashboard, /v1/meshgate/mesh, .../decisions/stream, .../gateways) and every
     # key's usage: admin keys only. Other keys (tenants) get 403 there and their own /v1/meshgate/usage.
     admin: bool = False
+    hedge: bool = True  # false: never race this key's late first tokens on a second pool (gateway.resilience)
 
     def validate(self, path: str) -> None:
         if not self.id:
@@ -510,6 +559,7 @@ class GatewayConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     access_log: bool = True  # one JSON line per request on the meshgate.access logger
     tls: TlsServerConfig = field(default_factory=TlsServerConfig)  # client-facing TLS: the HTTP and gRPC fronts
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
 
 
@@ -615,6 +665,7 @@ def config_from_dict(data: Any, base_dir: Path | None = None) -> Config:
     for name, profile in options.profiles.items():
         profile.validate(f"gateway.routing_options.profiles.{name}")
     _one_of("gateway.routing", cfg.gateway.routing, (*BUILTIN_PROFILES, *options.profiles))
+    cfg.gateway.resilience.validate("gateway.resilience")
     for i, p in enumerate(cfg.pools):
         p.validate(f"pools[{i}]")
         p.engine.validate(f"pools[{i}].engine")

@@ -1,8 +1,12 @@
 """A stub OpenAI-compatible pool for gateway tests: answers instantly, or fails on command.
 
 mode: "ok" | "error" (HTTP 500) | "stall" (never answers) | "drop" (streams some tokens then cuts
-the connection) | "slow" (each token after delay_s) | "full" (refuses with 429 when the gateway says
-it may: x-meshgate-may-refuse: 1, as a full pool worker does; else answers).
+the connection) | "hang" (streams some tokens, then nothing, connection open) | "slow" (each token
+after delay_s) | "full" (refuses with 429 when the gateway says it may: x-meshgate-may-refuse: 1, as
+a full pool worker does; else answers). cut_after: the tokens "drop" and "hang" send first (of
+those the request asks of this pool: a continuation's count from where it starts).
+Like a meshgate worker, it sends each chunk's token ids (token i has id i) when asked
+(x-meshgate-token-ids: 1) and continues a request from meshgate_resume's output_token_ids (or text).
 Like OpenAI, a stream with `stream_options.include_usage` carries `"usage": null` in every chunk
 and ends with a usage-only chunk. Received headers and bodies are kept for assertions.
 """
@@ -24,6 +28,7 @@ class StubPool:
         self.mode = "ok"
         self.num_tokens = num_tokens
         self.delay_s = 0.0
+        self.cut_after = 2
         self.requests = 0
         self.cancelled = 0
         self.received: list[tuple[dict[str, str], dict]] = []  # (headers, body) of each generation request
@@ -152,10 +157,14 @@ class StubPool:
                 "usage": {"prompt_tokens": 1, "completion_tokens": self.num_tokens, "total_tokens": 1 + self.num_tokens},
                 "served_by": self.name}), content_type="application/json", headers=headers)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        resume = body.get("meshgate_resume") or {}
+        start = (len(resume["output_token_ids"]) if "output_token_ids" in resume
+                 else resume.get("text", "").count(" ") if resume else 0)
+        with_ids = request.headers.get("x-meshgate-token-ids") == "1"
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
         await resp.prepare(request)
         try:
-            for i in range(self.num_tokens):
+            for i in range(start, self.num_tokens):
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 delta = {"content": f"t{i} "} if chat else None
@@ -165,11 +174,15 @@ class StubPool:
                          "created": 0, "model": body["model"], "choices": [choice], "served_by": self.name}
                 if include_usage:
                     chunk["usage"] = None
+                if with_ids:
+                    chunk["meshgate_token_ids"] = [i]
                 await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-                if self.mode == "drop" and i == 1:
+                if self.mode == "drop" and i - start == self.cut_after - 1:
                     assert request.transport is not None
                     request.transport.abort()  # the pool dies mid-stream
                     return resp
+                if self.mode == "hang" and i - start == self.cut_after - 1:
+                    await asyncio.sleep(3600)  # the pool stalls mid-stream (cancelled when dropped)
             if include_usage:
                 use = {"prompt_tokens": 1, "completion_tokens": self.num_tokens, "total_tokens": 1 + self.num_tokens}
                 await resp.write(b"data: " + orjson.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0,

@@ -6,6 +6,7 @@ also serves HTTP; the gRPC front takes the same Gateway.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -22,6 +23,7 @@ from gateway.core.tls import ServerTls
 from gateway.core import envelope
 from gateway.edge.forward import StreamBroken, Upstream
 from gateway.edge.gateway import Gateway, SharedState
+from gateway.edge.resume import ResumableStream, ask_for_token_ids
 
 __all__ = ["GatewayServer", "SharedState"]
 
@@ -142,13 +144,34 @@ class GatewayServer(Gateway):
         call = self.prepare(path, request.body, envelope.read(path, parsed), request.headers, arrival, principal,
                             request.remote)
         request.request_id = call.request_id
-        up = await self.forwarder.open(call)
+        resilience = self.cfg.resilience
+        if call.stream and resilience.resume:
+            ask_for_token_ids(call)
+        up = await self.hedger.open(call, request.headers)
+        if call.stream and up.status < 400 and resilience.resume:
+            stream = ResumableStream(self.forwarder, self.guard, resilience, up)
+            try:
+                request.pool = up.pool_id
+                request.route = up.route
+                return await _relay_resumable(request, stream)
+            finally:
+                stream.close()
         try:
             request.pool = up.pool_id
             request.route = up.route
             return await _relay(request, up)
         finally:
             up.close()
+
+
+async def _relay_resumable(request: Request, stream: ResumableStream) -> Stream:
+    """A stream that goes on on another pool when its pool fails or stalls (edge/resume.py)."""
+    out = request.start_stream(headers={"cache-control": "no-cache"})
+    async with contextlib.aclosing(stream.chunks()) as chunks:  # its stall timer ends with the client
+        async for chunk in chunks:
+            await out.write(chunk)
+    await out.end()
+    return out
 
 
 async def _relay(request: Request, up: Upstream) -> Response | Stream:

@@ -39,7 +39,10 @@ from gateway.core.errors import (
 
 log = logging.getLogger("meshgate.http")
 
-MAX_PIPELINED = 16  # requests read ahead of the one being answered, per connection
+# Requests read ahead of the one being answered, per connection. Past it the connection stops
+# reading the socket until the queue is half empty (TCP then holds the client back); what one read
+# had already brought (at most the transport's read size) is kept and answered in order.
+MAX_PIPELINED = 16
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers (llhttp sets no bound of its own)
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -285,7 +288,8 @@ class _Conn(asyncio.Protocol):
         self.remote: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.pending: deque[Request] = deque()
-        self.paused = False
+        self.paused = False  # writing: the client reads slowly
+        self.reading_paused = False  # reading: too many pipelined requests wait
         self.lost = False
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -415,10 +419,11 @@ class _Conn(asyncio.Protocol):
                       self.remote, self._keep_alive, self)
         if self.task is None:
             self._start(req)
-        elif len(self.pending) < MAX_PIPELINED:
-            self.pending.append(req)
-        else:
-            self.transport.close()  # a client pipelining without reading: not one we serve
+            return
+        self.pending.append(req)
+        if len(self.pending) >= MAX_PIPELINED and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     # -- answering --------------------------------------------------------------------------
     def _start(self, req: Request) -> None:
@@ -444,5 +449,8 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
         elif self.pending:
             self._start(self.pending.popleft())
+            if self.reading_paused and len(self.pending) <= MAX_PIPELINED // 2:
+                self.reading_paused = False
+                self.transport.resume_reading()
         else:
             self._arm_timer()

@@ -180,7 +180,10 @@ class OperatorView:
 
     def _pool(self, pool: Any) -> dict[str, Any]:
         e: Endpoint = pool.endpoint
-        load = e.load
+        # A pool that is down (probes missed, or its breaker is open) has no known load: its last
+        # report describes a process that may be gone, so the view says unknown (null), not stale.
+        down = not e.healthy or e.breaker_open
+        load = None if down else e.load
         capacity = pool.cfg.engine.max_num_seqs if pool.cfg.kind == "meshgate" else None
         return {
             "id": e.pool_id,
@@ -200,7 +203,7 @@ class OperatorView:
             "kv_use": round(load.kv_blocks_used / load.kv_blocks_total, 4)
             if load is not None and load.kv_blocks_total else None,
             "load_age_s": _r(time.monotonic() - e.load_at) if load is not None else None,
-            "load_pushed": e.load_pushed,  # GET /load/stream is up: the load is current
+            "load_pushed": e.load_pushed and not down,  # GET /load/stream is up: the load is current
             "predicted_ttft_ms": self._predict_ms(e),
         }
 

@@ -26,6 +26,7 @@ class DelayProxy:
         self.rng = random.Random(seed)
         self.server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._down_until = 0.0  # loop time until which the link is cut (cut())
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, *self.listen)
@@ -44,6 +45,15 @@ class DelayProxy:
             t.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
 
+    def cut(self, down_s: float = 0.0) -> int:
+        """A link failure: drop every connection through this link now, and close new ones at once
+        for down_s. Returns how many connections were cut."""
+        self._down_until = asyncio.get_running_loop().time() + down_s
+        conns = list(self._conns)
+        for t in conns:
+            t.cancel()
+        return len(conns)
+
     def _delay(self) -> float:
         return max(0.0, self.one_way_s + self.rng.uniform(-self.jitter_s, self.jitter_s))
 
@@ -52,12 +62,14 @@ class DelayProxy:
         assert task is not None
         self._conns.add(task)
         try:
+            if asyncio.get_running_loop().time() < self._down_until:
+                return  # the link is down: the connection closes at once
             try:
                 up_r, up_w = await asyncio.open_connection(*self.target)
             except OSError:
                 return  # the pool is down: the client sees the connection close, as on a real link
             try:
-                await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w))
+                await asyncio.gather(self._pipe(client_r, up_w), self._pipe(up_r, client_w, from_pool=True))
             finally:
                 up_w.close()
         except (ConnectionError, asyncio.CancelledError):
@@ -66,7 +78,11 @@ class DelayProxy:
             client_w.close()
             self._conns.discard(task)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    def extra_delay_s(self, data: bytes, from_pool: bool) -> float:
+        """More delay for this chunk (a subclass emulating a pool that answers late); 0 here."""
+        return 0.0
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_pool: bool = False) -> None:
         """Copy src to dst, each chunk delivered one-way-delay after it was read."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=256)  # bounded: backpressure
@@ -90,7 +106,8 @@ class DelayProxy:
         try:
             while True:
                 data = await src.read(CHUNK)
-                last_due = max(last_due, loop.time() + self._delay())  # never reorder
+                # never reorder
+                last_due = max(last_due, loop.time() + self._delay() + self.extra_delay_s(data, from_pool))
                 await queue.put((last_due, data))
                 if not data:
                     break

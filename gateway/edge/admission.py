@@ -43,6 +43,7 @@ class Principal:
     models: frozenset[str]  # empty: every model
     countries: frozenset[str] = frozenset()  # residency; empty: any
     admin: bool = False  # may read the operator's views and every key's usage
+    hedge: bool = True  # its late first tokens may be raced on a second pool (edge/hedge.py)
 
     def may_use(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -172,7 +173,7 @@ class _KeyState:
     def __init__(self, k: ApiKeyConfig, table: SharedTable, worker_index: int):
         self.digest = bytes.fromhex(k.sha256)
         self.principal = Principal(k.id, k.priority, frozenset(k.models), frozenset(c.upper() for c in k.countries),
-                                   k.admin)
+                                   k.admin, k.hedge)
         self.table = table
         s = table.slot(f"key:{k.id}")
         self.rec = table.record(s)

@@ -64,6 +64,8 @@ class Meter(Protocol):
 
     def tail(self) -> bytes: ...  # at the stream's end: what feed() still held
 
+    def rejoin(self) -> None: ...  # a cut stream goes on from another pool (edge/resume.py)
+
     def finish(self, call: Call, up: Upstream | None) -> None: ...
 
 
@@ -90,6 +92,8 @@ class Call:
     on_finish: Callable[[Call, Upstream | None, int], None] | None = field(default=None, repr=False)
     on_error: Callable[[str], None] | None = field(default=None, repr=False)  # bookkeeping failed (a metric)
     finished: bool = False
+    avoid: frozenset[str] = frozenset()  # pools not to try (a continuation avoids those that were cut)
+    resumed_from: tuple[str, ...] = ()  # pools that served earlier parts of this stream, in order
 
     def finish(self, up: Upstream | None, status: int | None = None) -> None:
         """The request is over: meter it (which settles its key's limits), end its span, log it, and
@@ -246,9 +250,10 @@ class Upstream:
         observe_many(self.fwd.m.pool(self.pool_id).itl, self._gaps)
         self._gaps.clear()
 
-    def close(self) -> None:
+    def close(self, finish: bool = True) -> None:
         """Book the attempt. Closing an unfinished response drops the connection, which tells the
-        pool to abort the request and free its KV blocks (client gone)."""
+        pool to abort the request and free its KV blocks (client gone). finish=False: the request
+        goes on elsewhere (a continuation or a hedge took over), so it is not finished here."""
         if self._closed:
             return
         self._closed = True
@@ -263,7 +268,8 @@ class Upstream:
         series = m.pool(self.pool_id)
         series.attempt(self.outcome)
         series.e2e.observe(time.monotonic() - self.call.arrival)
-        self.call.finish(self)
+        if finish:
+            self.call.finish(self)
 
 
 class Forwarder:
@@ -284,6 +290,7 @@ class Forwarder:
         # told which pool took each request (prefix memory and sessions: gateway/edge/prefix_routing.py)
         self.on_routed: Callable[[RouteRequest, Endpoint], None] | None = None
         self.connection_wait_s = upstreams.up.connection_wait_s  # the most a request waits for a connection
+        self.guard: AttemptGuard | None = None  # stall and pool-down policy (edge/resume.py Guard)
 
     async def open(self, call: Call) -> Upstream:
         try:
@@ -308,7 +315,7 @@ class Forwarder:
         # A full pool may refuse (429) while attempts are left, so the request goes where it starts
         # sooner; the last attempt always queues. If the candidates run out first, the first pool
         # that refused is asked again, told it may not refuse.
-        pools = (self.up.pools[ep.pool_id] for ep in decision.ranked)
+        pools = (self.up.pools[ep.pool_id] for ep in decision.ranked if ep.pool_id not in call.avoid)
         attempts, refused, waits_out = 0, None, False
         skipped: list[Pool] = []  # at their connection cap: passed over for the next candidate
         while attempts < self.max_attempts:
@@ -357,9 +364,15 @@ class Forwarder:
             raise Overloaded("the request deadline passed before a pool could answer")
         pool.sent()
         resp: Response | None = None
+        wait_s = min(remaining, self.first_byte_timeout_s)
+        watch: DownWatch | None = None
         try:
             try:
-                async with asyncio.timeout(min(remaining, self.first_byte_timeout_s)) as timer:
+                if self.guard is not None:  # a bound from the predicted TTFT; leave time for other pools
+                    wait_s = self.guard.first_byte_s(call, pool, wait_s, last=not may_refuse)
+                async with asyncio.timeout(wait_s) as timer:
+                    if self.guard is not None:  # the pool marked down meanwhile: give up at once
+                        watch = self.guard.watch(pool, timer)
                     headers = {**call.headers, MAY_REFUSE_HEADER: "1"} if may_refuse else call.headers
                     try:
                         resp = await self.up.client.request("POST", ep.url + call.path, call.body, headers,
@@ -384,6 +397,9 @@ class Forwarder:
                     timer.reschedule(_loop_time(call.deadline))
                     return resp, await resp.read()
             except (UpstreamError, TimeoutError, ConnectionError) as e:
+                if isinstance(e, TimeoutError):
+                    raise _Retry(watch.reason if watch is not None and watch.reason else
+                                 f"no first byte within {wait_s:.3g} s") from None
                 raise _Retry(str(e) or type(e).__name__) from None
         except BaseException as e:
             pool.done()
@@ -394,6 +410,23 @@ class Forwarder:
                     pool.record_failure()
                 self.m.pool(ep.pool_id).attempt("busy" if e.busy else "error")
             raise
+        finally:
+            if watch is not None:
+                watch.stop()
+
+
+class DownWatch(Protocol):
+    reason: str | None  # why it fired (the pool was marked down); None while it has not
+
+    def stop(self) -> None: ...
+
+
+class AttemptGuard(Protocol):
+    """How long an attempt may wait for its first byte, and the pool-down watch (edge/resume.Guard)."""
+
+    def first_byte_s(self, call: Call, pool: Pool, wait_s: float, last: bool) -> float: ...
+
+    def watch(self, pool: Pool, timer: asyncio.Timeout) -> DownWatch: ...
 
 
 def _loop_time(deadline_monotonic: float) -> float:

@@ -26,6 +26,8 @@ from gateway.edge.admission import Admission, Principal, limit_table
 from gateway.edge.capability_check import check_servable
 from gateway.edge.decisions import DecisionLog
 from gateway.edge.discovery import attach_gateway
+from gateway.edge.hedge import Hedger
+from gateway.edge.resume import Guard
 from gateway.edge.forward import Call, Forwarder
 from gateway.edge.metering import Metering, estimate_prompt_tokens
 from gateway.edge.metrics import GatewayMetrics
@@ -99,6 +101,9 @@ class Gateway:
         self.upstreams.on_probed.append(lambda: self.geo.refresh(self.upstreams.endpoints))
         self.forwarder = Forwarder(self.upstreams, profile, self.metrics, self.cfg.upstream.max_attempts,
                                    self.cfg.upstream.first_byte_timeout_s, self.cfg.routing_options)
+        # Stall and pool-down detection before the first byte; continuation after it (edge/resume.py)
+        self.guard = self.forwarder.guard = Guard(self.cfg.resilience, profile.predictor)
+        self.hedger = Hedger(self.forwarder, self.cfg.resilience, self.metrics)  # late first tokens (edge/hedge.py)
         # Pushed load from the pools the decisions depend on most: asked for after each round, once
         # the candidate order (refreshed by the Forwarder's callback, above) is current
         self.load_streams = LoadStreams(self.upstreams, self.cfg.load_stream)

@@ -140,6 +140,12 @@ class RequestMeter:
         out = [kept + b"\n\n" for ev in parts if (kept := self._event(ev)) is not None]
         return b"".join(out)
 
+    def rejoin(self) -> None:
+        """A cut stream goes on from another pool (edge/resume.py): the cut pool's unfinished event
+        is dropped, and its error event (held back from the client) no longer counts."""
+        self._buf = b""
+        self.errored = self.done = False
+
     def tail(self) -> bytes:
         """At the stream's end: bytes of an event never terminated, passed on as they are."""
         rest, self._buf = self._buf, b""
@@ -189,7 +195,10 @@ class RequestMeter:
         try:
             status, prompt, completion = self._outcome(call, up)
             used = prompt + completion
-            self.metering.record(self, up.pool_id if up is not None else "", status, prompt, completion)
+            pool = up.pool_id if up is not None else ""
+            if call.resumed_from:  # a continued stream: one record naming every pool that served it
+                pool = ",".join((*call.resumed_from, pool))
+            self.metering.record(self, pool, status, prompt, completion)
             if self.usage is not None and status != "error" and self.metering.on_usage is not None:
                 self.metering.on_usage(call.route, self.usage[0])
         finally:  # the key's slot comes back even when counting or logging fails

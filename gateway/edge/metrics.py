@@ -103,6 +103,13 @@ class GatewayMetrics:
         self.bookkeeping_errors = Counter("meshgate_bookkeeping_errors",
                                           "Request bookkeeping steps that raised (the request was still served), "
                                           "by stage: metering, tracing, decision_log.", ["stage"], registry=own)
+        # Streams that outlived their pool (edge/resume.py) and first tokens raced on two pools (edge/hedge.py).
+        self.resumes = Counter("meshgate_resumes", "Streams continued on another pool, by the pool that was cut, "
+                               "why (broken, stalled, down, error) and outcome (continued, failed).",
+                               ["pool", "reason", "outcome"], registry=own)
+        self.hedges = Counter("meshgate_hedges", "Requests also sent to the runner-up for a late first token, by "
+                              "outcome (won: the hedge answered first, lost, failed, skipped_budget).",
+                              ["outcome"], registry=own)
         r.register(_PoolCollector(upstreams, in_flight, pool_in_flight))
         self._pools: dict[str, PoolSeries] = {}
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}

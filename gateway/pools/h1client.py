@@ -269,6 +269,13 @@ class Response:
     def resume_reading(self) -> None:
         if self._conn is not None:
             self._conn.resume()
+    def abort(self, reason: str) -> None:
+        """Give up on this answer now (a stalled or lost pool): a read waiting or to come raises
+        UpstreamError(reason), and the connection closes (the pool sees the request cancelled)."""
+        conn = self._conn
+        if conn is not None:
+            conn._fail(UpstreamError(reason))
+            conn.abort()
 
     def close(self) -> None:
         """Give the connection back (whole answer read) or close it (not: the pool sees the request

@@ -129,6 +129,8 @@ class LoadStreams:
                     delay = min(self.cfg.retry_max_s, max(delay, e.retry_after_s))
             except (UpstreamError, TimeoutError, ConnectionError, ValueError, UnicodeDecodeError) as e:
                 reason = str(e) or type(e).__name__
+                if pool.endpoint.load_pushed and not isinstance(e, (ValueError, UnicodeDecodeError)):
+                    pool.went_down(f"load stream lost: {reason}")  # killed, stalled, or cut off from us
             except asyncio.CancelledError:
                 pool.endpoint.load_pushed = False
                 raise

@@ -61,6 +61,13 @@ class Pool:
         e.connection_wait_s = (1 - CONN_WAIT_ALPHA) * e.connection_wait_s + CONN_WAIT_ALPHA * waited_s
         if e.connection_wait_s < 1e-4:
             e.connection_wait_s = 0.0
+        # Told at once when the pool is marked down (probes missed, breaker opened, load stream lost):
+        # requests waiting on it move instead of waiting out a timeout (edge/resume.py).
+        self.down_watchers: set[Callable[[str], None]] = set()
+
+    def went_down(self, reason: str) -> None:
+        for watcher in list(self.down_watchers):
+            watcher(reason)
 
     def rtt_p90_ms(self) -> float | None:
         """The 90th percentile of the recent probe RTTs (nearest rank); None before any."""
@@ -77,8 +84,11 @@ class Pool:
         self.endpoint.breaker_open = False
 
     def record_failure(self) -> None:
+        was_open = self.endpoint.breaker_open
         self.breaker.failure()
         self.refresh_breaker()
+        if self.endpoint.breaker_open and not was_open:
+            self.went_down("circuit breaker open")
 
     def sent(self) -> None:
         """A request went to the pool: credited at once, so a burst spreads over pools."""
@@ -272,7 +282,9 @@ class Upstreams:
             pool.probe_hits = 0
             if e.healthy and pool.probe_misses >= self.probe_cfg.down_after:
                 e.healthy = False
+                e.load, e.load_pushed = None, False  # the report of a process that may be gone: unknown now
                 log.warning("pool %s is down (%d probes missed)", e.pool_id, pool.probe_misses)
+                pool.went_down("probes missed")
         pool.refresh_breaker()
 
     @staticmethod

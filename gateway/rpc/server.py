@@ -30,6 +30,7 @@ from gateway.core import envelope
 from gateway.core.protocol import parse_chat, parse_completion
 from gateway.core.wire import REQUEST_ID_HEADER, ROUTE_HEADER
 from gateway.edge.forward import Call, StreamBroken, Upstream
+from gateway.edge.resume import ResumableStream, ask_for_token_ids
 from gateway.edge.gateway import Gateway
 from gateway.rpc import convert
 from gateway.rpc import meshgate_pb2 as pb
@@ -57,7 +58,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.gw = gateway
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        async def relay(up: Upstream, call: Call) -> pb.GenerateResponse:
+        async def relay(up: Upstream | ResumableStream, call: Call) -> pb.GenerateResponse:
             body = convert.load_json(up.first)
             if up.status >= 400:
                 raise convert.pool_error(body, up.status)
@@ -70,7 +71,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # A coroutine that writes, not an async generator: when the client cancels, the
         # cancellation lands in this task at once and the finally blocks close the upstream.
-        async def relay(up: Upstream, call: Call) -> None:
+        async def relay(up: Upstream | ResumableStream, call: Call) -> None:
             if up.status >= 400:  # a JSON error, not a stream; up.first may be only its start
                 raw = b"".join([chunk async for chunk in _pool_chunks(up)])
                 raise convert.pool_error(convert.load_json(raw), up.status)
@@ -101,7 +102,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                                              for m in self.gw.upstreams.models() if who is None or who.may_use(m)])
 
     async def _handle(self, method: str, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
-                      stream: bool, relay: Callable[[Upstream, Call], Awaitable[T]]) -> T:
+                      stream: bool, relay: Callable[[Upstream | ResumableStream, Call], Awaitable[T]]) -> T:
         tally = _Tally()
         try:
             return await self._forward(request, context, stream, relay, tally)
@@ -119,7 +120,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             self.gw.metrics.requests.labels(f"/{SERVICE}/{method}", str(tally.status), tally.pool).inc()
 
     async def _forward(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool,
-                       relay: Callable[[Upstream, Call], Awaitable[T]], tally: _Tally) -> T:
+                       relay: Callable[[Upstream | ResumableStream, Call], Awaitable[T]], tally: _Tally) -> T:
         """The HTTP front's _generate, with gRPC's metadata and deadline."""
         arrival = time.monotonic()
         headers = _headers(context)
@@ -134,7 +135,13 @@ class GenerationService(pb_grpc.GenerationServicer):
         remaining = context.time_remaining()
         if remaining is not None:  # the client's deadline bounds the request like x-meshgate-deadline-ms
             call.deadline = min(call.deadline, arrival + remaining)
-        up = await self.gw.forwarder.open(call)
+        resilience = self.gw.cfg.resilience
+        if stream and resilience.resume:
+            ask_for_token_ids(call)
+        opened = await self.gw.hedger.open(call, headers)
+        up: Upstream | ResumableStream = opened
+        if stream and opened.status < 400 and resilience.resume:  # goes on elsewhere if its pool fails
+            up = ResumableStream(self.gw.forwarder, self.gw.guard, resilience, opened)
         try:
             tally.pool = up.pool_id
             await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id), (ROUTE_HEADER, up.route)))
@@ -153,7 +160,7 @@ def _past(call: Call | None) -> bool:
     return call is not None and time.monotonic() >= call.deadline
 
 
-async def _pool_chunks(up: Upstream) -> AsyncGenerator[bytes, None]:
+async def _pool_chunks(up: Upstream | ResumableStream) -> AsyncGenerator[bytes, None]:
     """up.chunks(), with a stream the pool broke (the forwarder's StreamBroken) as an UpstreamError."""
     chunks = up.chunks()
     try:

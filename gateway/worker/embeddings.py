@@ -18,13 +18,14 @@ import torch.nn.functional as F
 
 from gateway.core.errors import BadRequest
 from gateway.core.responses_protocol import EmbeddingRequest
+from gateway.worker.model import LlamaForCausalLM
 from kernels import reference as ref
 
 MAX_BATCH_TOKENS = 8192  # padded tokens per forward pass: bounds the activations' memory
 
 
 @torch.inference_mode()
-def embed(model: torch.nn.Module, seqs: list[list[int]]) -> torch.Tensor:
+def embed(model: LlamaForCausalLM, seqs: list[list[int]]) -> torch.Tensor:
     """(len(seqs), hidden) fp32 unit vectors, one per token sequence (each non-empty)."""
     out = []
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths pad little
@@ -41,14 +42,14 @@ def embed(model: torch.nn.Module, seqs: list[list[int]]) -> torch.Tensor:
     return result
 
 
-def _pooled(model: torch.nn.Module, seqs: list[list[int]]) -> torch.Tensor:
+def _pooled(model: LlamaForCausalLM, seqs: list[list[int]]) -> torch.Tensor:
     states, valid = hidden_states(model, seqs)
     m = valid[..., None].float()
     return F.normalize((states * m).sum(1) / m.sum(1), dim=-1).cpu()
 
 
 @torch.inference_mode()
-def hidden_states(model: torch.nn.Module, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_states(model: LlamaForCausalLM, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-norm hidden states (n, L, hidden) fp32 of a padded batch, and its (n, L) bool mask of
     real tokens."""
     w = model.lm_head.weight
@@ -64,11 +65,13 @@ def hidden_states(model: torch.nn.Module, seqs: list[list[int]]) -> tuple[torch.
     inner = model.model
     h = inner.embed_tokens(ids.view(-1))  # (n*length, hidden)
     t = h.shape[0]
-    for layer in inner.layers:
+    for layer in inner.decoder_layers():
         a = layer.self_attn
         x = layer.input_layernorm(h)
-        q = ref.rotary(a.q_proj(x).view(t, a.num_heads, a.head_dim), pos, model.cos_sin)
-        k = ref.rotary(a.k_proj(x).view(t, a.num_kv_heads, a.head_dim), pos, model.cos_sin)
+        q, k = a.q_proj(x).view(t, a.num_heads, a.head_dim), a.k_proj(x).view(t, a.num_kv_heads, a.head_dim)
+        if a.q_norm is not None and a.k_norm is not None:  # Qwen3: per-head norms before rotary
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k = ref.rotary(q, pos, model.cos_sin), ref.rotary(k, pos, model.cos_sin)
         v = a.v_proj(x).view(t, a.num_kv_heads, a.head_dim)
         q, k, v = (z.view(n, length, -1, a.head_dim).transpose(1, 2) for z in (q, k, v))  # (n, heads, L, D)
         rep = a.num_heads // a.num_kv_heads

@@ -100,7 +100,9 @@ class Engine:
             raise ValueError(f"prompt of {req.num_prompt_tokens} tokens; the context is {self.cfg.max_model_len}")
         if req.eos_token_id is None:
             req.eos_token_id = self.tokenizer.eos_token_id
-        self.outputs.add(req.request_id, req.params.stop)
+        # a continuation (worker/resume.py) brings its earlier tokens: their text reached the client
+        # already; the seeded sampler's draws follow the output index, so they continue by themselves
+        self.outputs.add(req.request_id, req.params.stop, primed=req.output_token_ids)
         self.scheduler.add(req)
 
     def abort_request(self, request_id: str) -> bool:

@@ -46,8 +46,13 @@ def error_middleware(on_response: Callable[[web.Request, int], None] | None = No
             err = _HTTP_ERRORS.get(e.status, BadRequest)(f"{e.reason}: {request.method} {request.path}")
             err.status = e.status
             resp = error_response(err)
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
             raise
+        except ConnectionError:
+            # The client went away while we answered: routine, not an error. The answer below goes
+            # nowhere (aiohttp drops a write to a closed connection quietly); its status counts it.
+            log.debug("%s %s: the client went away", request.method, request.path)
+            resp = web.Response(status=499)
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             resp = error_response(InternalError("internal error; the request was not completed"))

@@ -43,9 +43,11 @@ def _key(r: LoadReport) -> tuple[object, ...]:
 
 class LoadFeed:
     def __init__(self, report: Callable[[], LoadReport], interval_s: float = 0.01, heartbeat_s: float = 0.5,
-                 max_streams: int = 1024):
-        """report: the engine's latest report (read, never computed here)."""
+                 max_streams: int = 1024, on_disconnect: Callable[[], None] | None = None):
+        """report: the engine's latest report (read, never computed here); on_disconnect: told when
+        a gateway went away or stopped reading (a metric)."""
         self.report = report
+        self.on_disconnect = on_disconnect
         self.interval_s, self.heartbeat_s, self.max_streams = interval_s, heartbeat_s, max_streams
         self.num_streams = 0
         self.num_pushed = 0  # lines written, heartbeats included (for tests and metrics)
@@ -69,15 +71,24 @@ class LoadFeed:
             if self._watcher is None:
                 self._watcher = asyncio.create_task(self._watch())
             resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-cache"})
-            await resp.prepare(request)
             try:
+                await resp.prepare(request)
                 await self._feed(resp)
-            except (ConnectionError, TimeoutError):
-                return resp  # the gateway went away, or stopped reading
-            await resp.write_eof()
+                await resp.write_eof()
+            except (ConnectionError, TimeoutError):  # aiohttp's "closing transport" is a ConnectionError
+                # The gateway went away or stopped reading: routine (it restarts, or dropped the pool).
+                self._gone(request)
+            except asyncio.CancelledError:  # aiohttp cancels the handler of a connection that closed
+                self._gone(request)
+                raise
             return resp
         finally:
             self.num_streams -= 1
+
+    def _gone(self, request: web.Request) -> None:
+        log.debug("load stream to %s ended: the gateway went away", request.remote)
+        if self.on_disconnect is not None:
+            self.on_disconnect()
 
     async def _feed(self, resp: web.StreamResponse) -> None:
         loop = asyncio.get_running_loop()

@@ -37,6 +37,11 @@ class WorkerMetrics:
                              "Time between consecutive tokens of a request.", buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("meshgate_worker_e2e_request_latency_seconds",
                              "Time from arrival to the last token.", buckets=_LATENCY_BUCKETS, registry=r)
+        # A gateway that drops a stream (its client left, it moved the request, or it gave up on a
+        # stall) is normal operation: counted here and logged at DEBUG, never an ERROR traceback.
+        self.disconnects = Counter("meshgate_worker_client_disconnects",
+                                   "Answers cut short because the client (a gateway) went away, by route.",
+                                   ["route"], registry=r)
         r.register(_EngineCollector(state))
 
 

@@ -9,6 +9,8 @@ is dropped here, as vLLM's output processor drops tokens past a stop).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -64,8 +66,12 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.detoks: dict[str, Detokenizer] = {}
 
-    def add(self, request_id: str, stop: tuple[str, ...]) -> None:
-        self.detoks[request_id] = Detokenizer(self.tokenizer, stop)
+    def add(self, request_id: str, stop: tuple[str, ...], primed: Sequence[int] = ()) -> None:
+        """primed: tokens the request already has (a continuation): decoded first, their text not sent
+        again; what the detokenizer holds back of them (a partial character, a possible stop) stays held."""
+        detok = self.detoks[request_id] = Detokenizer(self.tokenizer, stop)
+        for t in primed:
+            detok.add([t])
 
     def forget(self, request_id: str) -> None:
         self.detoks.pop(request_id, None)

@@ -26,7 +26,7 @@ from gateway.worker.http import error_middleware, json_response, read_json
 from gateway.core.prefix import request_chunks
 from gateway.core.protocol import GenerationRequest, parse_chat, parse_completion
 from gateway.core.types import LoadReport
-from gateway.core.wire import LOAD_HEADER, MAY_REFUSE_HEADER, PRIORITIES, PRIORITY_HEADER
+from gateway.core.wire import LOAD_HEADER, MAY_REFUSE_HEADER, PRIORITIES, PRIORITY_HEADER, TOKEN_IDS_FIELD, TOKEN_IDS_HEADER
 from gateway.worker.async_engine import AsyncEngine, EngineDeadError, PoolFull
 from gateway.worker.engine import Engine, RequestOutput
 from gateway.worker.load_feed import LoadFeed
@@ -39,6 +39,7 @@ from gateway.worker.responses_api import serve_response
 from gateway.worker.responses import ResponseBuilder, usage
 from gateway.worker.tokenizer import ChatTemplateError
 from gateway.worker.tools import ChoiceShaper, prompt_messages
+from gateway.worker.resume import resumed_ids, unwrap
 
 log = logging.getLogger("meshgate.worker")
 
@@ -56,7 +57,8 @@ class WorkerServer:
         self.created = int(time.time())
         self.metrics = WorkerMetrics(self._state)
         self.load_feed = LoadFeed(lambda: self.engine.report if self.engine is not None else LoadReport(),
-                                  cfg.load_stream_interval_s, cfg.load_stream_heartbeat_s, cfg.max_load_streams)
+                                  cfg.load_stream_interval_s, cfg.load_stream_heartbeat_s, cfg.max_load_streams,
+                                  on_disconnect=self.metrics.disconnects.labels("/load/stream").inc)
 
     def _state(self) -> EngineCounters:
         e = self.engine
@@ -147,10 +149,12 @@ class WorkerServer:
 
     # -- generation -------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_completion(await read_json(request)))
+        body, resume = unwrap(await read_json(request))
+        return await self._generate(request, parse_completion(body), resume)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_chat(await read_json(request)))
+        body, resume = unwrap(await read_json(request))
+        return await self._generate(request, parse_chat(body), resume)
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, parse_responses(await read_json(request)))
@@ -167,7 +171,8 @@ class WorkerServer:
                              code="unsupported_endpoint")
         return json_response(await embed_request(engine, e, self.cfg.engine.max_model_len, self.cfg.request_timeout_s))
 
-    async def _generate(self, request: web.Request, g: GenerationRequest) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, g: GenerationRequest,
+                        resume: dict[str, Any] | None = None) -> web.StreamResponse:
         arrival = time.monotonic()
         if g.model != self.model_name:
             raise NotFound(f"The model '{g.model}' does not exist", param="model", code="model_not_found")
@@ -198,6 +203,10 @@ class WorkerServer:
         if g.response_format is not None or g.tool_choice in ("required", "function"):
             grammar = await asyncio.to_thread(engine.engine.grammars.for_request, g.response_format, g.tools,
                                               g.tool_choice, g.tool_name)
+        # A continuation (another pool began this request and was cut): its tokens so far count as ours.
+        resumed = resumed_ids(resume, tok, engine.engine.vocab_size)
+        if resumed is not None and len(resumed) >= max_tokens:
+            raise BadRequest("the continuation already holds max_tokens tokens", param="meshgate_resume")
         rid = uuid.uuid4().hex
         client_rid = request.headers.get("x-request-id", "")
         request[REQUEST_ID] = client_rid if _REQUEST_ID.match(client_rid) else rid
@@ -212,6 +221,7 @@ class WorkerServer:
             ),
             priority=PRIORITIES.get(request.headers.get(PRIORITY_HEADER, ""), 0),
             prefix_chunks=request_chunks(g.prompt, g.prompt_token_ids, g.messages),  # bounded hashing
+            output_token_ids=resumed or [],
         )
         builder = ResponseBuilder(g.kind, rid, self.model_name, tok)
         deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
@@ -228,7 +238,8 @@ class WorkerServer:
             return await serve_response(request, g, outputs, tracker.token, deadline, shapers[0], rid,
                                         self.model_name, self._failure, (TimeoutError, EngineDeadError))
         if g.stream:
-            return await self._stream(request, g, outputs, builder, tracker, deadline, shapers)
+            return await self._stream(request, g, outputs, builder, tracker, deadline, shapers,
+                                      request.headers.get(TOKEN_IDS_HEADER) == "1")
         acc = [_Choice() for _ in range(g.n)]
         try:
             async with contextlib.aclosing(outputs), asyncio.timeout_at(deadline):
@@ -267,29 +278,50 @@ class WorkerServer:
         return InternalError(str(e))
 
     async def _stream(self, request: web.Request, g: GenerationRequest, outputs: Choices, builder: ResponseBuilder,
-                      tracker: _Timing, deadline: float, shapers: list[ChoiceShaper]) -> web.StreamResponse:
+                      tracker: _Timing, deadline: float, shapers: list[ChoiceShaper],
+                      with_ids: bool = False) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+            await self._relay(resp, g, outputs, builder, tracker, deadline, shapers, with_ids)
+        except ConnectionError:  # aiohttp's "Cannot write to closing transport" is one too
+            # The gateway dropped the stream (its client left, it moved the request, it gave up on
+            # a stall): routine. Closing the outputs aborts the request, so its KV is freed.
+            await outputs.aclose()
+            self._gone(request)
+        except asyncio.CancelledError:  # aiohttp cancels the handler of a connection that closed
+            self._gone(request)
+            raise
+        return resp
+
+    def _gone(self, request: web.Request) -> None:
+        self.metrics.disconnects.labels(request.path).inc()
+        log.debug("request %s: the client went away mid-stream", request.get(REQUEST_ID))
+
+    async def _relay(self, resp: web.StreamResponse, g: GenerationRequest, outputs: Choices,
+                     builder: ResponseBuilder, tracker: _Timing, deadline: float, shapers: list[ChoiceShaper],
+                     with_ids: bool) -> None:
         acc = [_Choice() for _ in range(g.n)]
         try:
             async with contextlib.aclosing(outputs), asyncio.timeout_at(deadline):
                 async for i, out in outputs:
                     tracker.token(out)
-                    await resp.write(self._chunks(g, builder, shapers[i], acc[i], i, out))
+                    await resp.write(self._chunks(g, builder, shapers[i], acc[i], i, out, with_ids))
             if g.include_usage and all(c.last is not None for c in acc):
                 await resp.write(b"data: " + orjson.dumps(builder.usage_chunk(_usage(acc))) + b"\n\n")
         except (TimeoutError, EngineDeadError) as e:
             await resp.write(b"data: " + orjson.dumps(self._failure(e).body()) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-        return resp
 
     @staticmethod
     def _chunks(g: GenerationRequest, builder: ResponseBuilder, shaper: ChoiceShaper, c: _Choice, index: int,
-                out: RequestOutput) -> bytes:
+                out: RequestOutput, with_ids: bool = False) -> bytes:
         """The SSE events for one output of choice `index`: its text (or tool call) deltas, the
         tokens not sent yet with the first of them (text held back, e.g. a partial UTF-8 char,
-        keeps its tokens for later), and the finish reason with the last."""
+        keeps its tokens for later), and the finish reason with the last. with_ids: each event ends
+        with the ids of the tokens it carries (TOKEN_IDS_FIELD, last, so the gateway can cut it off
+        without parsing; the gateway continues a cut stream from them)."""
         first = c.last is None
         c.add(out, keep=False)
         deltas = shaper.feed(out.text) if g.kind == "chat" else ([{"content": out.text}] if out.text else [])
@@ -306,6 +338,8 @@ class WorkerServer:
             chunk = builder.chunk(d.get("content", ""), reason if last else None, c.pending_ids if k == 0 else [],
                                   lps, g.include_usage, first=first and k == 0, index=index,
                                   delta=d if g.kind == "chat" else None)
+            if with_ids:
+                chunk[TOKEN_IDS_FIELD] = c.pending_ids if k == 0 else []
             events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if deltas:
             c.pending_ids, c.pending_lps = [], []

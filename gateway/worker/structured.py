@@ -52,7 +52,7 @@ class Grammars:
                 import xgrammar as xgr
                 from transformers import PreTrainedTokenizerFast
 
-                hf = PreTrainedTokenizerFast(tokenizer_object=self.tok._tok)
+                hf = PreTrainedTokenizerFast(tokenizer_object=self.tok._tok)  # type: ignore[no-untyped-call]
                 stop = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else None
                 info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size, stop_token_ids=stop)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)

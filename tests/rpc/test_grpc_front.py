@@ -138,6 +138,16 @@ async def test_mid_stream_failure_ends_the_call_with_unavailable(h):
     assert 1 <= len(got) <= 2
 
 
+async def test_a_stream_whose_pool_dies_goes_on_on_another_pool(h):
+    await h.start(["a", "b"])
+    for s in h.stubs.values():
+        s.mode = "drop"  # each cuts after 2 tokens of its own: 2 from the first, the rest from the other
+    h.stubs["a"].cut_after = h.stubs["b"].cut_after = 3
+    msgs = [m async for m in h.stub.GenerateStream(chat(), timeout=10)]
+    assert "".join(m.text for m in msgs) == "t0 t1 t2 t3 t4 "
+    assert len({m.request_id for m in msgs}) == 1 and len({m.pool_id for m in msgs}) == 2
+
+
 async def test_client_cancel_cancels_the_upstream_request(h):
     await h.start(["a"])
     stub = h.stubs["a"]

@@ -31,7 +31,8 @@ class Engine:
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[Engine, LoadFeed, str]]:
     eng = Engine()
-    feed = LoadFeed(lambda: eng.report, interval_s=0.01, heartbeat_s=0.3, max_streams=2)
+    feed = LoadFeed(lambda: eng.report, interval_s=0.01, heartbeat_s=0.3, max_streams=2,
+                    on_disconnect=lambda: setattr(feed, "gone", getattr(feed, "gone", 0) + 1))
     app = web.Application(middlewares=[error_middleware(lambda request, status: None)])  # as the worker's
     app.router.add_get("/load/stream", feed.serve)
     app.on_shutdown.append(feed.on_shutdown)
@@ -86,7 +87,7 @@ async def test_streams_are_bounded_and_end_with_the_worker(served) -> None:
             assert d.status == 503  # stopping: no new streams
 
 
-async def test_a_gateway_that_goes_away_frees_its_stream(served) -> None:
+async def test_a_gateway_that_goes_away_frees_its_stream(served, caplog) -> None:
     eng, feed, url = served
     async with aiohttp.ClientSession() as s:
         r = await s.get(url)
@@ -99,6 +100,9 @@ async def test_a_gateway_that_goes_away_frees_its_stream(served) -> None:
         if feed.num_streams == 0:
             break
     assert feed.num_streams == 0
+    # Routine: counted once, and nothing logged at ERROR (no traceback) for it.
+    assert getattr(feed, "gone", 0) == 1
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
 def test_stream_settings_are_checked() -> None:

@@ -160,8 +160,10 @@ def metric(url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def test_client_disconnect_aborts_and_frees_kv_blocks(url):
+def test_client_disconnect_aborts_and_frees_kv_blocks(worker, url):
     aborted = metric(url, "meshgate_worker_aborted_requests_total")
+    gone = 'meshgate_worker_client_disconnects_total{route="/v1/completions"}'
+    before = metric(url, gone) if gone in httpx.get(url + "/metrics").text else 0.0
     generated = metric(url, "meshgate_worker_generation_tokens_total")
     body = {"model": MODEL, "prompt": "go", "max_tokens": 500, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
@@ -173,6 +175,10 @@ def test_client_disconnect_aborts_and_frees_kv_blocks(url):
     assert wait_until(lambda: httpx.get(url + "/load").json()["kv_blocks_used"] == 0, timeout_s=10)
     assert httpx.get(url + "/load").json()["running"] == 0
     assert metric(url, "meshgate_worker_generation_tokens_total") - generated < 500
+    # A client going away is routine: counted, and no ERROR traceback in the worker's log.
+    assert wait_until(lambda: metric(url, gone) == before + 1, timeout_s=10)
+    log = worker[1].log()
+    assert "Traceback" not in log and "Error handling request" not in log, log[-2000:]
 
 
 def test_load_health_ready_metrics(url):
