@@ -193,8 +193,9 @@ class TraceSimulation(Simulation):
             return
         super().on_arrive(now, g, p, j)
 
-    def admit(self, now: float, g: int, p: int, j: int, may_refuse: bool) -> None:
-        """The pool finds what its cache holds of the prompt, prefills the rest, caches it all."""
+    def admit(self, now: float, g: int, p: int, j: int, may_refuse: bool, prefill: int | None = None) -> None:
+        """The pool finds what its cache holds of the prompt, prefills the rest, caches it all
+        (prefill: worked out here, whatever is passed)."""
         pool = self.pools[p]
         assert isinstance(pool, CachedPool)
         prompt = self.prompt[j]
