@@ -13,6 +13,9 @@ Rows, side by side over the same arrivals:
 - `nearest`, `least-load`: today's baselines over the gateway's candidate set.
 - `oracle-cache`: the fair oracle (benchmarks/sim/oracle.py) that also knows every pool's cache
   now: its expected TTFT charges each pool's prefill for the prompt less what that pool holds.
+Variants of the network-blind row (TRACE_VARIANTS), so that its goals are judged against its
+strongest form: every pool's load and cache now (`/fresh`), load weighed as much as the cached
+share (`/balanced`), and both.
 Recorded per row: TTFT mean and percentiles, the cache hit rate (prompt tokens served from cache /
 prompt tokens), cross-border share, requests refused at least once.
 """
@@ -22,6 +25,7 @@ import concurrent.futures as cf
 import dataclasses
 import heapq
 import multiprocessing
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,17 +41,27 @@ from benchmarks.sim.report import summarize
 from benchmarks.sim.run import ARRIVE, Simulation, _Attempts
 from benchmarks.sim.settings import MODEL, Settings
 from benchmarks.sim.trace import BLOCK_TOKENS, CachedPool, TraceArrivals
-from gateway.config import RoutingOptions
+from gateway.config import ProfileConfig, RoutingOptions
 from gateway.core.prefix import MAX_CHUNKS, longest_match
 from gateway.core.types import Endpoint, RouteRequest
+from gateway.routing.plugins import build_profile
 from gateway.routing.prefix_index import PoolPrefix, PrefixIndex
 
 TRACE_POLICIES = ("latency", "latency-no-cache", "prefix", "nearest", "least-load", "oracle-cache")
-CACHE_AWARE = frozenset({"latency", "prefix"})
+CACHE_AWARE = frozenset({"latency", "prefix", "prefix-balanced"})
 # The network-blind rule in its strongest form: every decision sees every pool's load and cache now
 # (as an in-cluster router fed by its pods' KV events would); shown beside `prefix`, and the goals
 # are judged against the better of the two.
-TRACE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"prefix/fresh": ("prefix", {"fresh_reports": True})}
+# `prefix/balanced` weighs load as much as the cached share (as llm-d's scorer weights and SGLang's
+# balance thresholds temper the longest-prefix rule): one pool holding the trace's global first block
+# otherwise draws every request.
+TRACE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "prefix/fresh": ("prefix", {"fresh_reports": True}),
+    "prefix/balanced": ("prefix-balanced", {}),
+    "prefix/balanced-fresh": ("prefix-balanced", {"fresh_reports": True}),
+}
+BALANCED = ProfileConfig(filters=("serves-model", "available", "residency"),
+                         scorers={"prefix-cache": 1.0, "least-load": 1.0})
 
 
 class SimHolder(PoolPrefix):
@@ -96,8 +110,12 @@ class TraceSimulation(Simulation):
         self.cache_blocks = cache_blocks
         self.holders: dict[int, set[int]] | None = {} if policy == "oracle-cache" else None
         self.tarr = arr
-        super().__init__(mesh, arr, s, "oracle" if policy == "oracle-cache" else policy)
+        base = {"oracle-cache": "oracle", "prefix-balanced": "prefix"}.get(policy, policy)
+        super().__init__(mesh, arr, s, base)
         self.policy = policy
+        if policy == "prefix-balanced":
+            opts = RoutingOptions(profiles={policy: BALANCED})
+            self.profile = build_profile(policy, opts, rng=random.Random(s.seed + 5), clock=lambda: self.now)
         n = len(arr.t)
         if policy == "oracle-cache":
             assert self.oracle is not None and self.holders is not None
@@ -142,7 +160,8 @@ class TraceSimulation(Simulation):
             return
         assert self.profile is not None
         gw = self.view.gws[g]
-        cands = self.by_country[self.metro_cc[g]] if self.policy == "prefix" else self.view.candidates(gw, None)
+        blind = self.policy in ("prefix", "prefix-balanced")  # over the client's country, whatever the RTT
+        cands = self.by_country[self.metro_cc[g]] if blind else self.view.candidates(gw, None)
         eps = [self.view.endpoint(gw, q, now) for q in cands]
         blocks = self.blocks[i]
         if self.policy in CACHE_AWARE:
@@ -174,8 +193,9 @@ class TraceSimulation(Simulation):
             return
         super().on_arrive(now, g, p, j)
 
-    def admit(self, now: float, g: int, p: int, j: int, may_refuse: bool) -> None:
-        """The pool finds what its cache holds of the prompt, prefills the rest, caches it all."""
+    def admit(self, now: float, g: int, p: int, j: int, may_refuse: bool, prefill: int | None = None) -> None:
+        """The pool finds what its cache holds of the prompt, prefills the rest, caches it all
+        (prefill: worked out here, whatever is passed)."""
         pool = self.pools[p]
         assert isinstance(pool, CachedPool)
         prompt = self.prompt[j]
