@@ -330,3 +330,15 @@ def test_embedding_states_are_the_models_own(make_engine):
         full, _ = hidden_states(model, [ids[:3]])
         assert torch.allclose(short, model.lm_head(full[0, -1]).float(), atol=1e-4)  # padding changes nothing
     torch.set_grad_enabled(True)
+
+
+def test_logprobs_under_a_schema_stay_numbers(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ok?"}], max_tokens=20,
+                                       logprobs=True, top_logprobs=5, temperature=0,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "ok", "schema": schema}})
+    for t in r.choices[0].logprobs.content:
+        assert t.logprob > -1e4 and all(isinstance(a.logprob, float) for a in t.top_logprobs)
+    assert any(a.logprob == -9999.0 for t in r.choices[0].logprobs.content for a in t.top_logprobs)
