@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import httpx
 import jsonschema
 import openai
 import pydantic
@@ -342,3 +343,12 @@ def test_logprobs_under_a_schema_stay_numbers(client):
     for t in r.choices[0].logprobs.content:
         assert t.logprob > -1e4 and all(isinstance(a.logprob, float) for a in t.top_logprobs)
     assert any(a.logprob == -9999.0 for t in r.choices[0].logprobs.content for a in t.top_logprobs)
+
+
+def test_the_worker_advertises_what_it_serves(client):
+    from gateway.core import capabilities
+
+    card = client.models.list().data[0].model_dump()
+    assert set(card["capabilities"]) == capabilities.ALL
+    load = httpx.get(str(client.base_url).removesuffix("/v1/") + "/load").json()
+    assert set(load["capabilities"]) == capabilities.ALL
