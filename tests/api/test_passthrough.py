@@ -168,3 +168,14 @@ async def test_tools_count_toward_the_prompt_size(h):
                                "/v1/responses")
     assert status == 413, out
     assert h.stubs["a"].requests == 0
+
+
+def test_registry_entries_carry_capabilities():
+    from gateway.registry.records import decode_pool, encode, pool_record
+
+    cfg = config_from_dict({"pools": [{"id": "w"}, {"id": "v", "kind": "openai", "url": "http://v", "models": ["m"],
+                                                      "capabilities": ["chat", "embeddings"]}]})
+    worker, vllm = (decode_pool(encode(pool_record(cfg, p))) for p in cfg.pools)
+    assert set(worker.capabilities) == capabilities.MESHGATE_WORKER
+    assert vllm.pool_config().capabilities == ("chat", "embeddings")
+    assert decode_pool(b'{"id": "old", "url": "http://x"}').pool_config().capabilities is None  # an older entry
