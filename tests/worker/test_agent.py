@@ -352,3 +352,35 @@ def test_the_worker_advertises_what_it_serves(client):
     assert set(card["capabilities"]) == capabilities.ALL
     load = httpx.get(str(client.base_url).removesuffix("/v1/") + "/load").json()
     assert set(load["capabilities"]) == capabilities.ALL
+
+
+async def test_n_choices_start_after_the_first_has_prefilled():
+    """The other choices are submitted only once the first has its first token (its prompt's
+    blocks are then in the prefix cache); outputs come tagged with their choice; closing the
+    stream closes every choice's generator."""
+    import asyncio
+
+    from gateway.worker.choices import fan_out, run_choices
+    from gateway.worker.engine import RequestOutput
+
+    log: list[str] = []
+    closed: list[str] = []
+
+    async def generate(req, refuse_above_s=None):
+        log.append(f"start {req.request_id}")
+        try:
+            for k in range(3):
+                await asyncio.sleep(0.01)
+                log.append(f"out {req.request_id} {k}")
+                yield RequestOutput(request_id=req.request_id, token_ids=[k], text=str(k), logprobs=[],
+                                    finished=k == 2, finish_reason="length" if k == 2 else None, num_prompt_tokens=4,
+                                    num_output_tokens=k + 1, num_cached_tokens=0)
+        finally:
+            closed.append(req.request_id)
+
+    reqs = fan_out(Request("r", [1, 2, 3, 4], SamplingParams(max_tokens=3, seed=5)), 3)
+    assert [r.params.seed for r in reqs] == [5, 6, 7] and [r.request_id for r in reqs] == ["r-0", "r-1", "r-2"]
+    got = [(i, out.text) async for i, out in run_choices(generate, reqs, None)]
+    assert log.index("start r-1") > log.index("out r-0 0") and log.index("start r-2") > log.index("out r-0 0")
+    assert sorted(got) == [(i, str(k)) for i in range(3) for k in range(3)]
+    assert sorted(closed) == ["r-0", "r-1", "r-2"]
