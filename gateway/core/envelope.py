@@ -50,8 +50,11 @@ def read(path: str, body: Any) -> GenerationRequest:
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise BadRequest("'tools' must be an array", param="tools")
-    if tools:  # their schemas are rendered into the prompt
-        texts.append(orjson.dumps(tools).decode())
+    if tools:  # their schemas are rendered into the prompt: they count toward its size
+        rendered = orjson.dumps(tools).decode()
+        texts.append(rendered)
+        if messages:
+            messages.append({"role": "tools", "content": rendered})
     n = _int(body, "n", 1, 1)
     stream = body.get("stream")
     if stream is None or kind == "embeddings":

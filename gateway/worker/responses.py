@@ -95,9 +95,9 @@ class ResponseBuilder:
         for tid, (lp, alts) in zip(token_ids, logprobs):
             t = self._token(tid)
             content.append({
-                "token": t, "logprob": lp, "bytes": list(t.encode()),
+                "token": t, "logprob": _finite(lp), "bytes": list(t.encode()),
                 "top_logprobs": [
-                    {"token": (a := self._token(i)), "logprob": v, "bytes": list(a.encode())} for i, v in alts
+                    {"token": (a := self._token(i)), "logprob": _finite(v), "bytes": list(a.encode())} for i, v in alts
                 ],
             })
         return {"content": content, "refusal": None}
@@ -112,7 +112,13 @@ class ResponseBuilder:
             pos += len(t)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp for lp, _ in logprobs],
-            "top_logprobs": [{self._token(i): v for i, v in alts} for _, alts in logprobs],
+            "token_logprobs": [_finite(lp) for lp, _ in logprobs],
+            "top_logprobs": [{self._token(i): _finite(v) for i, v in alts} for _, alts in logprobs],
             "text_offset": offsets,
         }
+
+
+def _finite(lp: float) -> float:
+    """A token a grammar or logit_bias ruled out has log-probability -inf, which JSON cannot carry:
+    -9999.0 stands for it, as OpenAI writes such values."""
+    return lp if lp > -9999.0 else -9999.0

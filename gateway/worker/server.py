@@ -122,7 +122,7 @@ class WorkerServer:
         report = self.engine.report if self.engine else LoadReport()
         body = report.to_dict()
         body["ready"] = self.engine is not None
-        body["capabilities"] = CAPABILITIES  # what gateways may route here (gateway/core/capabilities.py)
+        body["capabilities"] = self._capabilities()  # what gateways may route here (core/capabilities.py)
         body["handling_s"] = time.perf_counter() - t0
         return json_response(body)
 
@@ -136,7 +136,15 @@ class WorkerServer:
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "meshgate",
-                "max_model_len": self.cfg.engine.max_model_len, "capabilities": CAPABILITIES}
+                "max_model_len": self.cfg.engine.max_model_len, "capabilities": self._capabilities()}
+
+    def _capabilities(self) -> list[str]:
+        """Everything the worker serves; embeddings only with a runner that keeps the model's
+        torch modules (the TensorRT runner does not)."""
+        e = self.engine
+        if e is not None and getattr(e.engine.runner, "model", None) is None:
+            return [c for c in CAPABILITIES if c != "embeddings"]
+        return CAPABILITIES
 
     async def models(self, request: web.Request) -> web.Response:
         return json_response({"object": "list", "data": [self._model_card()]})

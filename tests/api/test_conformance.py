@@ -286,11 +286,13 @@ def decode_base64_embeddings(body: dict[str, Any]) -> dict[str, Any]:
 
 # Spec fields this server refuses unless at their default (see gateway/core/protocol.py).
 REFUSED = {"best_of", "echo", "suffix", "functions", "function_call", "audio", "prediction", "web_search_options",
-           "moderation",
-           # createResponse: no stored responses or prompts (gateway/core/responses_protocol.py)
-           "store", "previous_response_id", "conversation", "background", "prompt", "top_logprobs",
-           # createEmbedding: this model's vectors cannot be shortened
-           "dimensions"}
+           "moderation"}
+REFUSED_BY_OP = {
+    # no stored responses or prompts (gateway/core/responses_protocol.py)
+    "createResponse": REFUSED | {"store", "previous_response_id", "conversation", "background", "prompt",
+                                 "top_logprobs"},
+    "createEmbedding": {"dimensions"},  # this model's vectors cannot be shortened
+}
 MAX_TOKENS_FIELD = {"createResponse": "max_output_tokens", "createEmbedding": None}
 
 
@@ -310,7 +312,7 @@ def steer(body: dict[str, Any], level: int, known: set[str], op: str = "createCh
             body["input"] = "hi"  # optional in the spec (a stored prompt may stand in), required here
     for key in set(body) - known if level >= 2 else ():
         del body[key]
-    for key in REFUSED & set(body) if level >= 3 else ():
+    for key in REFUSED_BY_OP.get(op, REFUSED) & set(body) if level >= 3 else ():
         del body[key]
 
 

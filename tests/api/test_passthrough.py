@@ -156,3 +156,26 @@ async def test_a_responses_stream_cut_short_is_metered_as_such(h, tmp_path):
 def test_pool_capabilities_are_a_closed_set_in_config():
     with pytest.raises(ConfigError, match=r"pools\[0\].capabilities: unknown capability 'tool'"):
         config_from_dict({"pools": [{"id": "p", "kind": "openai", "capabilities": ["chat", "tool"]}]})
+
+
+async def test_tools_count_toward_the_prompt_size(h):
+    await h.start(["a"], limits={"max_prompt_chars": 200})
+    tools = [{"type": "function", "function": {"name": "f", "description": "x" * 300}}]
+    status, out = await h.post({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": tools})
+    assert status == 413, out
+    status, out = await h.post({"model": MODEL, "input": "hi", "tools": [{"type": "function", "name": "f",
+                                                                         "description": "x" * 300}]},
+                               "/v1/responses")
+    assert status == 413, out
+    assert h.stubs["a"].requests == 0
+
+
+def test_registry_entries_carry_capabilities():
+    from gateway.registry.records import decode_pool, encode, pool_record
+
+    cfg = config_from_dict({"pools": [{"id": "w"}, {"id": "v", "kind": "openai", "url": "http://v", "models": ["m"],
+                                                      "capabilities": ["chat", "embeddings"]}]})
+    worker, vllm = (decode_pool(encode(pool_record(cfg, p))) for p in cfg.pools)
+    assert set(worker.capabilities) == capabilities.MESHGATE_WORKER
+    assert vllm.pool_config().capabilities == ("chat", "embeddings")
+    assert decode_pool(b'{"id": "old", "url": "http://x"}').pool_config().capabilities is None  # an older entry

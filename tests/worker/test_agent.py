@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import httpx
 import jsonschema
 import openai
 import pydantic
@@ -330,3 +331,56 @@ def test_embedding_states_are_the_models_own(make_engine):
         full, _ = hidden_states(model, [ids[:3]])
         assert torch.allclose(short, model.lm_head(full[0, -1]).float(), atol=1e-4)  # padding changes nothing
     torch.set_grad_enabled(True)
+
+
+def test_logprobs_under_a_schema_stay_numbers(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ok?"}], max_tokens=20,
+                                       logprobs=True, top_logprobs=5, temperature=0,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "ok", "schema": schema}})
+    for t in r.choices[0].logprobs.content:
+        assert t.logprob > -1e4 and all(isinstance(a.logprob, float) for a in t.top_logprobs)
+    assert any(a.logprob == -9999.0 for t in r.choices[0].logprobs.content for a in t.top_logprobs)
+
+
+def test_the_worker_advertises_what_it_serves(client):
+    from gateway.core import capabilities
+
+    card = client.models.list().data[0].model_dump()
+    assert set(card["capabilities"]) == capabilities.ALL
+    load = httpx.get(str(client.base_url).removesuffix("/v1/") + "/load").json()
+    assert set(load["capabilities"]) == capabilities.ALL
+
+
+async def test_n_choices_start_after_the_first_has_prefilled():
+    """The other choices are submitted only once the first has its first token (its prompt's
+    blocks are then in the prefix cache); outputs come tagged with their choice; closing the
+    stream closes every choice's generator."""
+    import asyncio
+
+    from gateway.worker.choices import fan_out, run_choices
+    from gateway.worker.engine import RequestOutput
+
+    log: list[str] = []
+    closed: list[str] = []
+
+    async def generate(req, refuse_above_s=None):
+        log.append(f"start {req.request_id}")
+        try:
+            for k in range(3):
+                await asyncio.sleep(0.01)
+                log.append(f"out {req.request_id} {k}")
+                yield RequestOutput(request_id=req.request_id, token_ids=[k], text=str(k), logprobs=[],
+                                    finished=k == 2, finish_reason="length" if k == 2 else None, num_prompt_tokens=4,
+                                    num_output_tokens=k + 1, num_cached_tokens=0)
+        finally:
+            closed.append(req.request_id)
+
+    reqs = fan_out(Request("r", [1, 2, 3, 4], SamplingParams(max_tokens=3, seed=5)), 3)
+    assert [r.params.seed for r in reqs] == [5, 6, 7] and [r.request_id for r in reqs] == ["r-0", "r-1", "r-2"]
+    got = [(i, out.text) async for i, out in run_choices(generate, reqs, None)]
+    assert log.index("start r-1") > log.index("out r-0 0") and log.index("start r-2") > log.index("out r-0 0")
+    assert sorted(got) == [(i, str(k)) for i in range(3) for k in range(3)]
+    assert sorted(closed) == ["r-0", "r-1", "r-2"]
