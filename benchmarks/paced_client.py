@@ -146,15 +146,16 @@ class Client:
         t.events += conn.events
         t.requests += 1
         ok = conn.status == 200 and conn.ttft >= 0 and b"data: [DONE]" in conn.tail
-        if not measured:
-            return conn if ok and conn.keep_alive else _abort(conn)
-        if not ok:
+        if measured and ok:
+            t.num_ok += 1
+            t.ttft_s.append(conn.ttft)
+            t.gaps_s.extend(conn.gaps)
+        elif measured:
             t.error(f"status {conn.status}" if conn.status != 200 else "bad stream")
-            return _abort(conn)
-        t.num_ok += 1
-        t.ttft_s.append(conn.ttft)
-        t.gaps_s.extend(conn.gaps)
-        return conn if conn.keep_alive else _abort(conn)
+        if ok and conn.keep_alive:
+            return conn
+        _abort(conn)
+        return None
 
 
 def _abort(conn: _Conn | None) -> None:

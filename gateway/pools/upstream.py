@@ -236,7 +236,10 @@ class Upstreams:
         while True:
             await asyncio.sleep(max(0.0, self.probe_cfg.period_s - (loop.time() - start)))
             start = loop.time()
-            await self.probe_all()
+            try:
+                await self.probe_all()
+            except Exception:  # a bug in one probe must not end probing (pools would never go down or up)
+                log.exception("probe round failed")
 
     async def probe_all(self) -> None:
         """One round: every pool in a small mesh; the nearest and a rotating sample in a large one."""

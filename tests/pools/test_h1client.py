@@ -16,6 +16,7 @@ class Server:
     def __init__(self, delay_s: float = 0.0, close_after: int = 0, stall: bool = False, drop_reused: bool = False,
                  trickle_s: float = 0.0):
         self.trickle_s = trickle_s  # > 0: the body goes out a byte at a time, this far apart
+        self.drop = False  # close each connection when a request arrives, answering nothing
         self.delay_s = delay_s
         self.close_after = close_after
         self.stall = stall
@@ -36,7 +37,7 @@ class Server:
                 length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length:")), 0)
                 body = await reader.readexactly(length)
-                if self.drop_reused and answered:
+                if self.drop or (self.drop_reused and answered):  # gone without a word (a dropped keep-alive)
                     return
                 await asyncio.sleep(self.delay_s)
                 if self.stall:
@@ -155,6 +156,21 @@ async def test_a_body_that_keeps_trickling_never_times_out() -> None:
         r = await c.request("POST", url + "/x", b"abcd")  # 9 bytes, 1.8 s in all
         assert await r.read() == b"echo:abcd"
         r.close()
+        await c.close()
+
+
+async def test_two_dead_kept_alive_connections_are_an_upstream_error() -> None:
+    """A request is sent again once when a kept-alive connection turns out dead; when the second
+    one is dead too, that is the pool's failure (UpstreamError), never an internal error."""
+    s = Server(delay_s=0.05)
+    async with s as url:
+        c = HttpClient(8, 1.0, 1.0)
+        for r in await asyncio.gather(*(c.request("POST", url + "/x", b"q") for _ in range(3))):
+            await r.read()
+            r.close()  # three kept-alive connections, idle
+        s.drop = True
+        with pytest.raises(UpstreamError):
+            await c.request("POST", url + "/x", b"q")
         await c.close()
 
 
