@@ -148,17 +148,14 @@ class GatewayServer(Gateway):
         if call.stream and resilience.resume:
             ask_for_token_ids(call)
         up = await self.hedger.open(call, request.headers)
+        request.pool, request.route = up.pool_id, up.route  # the first pool (its headers go out first)
         if call.stream and up.status < 400 and resilience.resume:
             stream = ResumableStream(self.forwarder, self.guard, resilience, up)
             try:
-                request.pool = up.pool_id
-                request.route = up.route
                 return await _relay_resumable(request, stream)
             finally:
                 stream.close()
         try:
-            request.pool = up.pool_id
-            request.route = up.route
             return await _relay(request, up)
         finally:
             up.close()

@@ -185,10 +185,7 @@ class Upstream:
             if meter is not None and (rest := meter.tail()):
                 yield rest
         except (UpstreamError, TimeoutError, ConnectionError) as e:
-            self.outcome = "broken_stream"
-            self.pool.record_failure()
-            raise StreamBroken("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
-                               else "the pool failed mid-stream; the response is incomplete") from None
+            raise self._broken(e) from None
 
     async def relay(self, sink: Sink) -> None:
         """What pushing each of chunks() to sink does (same bytes, metering, gaps, deadline and
@@ -232,10 +229,14 @@ class Upstream:
         except _ClientGone:
             raise ConnectionResetError("the client went away") from None
         except (UpstreamError, TimeoutError, ConnectionError) as e:
-            self.outcome = "broken_stream"
-            self.pool.record_failure()
-            raise StreamBroken("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
-                               else "the pool failed mid-stream; the response is incomplete") from None
+            raise self._broken(e) from None
+
+    def _broken(self, e: Exception) -> StreamBroken:
+        """The pool failed (or the deadline passed) after the first token: booked against the pool."""
+        self.outcome = "broken_stream"
+        self.pool.record_failure()
+        return StreamBroken("the request deadline passed mid-stream" if isinstance(e, TimeoutError)
+                            else "the pool failed mid-stream; the response is incomplete")
 
     async def _resume_when_drained(self, sink: Sink) -> None:
         try:
