@@ -184,11 +184,11 @@ class Mesh:
 
 
 class StreamResult:
-    __slots__ = ("prompt", "pool", "start", "end", "text", "status", "chunk_times", "ttft_s")
+    __slots__ = ("prompt", "pool", "start", "end", "text", "status", "chunk_times", "ttft_s", "error")
 
     def __init__(self, prompt: str):
         self.prompt, self.pool, self.start, self.end = prompt, "", time.monotonic(), 0.0
-        self.text, self.status, self.ttft_s = "", "hung", 0.0
+        self.text, self.status, self.ttft_s, self.error = "", "hung", 0.0, ""
         self.chunk_times: list[float] = []
 
 
@@ -209,11 +209,11 @@ async def one_stream(s: aiohttp.ClientSession, url: str, prompt: str, max_tokens
                 *events, buf = buf.split(b"\n\n")
                 for ev in events:
                     if ev == b"data: [DONE]":
-                        res.status = "done"
+                        res.status = "done" if not res.error else "error"
                     elif ev.startswith(b"data: {"):
                         obj = json.loads(ev[6:])
                         if "error" in obj:
-                            res.status = "error"
+                            res.status, res.error = "error", str(obj["error"].get("message"))
                         else:
                             if not res.chunk_times:
                                 res.ttft_s = time.monotonic() - res.start
@@ -288,10 +288,16 @@ async def fault_phase(mesh: Mesh, fault: str, n: int, duration_s: float, at_s: f
     for r in results:
         counts[classify(r, reference)] += 1
     hit = [r for r in results if r.pool == pool and r.start < t_fault and (r.end == 0 or r.end > t_fault)]
+    # What went wrong, stream by stream: where its text left the reference, and why it ended.
+    bad = [{"pool": r.pool, "on_faulted_pool": r in hit, "status": r.status, "error": r.error,
+            "diff_at": next((i for i, (a, b) in enumerate(zip(r.text, reference[r.prompt])) if a != b),
+                            min(len(r.text), len(reference[r.prompt]))),
+            "len": len(r.text), "ref_len": len(reference[r.prompt])}
+           for r in results if classify(r, reference) != "intact"]
     gaps = [max((b - a for a, b in zip(r.chunk_times, r.chunk_times[1:])), default=0.0) for r in hit]
     return {"fault": fault, "pool": pool, "at_s": at_s, "streams": len(results), **counts,
             "streams_on_faulted_pool": len(hit), "join_gap_p50_s": percentile(gaps, 50),
-            "join_gap_p99_s": percentile(gaps, 99), "join_gaps_s": gaps}
+            "join_gap_p99_s": percentile(gaps, 99), "join_gaps_s": gaps, "not_intact": bad}
 
 
 async def hedge_phase(mesh: Mesh, late_pool: str, which: str, n: int, duration_s: float) -> dict[str, Any]:

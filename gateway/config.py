@@ -337,7 +337,8 @@ class ResilienceConfig:
 
     A stream counts as cut when its pool fails, is marked down (probes missed, breaker open, its
     load stream gone), or stalls: no chunk for stall_factor x the pool's per-stream token interval
-    (running / decode tokens/s, from its load report), within [stall_floor_s, stall_cap_s]. A cut
+    (running / decode tokens/s, from its load report), within [stall_floor_s, stall_cap_s]; while
+    the pool's load stream still speaks (its process runs: the gap is load), only stall_cap_s. A cut
     stream is continued on the next pool (same model, residency, key) up to max_resumes times within
     the request's deadline. Before the first byte, an attempt on a streaming request is given up at
     first_byte_factor x its predicted TTFT (within [first_byte_floor_s, first_byte_cap_s]) and at

@@ -110,6 +110,13 @@ class Guard:
             return cfg.stall_cap_s
         return _clamp(cfg.stall_factor * itl, cfg.stall_floor_s, cfg.stall_cap_s)
 
+    def alive(self, pool: Pool) -> bool:
+        """The pool's load stream is up and spoke within the stall floor: its process runs (a
+        SIGSTOPped or dead one falls silent). Its slow stream is then load, not a stall, and is
+        only cut at stall_cap_s (a wedged engine under a live event loop)."""
+        e = pool.endpoint
+        return e.load_pushed and time.monotonic() - e.load_at < self.cfg.stall_floor_s
+
 
 class _StallWatch:
     """Cuts a stream (Response.abort) that stalls or whose pool is marked down. One timer a
@@ -139,11 +146,12 @@ class _StallWatch:
         self.last = self.loop.time()
 
     def _check(self) -> None:
-        gap, bound = self.loop.time() - self.last, self._bound()
+        gap, tight = self.loop.time() - self.last, self._bound()
+        bound = self.guard.cfg.stall_cap_s if self.guard.alive(self.pool) else tight
         if gap >= bound:
             self._cut("stalled", f"no token for {gap:.2f} s (bound {bound:.2f} s)")
-        else:
-            self.handle = self.loop.call_later(bound - gap, self._check)
+        else:  # looked at again within the tight bound: the pool may fall silent meanwhile
+            self.handle = self.loop.call_later(max(min(bound - gap, tight), 0.05), self._check)
 
     def _down(self, why: str) -> None:
         self._cut("down", f"pool marked down ({why})")
