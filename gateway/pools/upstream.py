@@ -49,6 +49,9 @@ class Pool:
         self.connections_per_slot = up.connections_per_slot
         self._slots = 0  # the batch slots the pool advertised last (0: none)
         self.on_cap: Callable[[Pool], None] | None = None  # told when connection_cap() changes
+        # Told at once when the pool is marked down (probes missed, breaker opened, load stream lost):
+        # requests waiting on it move instead of waiting out a timeout (edge/resume.py).
+        self.down_watchers: set[Callable[[str], None]] = set()
 
     def connection_cap(self) -> int:
         """How many connections (requests at once) this gateway keeps to the pool: max_connections,
@@ -61,9 +64,6 @@ class Pool:
         e.connection_wait_s = (1 - CONN_WAIT_ALPHA) * e.connection_wait_s + CONN_WAIT_ALPHA * waited_s
         if e.connection_wait_s < 1e-4:
             e.connection_wait_s = 0.0
-        # Told at once when the pool is marked down (probes missed, breaker opened, load stream lost):
-        # requests waiting on it move instead of waiting out a timeout (edge/resume.py).
-        self.down_watchers: set[Callable[[str], None]] = set()
 
     def went_down(self, reason: str) -> None:
         for watcher in list(self.down_watchers):
