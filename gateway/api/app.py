@@ -145,11 +145,13 @@ class GatewayServer(Gateway):
                             request.remote)
         request.request_id = call.request_id
         resilience = self.cfg.resilience
-        if call.stream and resilience.resume:
+        # Continuation reads chat and completion chunks (the Responses API's typed events it does not)
+        resumable = call.stream and resilience.resume and path in (envelope.CHAT, envelope.COMPLETIONS)
+        if resumable:
             ask_for_token_ids(call)
         up = await self.hedger.open(call, request.headers)
         request.pool, request.route = up.pool_id, up.route  # the first pool (its headers go out first)
-        if call.stream and up.status < 400 and resilience.resume:
+        if resumable and up.status < 400:
             stream = ResumableStream(self.forwarder, self.guard, resilience, up)
             try:
                 return await _relay_resumable(request, stream)

@@ -86,7 +86,10 @@ class Sampler:
 
     def seed_of(self, req: Request) -> int:
         if req.params.seed is not None:
-            return req.params.seed
+            # int64 arithmetic wraps: a seed of 2**63 or more (a negative seed as the API takes it,
+            # modulo 2**64) is the same 64 bits read as signed, so every 64-bit seed is its own stream
+            seed = req.params.seed
+            return seed - (1 << 64) if seed >= 1 << 63 else seed
         s = self._seeds.get(req.request_id)
         if s is None:
             s = self._seeds[req.request_id] = self._rng.getrandbits(62)
