@@ -45,7 +45,7 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    runner: str = "torch"  # torch | cuda | tensorrt
+    runner: str = "torch"  # torch | cuda | tensorrt | null (no model: fixed logits, for host-cost benchmarks)
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     block_size: int = 16
