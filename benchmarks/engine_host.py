@@ -163,7 +163,7 @@ def side_by_side(w: HostWorkload, before_ref: str | None) -> dict[str, Any]:
     finally:
         if tmp is not None:
             subprocess.run(["git", "worktree", "remove", "--force", str(Path(tmp.name) / "tree")], cwd=ROOT,
-                           capture_output=True)
+                           capture_output=True, check=False)  # best effort: the folder goes anyway
             tmp.cleanup()
     rows = []
     for name, reps in runs.items():

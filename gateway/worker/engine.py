@@ -21,7 +21,12 @@ from gateway.config import EngineConfig, ModelConfig
 from gateway.core.types import LoadReport
 from gateway.worker.batch_state import BatchState
 from gateway.worker.kv_cache import BlockManager
-from gateway.worker.outputs import OutputProcessor, RequestOutput, TokenEvent, token_event
+from gateway.worker.outputs import (
+    OutputProcessor,
+    RequestOutput,
+    TokenEvent,
+    token_event,
+)
 from gateway.worker.request import Request, RequestStatus, SamplingParams
 from gateway.worker.runner import Runner, make_runner
 from gateway.worker.sampler import Sampler

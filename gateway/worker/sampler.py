@@ -57,9 +57,9 @@ def draw(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Ten
     idx = None
     if k_max < vocab or cut_p:
         if k_max < vocab:
-            vals, idx = x.topk(k_max, dim=-1)  # (R, K), most likely first
+            idx = x.topk(k_max, dim=-1).indices  # (R, K), most likely first
         else:
-            vals, idx = x.sort(dim=-1, descending=True, stable=True)
+            idx = x.sort(dim=-1, descending=True, stable=True).indices
         p_sorted = probs.gather(1, idx)
         ranks = torch.arange(idx.shape[-1], device=x.device)[None, :]
         cut = ranks >= top_k[:, None]

@@ -8,7 +8,14 @@ import time
 from gateway.worker.async_engine import AsyncEngine
 from gateway.worker.engine import RequestOutput
 from gateway.worker.request import Request, RequestStatus, SamplingParams
-from tests.worker.test_engine import TEXT, ScriptedRunner, random_prompts, run, text_of, tokens_of
+from tests.worker.test_engine import (
+    TEXT,
+    ScriptedRunner,
+    random_prompts,
+    run,
+    text_of,
+    tokens_of,
+)
 
 
 async def _collect(ae: AsyncEngine, req: Request) -> list[RequestOutput]:
