@@ -75,3 +75,34 @@ def test_a_stop_string_found_on_the_loop_ends_the_request_in_the_engine(make_eng
     assert req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason == "stop"
     assert len(req.output_token_ids) < 200  # ended by the stop, not by its length
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_a_failure_in_output_processing_fails_those_requests_and_frees_them(make_engine, monkeypatch) -> None:
+    from gateway.worker.async_engine import EngineDeadError
+
+    engine = make_engine()
+
+    def broken(events):  # type: ignore[no-untyped-def]
+        raise RuntimeError("detokenizer bug")
+
+    monkeypatch.setattr(engine, "process_outputs", broken)
+    req = Request("x", random_prompts([5], seed=40)[0], SamplingParams(max_tokens=50, ignore_eos=True))
+
+    async def main() -> Exception | None:
+        ae = AsyncEngine(engine)
+        ae.start(asyncio.get_running_loop())
+        try:
+            await asyncio.wait_for(_collect(ae, req), 30)
+        except EngineDeadError as e:
+            for _ in range(100):  # the abort reaches the engine thread between steps
+                if not engine.has_work():
+                    break
+                await asyncio.sleep(0.01)
+            return e
+        finally:
+            ae.stop()
+        return None
+
+    err = asyncio.run(main())
+    assert isinstance(err, EngineDeadError) and "output processing failed" in str(err)
+    assert not engine.has_work() and engine.kv.num_free_blocks == engine.kv.num_blocks
