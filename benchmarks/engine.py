@@ -370,12 +370,12 @@ def print_report(res: dict[str, Any]) -> None:
     )
     s, p = res["scheduler_step_ms"], res["prefix_cache"]
     common.print_table(
-        "scheduler + build_batch + update per step (no model) and prefix cache",
+        "scheduler + batch state + update per step (no model) and prefix cache",
         ["measure", "value"],
         [
             [f"sched step p50 ms ({s['num_running']} running)", s["p50"]],
             [f"sched step p99 ms ({s['num_running']} running)", s["p99"]],
-            ["  schedule / build_batch / update p50 ms",
+            ["  schedule / prepare batch / update p50 ms",
              f"{s['schedule_p50']:.3f} / {s['build_batch_p50']:.3f} / {s['update_p50']:.3f}"],
             [f"cold TTFT ms ({p['prefix_tokens']}+{p['suffix_tokens']} tokens)", 1e3 * p["cold_ttft_s"]],
             [f"warm TTFT ms ({p['warm_cached_tokens_min']} cached)", 1e3 * p["warm_ttft_s"]],

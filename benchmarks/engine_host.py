@@ -163,7 +163,7 @@ def side_by_side(w: HostWorkload, before_ref: str | None) -> dict[str, Any]:
     finally:
         if tmp is not None:
             subprocess.run(["git", "worktree", "remove", "--force", str(Path(tmp.name) / "tree")], cwd=ROOT,
-                           capture_output=True)
+                           capture_output=True, check=False)  # best effort: the folder goes anyway
             tmp.cleanup()
     rows = []
     for name, reps in runs.items():
@@ -197,6 +197,34 @@ def print_report(res: dict[str, Any]) -> None:
         common.print_goals(res["goals"])
 
 
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Bars per (running seqs, sampling): p50 and p99 of wall and CPU time, before and after."""
+    plt = common.pyplot()
+    if plt is None:
+        return
+    cases = [(n, k) for n in SEQ_COUNTS for k in KINDS]
+    trees = [t for t in ("before", "after") if any(r["tree"] == t for r in res["rows"])]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for ax, prefix, title in ((axes[0], "", "wall time (the machine's other load included)"),
+                              (axes[1], "cpu_", "engine thread CPU time")):
+        width = 0.8 / (2 * len(trees))
+        for j, tree in enumerate(trees):
+            rows = {(r["num_seqs"], r["kind"]): r for r in res["rows"] if r["tree"] == tree}
+            for q, (stat, alpha) in enumerate((("p50_us", 1.0), ("p99_us", 0.5))):
+                xs = [i + (2 * j + q) * width for i in range(len(cases))]
+                ax.bar(xs, [rows[c][prefix + stat] / 1e3 for c in cases], width, alpha=alpha,
+                       color="tab:gray" if tree == "before" else "tab:blue", label=f"{tree} {stat[:3]}")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], [f"{n} {k}" for n, k in cases])
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per step")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"host cost of an engine step, null runner ({res['machine']['cpu']}, {res['date'][:10]})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = common.arg_parser("engine_host", __doc__.split("\n")[0])
     p.add_argument("--before", help="a git ref to measure side by side (default: this tree only)")
@@ -216,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["goals"] = goals(res)
     print_report(res)
     out = common.write_json(args.json, res)
-    print(f"\nwrote {out}")
+    png = common.png_path(out)
+    plot(res, png)
+    print(f"\nwrote {out} and {png}")
     return res
 
 

@@ -70,7 +70,8 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    runner: Literal["torch", "cuda", "tensorrt"] = "torch"
+    # torch | cuda | tensorrt | null (no model: fixed logits, for host-cost benchmarks)
+    runner: Literal["torch", "cuda", "tensorrt", "null"] = "torch"
     device: str = "cpu"  # cpu | cuda | cuda:N
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     block_size: int = 16

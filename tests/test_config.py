@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"pools": [{"id": "a", "engine": {"runner": "trt"}}]},
-     "pools[0].engine.runner: expected one of torch, cuda, tensorrt, got 'trt'"),
+     "pools[0].engine.runner: expected one of torch, cuda, tensorrt, null, got 'trt'"),
     ({"pools": [{"id": "a", "engine": {"dtype": "fp8"}}]},
      "pools[0].engine.dtype: expected one of float32, bfloat16, float16, got 'fp8'"),
     ({"pools": [{"id": "a", "engine": {"device": "gpu"}}]},

@@ -202,7 +202,15 @@ class AsyncEngine:
 
     # -- event loop side --------------------------------------------------------------------
     def _dispatch(self, events: list[TokenEvent]) -> None:
-        outputs, stopped = self.engine.process_outputs(events)
+        try:
+            outputs, stopped = self.engine.process_outputs(events)
+        except Exception as e:  # a bug: fail these requests (their streams would hang), keep serving
+            log.exception("output processing failed")
+            ids = [ev.request_id for ev in events]
+            for rid in ids:
+                self._cmds.put(("abort", rid))
+            self._dispatch_error(ids, EngineDeadError(f"output processing failed: {type(e).__name__}"))
+            return
         if stopped:
             self._cmds.put(("stop", stopped))
         for out in outputs:

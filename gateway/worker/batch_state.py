@@ -100,7 +100,6 @@ class BatchState:
             self.num_blocks[row] = len(r.block_ids)
         nd = len(dec)
         t = nd + sum(n for _, n in pre)
-        bs = self.block_size
         pos = np.empty(t, dtype=np.int64)
         ids = np.empty(t, dtype=np.int64)
         seq_rows = np.empty(t, dtype=np.int64)  # the row of each token

@@ -72,7 +72,7 @@ class NullRunner:
 
 
 class NullModelConfig:
-    __slots__ = ("vocab_size", "eos_token_id")
+    __slots__ = ("eos_token_id", "vocab_size")
 
     def __init__(self, vocab_size: int, eos_token_id: int | None):
         self.vocab_size = vocab_size

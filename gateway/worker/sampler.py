@@ -45,21 +45,21 @@ def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return (_shr(z, 12).to(torch.float64) + 0.5) * (1.0 / (1 << 52))
 
 
-def draw(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def draw(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor, k_max: int,
+         cut_p: bool) -> torch.Tensor:
     """Token ids (R,) drawn from softmax(x) restricted to each row's top-k / top-p set.
     x: (R, V) temperature-scaled logits; top_k: (R,) int64 (V: no cut); top_p: (R,) fp32 (> 1: no
-    cut); u: (R,) fp64 uniforms. The most likely token is always kept. The CDF runs over the kept
-    tokens in token-id order (so the reference needs no sort to agree)."""
+    cut); u: (R,) fp64 uniforms; k_max = max(top_k) and cut_p = any(top_p <= 1), given from the
+    host so that nothing here waits for the device. The most likely token is always kept. The CDF
+    runs over the kept tokens in token-id order (so the reference needs no sort to agree)."""
     vocab = x.shape[-1]
-    k_max = int(top_k.max())
     probs = (x - x.logsumexp(dim=-1, keepdim=True)).exp()  # (R, V) over the whole vocabulary
-    cut_p = bool((top_p <= 1.0).any())
     idx = None
     if k_max < vocab or cut_p:
         if k_max < vocab:
-            vals, idx = x.topk(k_max, dim=-1)  # (R, K), most likely first
+            idx = x.topk(k_max, dim=-1).indices  # (R, K), most likely first
         else:
-            vals, idx = x.sort(dim=-1, descending=True, stable=True)
+            idx = x.sort(dim=-1, descending=True, stable=True).indices
         p_sorted = probs.gather(1, idx)
         ranks = torch.arange(idx.shape[-1], device=x.device)[None, :]
         cut = ranks >= top_k[:, None]
@@ -116,14 +116,16 @@ class Sampler:
         dev = logits.device
         vocab = logits.shape[-1]
         params = [requests[i].params for i in rows]
-        temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev)
-        seeds = torch.tensor([self.seed_of(requests[i]) for i in rows], dtype=torch.int64, device=dev)
-        counters = torch.tensor([len(requests[i].output_token_ids) for i in rows], dtype=torch.int64, device=dev)
-        top_k = torch.tensor([_top_k(p.top_k, vocab) for p in params], dtype=torch.int64, device=dev)
-        top_p = torch.tensor([_top_p(p.top_p) for p in params], dtype=torch.float32, device=dev)
-        idx = None if len(rows) == len(requests) else torch.tensor(rows, device=dev)
+        top_k = [_top_k(p.top_k, vocab) for p in params]
+        top_p = [_top_p(p.top_p) for p in params]
+        # Two host -> device copies for all the per-row settings: (4, R) int64 and (2, R) fp32.
+        ints = torch.tensor([rows, [self.seed_of(requests[i]) for i in rows],
+                             [len(requests[i].output_token_ids) for i in rows], top_k], dtype=torch.int64).to(dev)
+        floats = torch.tensor([[max(p.temperature, 1e-5) for p in params], top_p], dtype=torch.float32).to(dev)
+        temps = floats[0]
+        idx = None if len(rows) == len(requests) else ints[0]
         sub = (logits if idx is None else logits[idx]) / temps[:, None]  # (R, V)
-        drawn = draw(sub, top_k, top_p, uniform(seeds, counters))
+        drawn = draw(sub, ints[3], floats[1], uniform(ints[1], ints[2]), max(top_k), min(top_p) <= 1.0)
         if idx is None:
             return drawn
         tokens = logits.argmax(dim=-1)
@@ -140,8 +142,9 @@ class Sampler:
         chosen = lp.gather(1, tokens[idx][:, None])[:, 0]  # (R,)
         top = lp.topk(k, dim=-1) if k > 0 else None
         # One copy for the floats and one for the ids, however many rows asked.
-        chosen_h = chosen.tolist()
-        vals = top.values.tolist() if top is not None else [[] for _ in rows]
+        floats = (chosen[:, None] if top is None else torch.cat([chosen[:, None], top.values], dim=1)).tolist()
+        chosen_h = [f[0] for f in floats]
+        vals = [f[1:] for f in floats]
         ids = top.indices.tolist() if top is not None else [[] for _ in rows]
         for j, i in enumerate(rows):
             n = requests[i].params.logprobs or 0

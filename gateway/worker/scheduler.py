@@ -87,7 +87,7 @@ class Scheduler:
                 break
             if req.status != running:  # preempted earlier in this step
                 continue
-            n = remaining if remaining < budget else budget
+            n = min(budget, remaining)
             if req.num_computed_tokens + n <= len(req.block_ids) * bs:  # fits the blocks it holds
                 out.requests.append(req)
                 out.num_tokens.append(n)

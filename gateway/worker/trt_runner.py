@@ -20,7 +20,12 @@ import torch
 
 from gateway.config import EngineConfig
 from gateway.worker.batch import Batch
-from gateway.worker.cuda_runner import CudaAttention, DecodeGraphs, GraphedRunner, require_cuda
+from gateway.worker.cuda_runner import (
+    CudaAttention,
+    DecodeGraphs,
+    GraphedRunner,
+    require_cuda,
+)
 from gateway.worker.families import check_context
 from gateway.worker.model import LlamaConfig
 from gateway.worker.runner import DTYPES, _cos_sin, make_kv_caches

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +23,20 @@ from tests.worker.test_model_hf import prompt, step_and_check
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-6}
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),  # biases on q/k/v (Qwen2.5-0.5B ties)
-    "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=False)),  # q/k norm; head_dim != 64/4
-    "mistral": ("MistralConfig", dict(sliding_window=128)),  # a window the context never exceeds
-    "llama3": ("LlamaConfig", dict(  # Llama 3.x rope scaling, all three bands within head_dim 16
-        tie_word_embeddings=True, rope_theta=10000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=64))),
-    "llama-linear": ("LlamaConfig", dict(rope_scaling=dict(rope_type="linear", factor=2.0), attention_bias=True)),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),  # biases on q/k/v (Qwen2.5-0.5B ties)
+    "qwen3": ("Qwen3Config", {"head_dim": 24, "tie_word_embeddings": False}),  # q/k norm; head_dim != 64/4
+    "mistral": ("MistralConfig", {"sliding_window": 128}),  # a window the context never exceeds
+    "llama3": ("LlamaConfig", {  # Llama 3.x rope scaling, all three bands within head_dim 16
+        "tie_word_embeddings": True, "rope_theta": 10000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64}}),
+    "llama-linear": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "attention_bias": True}),
 }
-ENGINE = dict(block_size=4, num_blocks=96, max_num_seqs=8, max_num_batched_tokens=16, max_model_len=128,
-              num_threads=1)
+ENGINE = {"block_size": 4, "num_blocks": 96, "max_num_seqs": 8, "max_num_batched_tokens": 16, "max_model_len": 128,
+              "num_threads": 1}
 
 
 def _randomize(model: torch.nn.Module) -> None:
@@ -48,7 +48,7 @@ def _randomize(model: torch.nn.Module) -> None:
             p.copy_(1.0 + noise if "norm" in name else noise)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hf_model(family: str, folder: str, tiny: str) -> Any:
     cls_name, extra = FAMILIES[family]
     cfg = getattr(transformers, cls_name)(**{**SMALL, **extra})
@@ -76,7 +76,7 @@ def test_logits_equal_transformers_through_prefill_chunks_and_decodes(family) ->
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1, "the checkpoint was meant to be sharded"
 
-    @lru_cache(maxsize=None)
+    @cache
     def hf_logits(ids: tuple[int, ...]) -> torch.Tensor:
         with torch.no_grad():
             return hf(torch.tensor([ids])).logits[0].float()
@@ -117,8 +117,8 @@ def test_a_family_is_found_by_architectures_too(tmp_path: Path) -> None:
     assert mc.model_type == "qwen2" and mc.qkv_bias and not mc.attention_bias
 
 
-@pytest.mark.parametrize("changes", [dict(rope_scaling=dict(rope_type="yarn", factor=4.0)),
-                                     dict(rope_scaling=dict(type="dynamic", factor=2.0))])
+@pytest.mark.parametrize("changes", [{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+                                     {"rope_scaling": {"type": "dynamic", "factor": 2.0}}])
 def test_unknown_rope_scaling_is_refused(tmp_path: Path, changes: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedModel, match="rope scaling"):
         Engine(ModelConfig(path=str(_config(tmp_path, **changes))), EngineConfig(**ENGINE))
