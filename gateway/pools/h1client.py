@@ -286,6 +286,12 @@ class Response:
             conn.origin.release(conn)
 
 
+# Body bytes held for a reader (readany) that has fallen behind: past this, the pool is not read
+# until the reader takes them (its TCP window fills and it slows down) instead of the gateway
+# buffering a whole stream for a slow client.
+_BUFFER_HIGH = 256 * 1024
+
+
 class _Conn(asyncio.Protocol):
     def __init__(self, origin: _Origin):
         self.origin = origin
@@ -302,6 +308,7 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
+        self._buffered = 0  # bytes in body
         self.complete = False
         self.keep_alive = False
         self.no_answer = True  # no byte of a response yet: a closed keep-alive may be retried
@@ -343,6 +350,9 @@ class _Conn(asyncio.Protocol):
                 self._more = None
         data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.body.clear()
+        if self._buffered > _BUFFER_HIGH:
+            self.resume()  # paused by on_body for this reader: it has caught up
+        self._buffered = 0
         return data
 
     def pipe(self, on_data: Callable[[bytes], None]) -> asyncio.Future[None]:
@@ -350,6 +360,9 @@ class _Conn(asyncio.Protocol):
         if self.body:
             data = b"".join(self.body)
             self.body.clear()
+            if self._buffered > _BUFFER_HIGH:
+                self.resume()
+            self._buffered = 0
             on_data(data)
         if self.complete:
             fut.set_result(None)
@@ -450,6 +463,9 @@ class _Conn(asyncio.Protocol):
         pipe = self._pipe
         if pipe is None:
             self.body.append(body)
+            self._buffered += len(body)
+            if self._buffered > _BUFFER_HIGH:
+                self.pause()
             self._wake()
             return
         self._waiting_since = self.loop.time()  # the idle watchdog's clock
