@@ -214,6 +214,27 @@ CHROMIUM = Path("/usr/bin/chromium")
 PROBE_S = 0.2
 
 
+async def test_a_pool_that_goes_down_shows_its_load_as_unknown(h):
+    """A dead pool's last queue must not linger in the view (it described a process now gone)."""
+    from gateway.core.types import LoadReport
+    h.stubs["b"].load = LoadReport(waiting=2, running=12)
+    await asyncio.sleep(0.3)  # probed
+    pools = {p["id"]: p for p in json.loads((await _get(h, "/v1/meshgate/mesh"))[2])["pools"]}
+    assert pools["b"]["queue"] == {"waiting": 2, "running": 12}
+    h.stubs["b"].mode = "stall"  # probes time out: marked down after 2 misses
+    for _ in range(40):
+        await asyncio.sleep(0.1)
+        pools = {p["id"]: p for p in json.loads((await _get(h, "/v1/meshgate/mesh"))[2])["pools"]}
+        if not pools["b"]["healthy"]:
+            break
+    assert pools["b"]["healthy"] is False
+    assert pools["b"]["queue"] is None and pools["b"]["kv_use"] is None and pools["b"]["load_age_s"] is None
+    assert pools["a"]["queue"] == {"waiting": 0, "running": 0}
+    h.stubs["b"].mode = "ok"
+
+
+# The browser tests come last: Playwright's sync API leaves an event loop running in this thread,
+# and an async test after them cannot start its own.
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
@@ -360,22 +381,3 @@ def test_dashboard_draws_1100_sites(browser, tmp_path):
         assert not problems, problems
     finally:
         page.close()
-
-
-async def test_a_pool_that_goes_down_shows_its_load_as_unknown(h):
-    """A dead pool's last queue must not linger in the view (it described a process now gone)."""
-    from gateway.core.types import LoadReport
-    h.stubs["b"].load = LoadReport(waiting=2, running=12)
-    await asyncio.sleep(0.3)  # probed
-    pools = {p["id"]: p for p in json.loads((await _get(h, "/v1/meshgate/mesh"))[2])["pools"]}
-    assert pools["b"]["queue"] == {"waiting": 2, "running": 12}
-    h.stubs["b"].mode = "stall"  # probes time out: marked down after 2 misses
-    for _ in range(40):
-        await asyncio.sleep(0.1)
-        pools = {p["id"]: p for p in json.loads((await _get(h, "/v1/meshgate/mesh"))[2])["pools"]}
-        if not pools["b"]["healthy"]:
-            break
-    assert pools["b"]["healthy"] is False
-    assert pools["b"]["queue"] is None and pools["b"]["kv_use"] is None and pools["b"]["load_age_s"] is None
-    assert pools["a"]["queue"] == {"waiting": 0, "running": 0}
-    h.stubs["b"].mode = "ok"
