@@ -105,7 +105,9 @@ async def run_server(front: _Front, host: str, port: int, what: str,
             print(f"meshgate: cannot start: {loading.exception()}", file=sys.stderr)
             rc = 1
     if rc == 0 and not stop.is_set():
-        log.info("listening http=%s:%d grpc=%s %s", host, port, grpc_addr, what)
+        # Logged whatever --log-level says (DESIGN §8: scripts and `meshgate up` wait for this line)
+        log.log(max(logging.INFO, log.getEffectiveLevel()), "listening http=%s:%d grpc=%s %s", host, port,
+                grpc_addr, what)
         if on_ready is not None:
             on_ready()
         await stop.wait()
