@@ -36,7 +36,6 @@ import orjson
 from benchmarks import common
 from benchmarks.routers import (
     CHAT_PATH,
-    HOST,
     MODEL,
     REPO,
     Proc,
@@ -44,6 +43,7 @@ from benchmarks.routers import (
     Target,
     start_meshgate,
     start_peer,
+    start_stub,
 )
 
 log = logging.getLogger("meshgate.bench")
@@ -70,19 +70,7 @@ PACED_QUICK = replace(PACED_FULL, levels=(100,), duration_s=4.0, warmup_s=1.5)
 
 
 def start_paced_stub(workdir: Path, plan: PacedPlan) -> tuple[Proc, str]:
-    argv = [sys.executable, "-m", "benchmarks.stub_upstream", "--host", HOST, "--port", "0", "--tokens",
-            str(plan.tokens), "--itl-ms", str(plan.itl_ms), "--model", MODEL]
-    proc = Proc("paced-stub", argv, workdir / "paced-stub.log").start()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        for line in proc.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("listening http="):
-                return proc, "http://" + line.split()[1].split("=", 1)[1]
-        if not proc.alive():
-            break
-        time.sleep(0.05)
-    proc.stop()
-    raise StartError(f"paced stub did not start: {proc.log_tail()}")
+    return start_stub(workdir, plan.tokens, extra=("--itl-ms", str(plan.itl_ms)), name="paced-stub")
 
 
 def _level(plan: PacedPlan, t: Target, stub: Proc, stub_url: str, streams: int, workdir: Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -183,12 +184,14 @@ def wait_serving(proc: Proc, base_url: str, timeout_s: float) -> None:
 
 
 # -- the targets ----------------------------------------------------------------------------
-def start_stub(workdir: Path, tokens: int, write_per_event: bool = False) -> tuple[Proc, str]:
+def start_stub(workdir: Path, tokens: int, write_per_event: bool = False, extra: Sequence[str] = (),
+               name: str = "stub") -> tuple[Proc, str]:
+    """The stub upstream on a free port; extra: more stub_upstream flags (e.g. --itl-ms for paced streams)."""
     argv = [sys.executable, "-m", "benchmarks.stub_upstream", "--host", HOST, "--port", "0", "--tokens", str(tokens),
-            "--model", MODEL]
+            "--model", MODEL, *extra]
     if write_per_event:
         argv.append("--write-per-event")
-    proc = Proc("stub", argv, workdir / "stub.log").start()
+    proc = Proc(name, argv, workdir / f"{name}.log").start()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         for line in proc.log_path.read_text(errors="replace").splitlines():
@@ -198,7 +201,7 @@ def start_stub(workdir: Path, tokens: int, write_per_event: bool = False) -> tup
             break
         time.sleep(0.05)
     proc.stop()
-    raise StartError(f"stub did not start: {proc.log_tail()}")
+    raise StartError(f"{name} did not start: {proc.log_tail()}")
 
 
 @dataclass(frozen=True)
