@@ -1,4 +1,4 @@
-import sys, json, time, torch
+import json, torch
 from benchmarks.engine import QUICK, make_specs, engine_config, new_engine, run_mode, output_tok_s
 from gateway.config import ModelConfig, TinyModelConfig
 torch.set_num_threads(1)
