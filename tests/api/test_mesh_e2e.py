@@ -3,13 +3,17 @@ Munich, Paris and Amsterdam behind delaying proxies with real round trips. Every
 gateway to pools in cleartext, and over mutual TLS (probes, load streams and requests alike)."""
 from __future__ import annotations
 
+import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.servers import start_mesh, wait_until
 
@@ -79,29 +83,44 @@ def test_residency_keeps_requests_in_the_allowed_countries(mesh):
     assert len(seen) == 8 and set(seen) <= {"fra-1", "muc-1"}
 
 
+def _fra_1_client(cfg: Path) -> tuple[str, dict[str, Any]]:
+    """fra-1's URL and the httpx options to reach it as the gateway does (its client certificate
+    under mutual TLS): the test fills the pool from outside the gateway."""
+    conf = yaml.safe_load(cfg.read_text())
+    pool = next(p for p in conf["pools"] if p["id"] == "fra-1")
+    tls = conf["gateway"]["upstream"].get("tls")
+    if not tls:
+        return pool["url"], {}
+    ctx = ssl.create_default_context(cafile=tls["ca_file"])
+    ctx.load_cert_chain(tls["cert_file"], tls["key_file"])
+    return pool["url"], {"verify": ctx}
+
+
 def test_saturated_nearest_pool_spills_to_the_next_best(mesh):
-    url, _, _ = mesh
+    url, cfg, _ = mesh
+    pool_url, opts = _fra_1_client(cfg)
     body = {"model": "meshgate-tiny", "prompt": "go", "max_tokens": 480, "ignore_eos": True, "stream": True}
     holders = []
     stop = threading.Event()
 
-    def hold() -> None:  # a long stream that occupies a sequence slot until released
-        with httpx.stream("POST", url + "/v1/completions", json=body, headers={"x-client-site": "fra"},
-                          timeout=60) as r:
+    def hold() -> None:  # a long stream that occupies one of fra-1's sequence slots until released
+        with httpx.Client(timeout=60, **opts) as c, c.stream("POST", pool_url + "/v1/completions", json=body) as r:
             for _ in r.iter_lines():
                 if stop.is_set():
                     break
 
+    def fra_1_running() -> int:
+        pools = httpx.get(url + "/v1/meshgate/mesh").json()["pools"]
+        queue = next(p for p in pools if p["id"] == "fra-1")["queue"]
+        return queue["running"] if queue else 0
+
     try:
-        for _ in range(4):  # fra-1 has 2 slots: the rest wait there or go elsewhere
+        for _ in range(2):  # fra-1 has 2 slots: both taken, straight at the pool
             t = threading.Thread(target=hold)
             t.start()
             holders.append(t)
-            time.sleep(0.05)
-        # all four admitted and forwarded (over mutual TLS a stream's new upstream connection costs a
-        # handshake first), then a probe period: fra-1 refuses (it is full) or the next probe reports it full
-        assert wait_until(lambda: "meshgate_in_flight_requests 4.0" in httpx.get(url + "/metrics").text, timeout_s=10)
-        time.sleep(PROBE_S)
+        # the gateway learns it from fra-1's pushed load report; then the nearest pool is full
+        assert wait_until(lambda: fra_1_running() == 2, timeout_s=10), fra_1_running()
         assert route(url) != "fra-1"
     finally:
         stop.set()
