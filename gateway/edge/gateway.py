@@ -33,6 +33,7 @@ from gateway.edge.metering import Metering, estimate_prompt_tokens
 from gateway.edge.metrics import GatewayMetrics
 from gateway.edge.prefix_routing import PrefixRouting
 from gateway.edge.tracing import Tracing
+from gateway.edge.usage_window import UsageWindow
 from gateway.pools.load import GATEWAY, InFlight, load_table
 from gateway.pools.load_stream import LoadStreams
 from gateway.pools.shared import SharedTable
@@ -51,17 +52,18 @@ Hook = Callable[[], Awaitable[None]]
 
 @dataclasses.dataclass(frozen=True)
 class SharedState:
-    """What forked gateway processes share (make it before forking): per-key limits, and the
-    requests in flight per pool and in the gateway."""
+    """What forked gateway processes share (make it before forking): per-key limits, the requests
+    in flight per pool and in the gateway, and recent usage (GET /v1/meshgate/usage)."""
 
     num_workers: int
     limits: SharedTable
     load: SharedTable
+    usage: UsageWindow
 
     @classmethod
     def make(cls, cfg: Config, num_workers: int) -> SharedState:
         return cls(num_workers, limit_table(cfg.gateway.auth, num_workers),
-                   load_table(num_workers, capacity=max(8192, 4 * len(cfg.pools))))
+                   load_table(num_workers, capacity=max(8192, 4 * len(cfg.pools))), UsageWindow())
 
 
 @dataclasses.dataclass
@@ -117,7 +119,7 @@ class Gateway:
         self.forwarder.on_routed = self.prefix_routing.routed
         self.admission = Admission(self.cfg.auth, self.cfg.limits, self.metrics, shared=shared.limits,
                                    worker_index=worker_index)
-        self.metering = Metering(self.cfg.usage_log, self.metrics, worker_index)
+        self.metering = Metering(self.cfg.usage_log, self.metrics, shared.usage, worker_index)
         self.metering.on_usage = self.prefix_routing.usage
         self.tracing = Tracing(self.cfg.tracing)
         self.decisions = DecisionLog()  # recent routing decisions, for the operator's view

@@ -45,10 +45,11 @@ def estimate_prompt_tokens(g: GenerationRequest, prompt_chars: int) -> int:
 
 
 class Metering:
-    def __init__(self, cfg: UsageLogConfig, metrics: GatewayMetrics, worker_index: int = 0):
+    def __init__(self, cfg: UsageLogConfig, metrics: GatewayMetrics, window: UsageWindow | None = None,
+                 worker_index: int = 0):
         self.log = UsageLog(cfg, worker_index)  # a file per gateway process: see usage_log
         self.m = metrics
-        self.window = UsageWindow()  # recent usage by key, model and priority: GET /v1/meshgate/usage
+        self.window = window or UsageWindow()  # recent usage by key, model and priority: GET /v1/meshgate/usage
         # told each pool-reported prompt_tokens (the chars-to-tokens ratio: gateway/edge/prefix_routing.py)
         self.on_usage: Callable[[RouteRequest, int], None] | None = None
 

@@ -1,65 +1,70 @@
 """Recent usage per key, model and priority class, for `GET /v1/meshgate/usage`: fed by the same
 Metering.record that counts the Prometheus counters and writes the usage log, so the three agree.
 
-One-minute buckets, kept for `retention_min`: memory is bounded by keys (from config) x models
-(served) x priority classes (two) x minutes, whatever the traffic. Per gateway process, like the
-usage log: with `--workers N`, one answer covers the process that served it (the usage log files,
-or Prometheus' merged counters, hold the whole gateway's).
+One-minute buckets, kept for `retention_min`, in shared memory (pools/shared.py): with
+`meshgate serve --workers N` the window is made before the processes fork, so whichever process
+answers a tenant reports every process' requests. A row (key, model, priority) owns retention_min
+records, one per minute modulo retention_min, each holding the minute it counts. Memory is fixed
+at start: at most max_rows rows (keys x models x priority classes); a row past the bound is left
+out of this view (counted in `dropped`; Prometheus and the usage log still have it).
 """
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from gateway.pools.shared import SharedNames, SharedTable
 
-@dataclass(slots=True)
-class Tally:
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-Row = tuple[str, str, str]  # key id ("" with auth off), model, priority ("" when none)
+_SEP = "\x1f"
+_MINUTE, _REQUESTS, _PROMPT, _COMPLETION = range(4)
 
 
 class UsageWindow:
-    def __init__(self, retention_min: int = 60, clock: Callable[[], float] = time.time):
+    def __init__(self, retention_min: int = 60, clock: Callable[[], float] = time.time, max_rows: int = 1024):
         self.retention_min = retention_min
         self.clock = clock
-        self._minutes: deque[tuple[int, dict[Row, Tally]]] = deque()  # (minute number, tallies), oldest first
+        self._rows = SharedNames(max_rows, capacity_bytes=max_rows * 128)
+        self._table = SharedTable(num_fields=4, capacity=max_rows * retention_min)
+        self.dropped = 0  # requests whose row did not fit (this process)
 
     def add(self, key: str, model: str, priority: str, prompt_tokens: int, completion_tokens: int) -> None:
         minute = int(self.clock() // 60)
-        if not self._minutes or self._minutes[-1][0] != minute:
-            self._minutes.append((minute, {}))
-            while self._minutes[0][0] <= minute - self.retention_min:
-                self._minutes.popleft()
-        tallies = self._minutes[-1][1]
-        t = tallies.get((key, model, priority))
-        if t is None:
-            t = tallies[(key, model, priority)] = Tally()
-        t.requests += 1
-        t.prompt_tokens += prompt_tokens
-        t.completion_tokens += completion_tokens
+        row = f"{key}{_SEP}{model}{_SEP}{priority}"
+        if not self._rows.add(row):
+            self.dropped += 1
+            return
+        t = self._table
+        slot = t.slot(f"{row}{_SEP}{minute % self.retention_min}")
+        with t.lock:
+            rec = t.record(slot)
+            if rec[_MINUTE] != minute:  # the record last counted an older minute: start over
+                rec[_MINUTE], rec[_REQUESTS], rec[_PROMPT], rec[_COMPLETION] = minute, 0, 0, 0
+            rec[_REQUESTS] += 1
+            rec[_PROMPT] += prompt_tokens
+            rec[_COMPLETION] += completion_tokens
 
     def query(self, window_s: float, key: str | None = None) -> list[dict[str, object]]:
         """Totals over the last window_s (whole minutes, the current one included), for one key
         (None: every key), one row per (key, model, priority)."""
-        first = int(self.clock() // 60) - max(1, int(-(-window_s // 60))) + 1
-        out: dict[Row, Tally] = {}
-        for minute, tallies in self._minutes:
-            if minute < first:
+        now = int(self.clock() // 60)
+        minutes = range(now - min(self.retention_min, max(1, int(-(-window_s // 60)))) + 1, now + 1)
+        out: list[dict[str, object]] = []
+        for row in sorted(self._rows.names()):
+            k, m, p = row.split(_SEP)
+            if key is not None and k != key:
                 continue
-            for row, t in tallies.items():
-                if key is not None and row[0] != key:
+            requests = prompt = completion = 0
+            for minute in minutes:
+                slot = self._table.find(f"{row}{_SEP}{minute % self.retention_min}")
+                if slot is None:
                     continue
-                acc = out.setdefault(row, Tally())
-                acc.requests += t.requests
-                acc.prompt_tokens += t.prompt_tokens
-                acc.completion_tokens += t.completion_tokens
-        return [{"key": k or None, "model": m, "priority": p or None, "requests": t.requests,
-                 "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
-                 "total_tokens": t.prompt_tokens + t.completion_tokens}
-                for (k, m, p), t in sorted(out.items())]
+                rec = self._table.record(slot)
+                if rec[_MINUTE] == minute:
+                    requests += int(rec[_REQUESTS])
+                    prompt += int(rec[_PROMPT])
+                    completion += int(rec[_COMPLETION])
+            if requests:
+                out.append({"key": k or None, "model": m, "priority": p or None, "requests": requests,
+                            "prompt_tokens": prompt, "completion_tokens": completion,
+                            "total_tokens": prompt + completion})
+        return out

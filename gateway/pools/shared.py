@@ -127,6 +127,23 @@ class SharedTable:
         self._slots[key] = i
         return i
 
+    def find(self, key: str) -> int | None:
+        """The key's record if some process claimed it, else None; claims nothing, takes no lock."""
+        found = self._slots.get(key)
+        if found is not None:
+            return found
+        h = key_hash(key)
+        i = h % self.capacity
+        for _ in range(self.capacity):
+            held = self._h[i * self._stride]
+            if held == h:
+                self._slots[key] = i
+                return i
+            if held == 0:
+                return None
+            i = (i + 1) % self.capacity
+        return None
+
     def claimed(self) -> list[int]:
         """Every claimed slot (in any process), for sweeps such as forgetting a dead process' share."""
         return [i for i in range(self.capacity) if self._h[i * self._stride] != 0]
@@ -157,3 +174,54 @@ class SharedTable:
         anywhere, writes under `lock`."""
         base = slot * self._stride + 1
         return self._f[base:base + self.num_fields]
+
+
+class SharedNames:
+    """An append-only list of distinct short strings, shared by processes forked after it is made:
+    the ids some SharedTable records belong to, when readers must list them (a table keeps hashes).
+
+    Layout: a uint64 count of bytes used, then entries of a 2-byte length and UTF-8 bytes. Appends
+    take the lock and publish the new end last, so a reader without the lock sees whole entries.
+    Bounded: at most max_names names and capacity_bytes bytes; add() says False when a name does
+    not fit (the caller decides what not being listed costs).
+    """
+
+    def __init__(self, max_names: int, capacity_bytes: int):
+        self.max_names = max_names
+        self._mem = mmap.mmap(-1, _WORD + capacity_bytes, flags=mmap.MAP_SHARED)
+        self._used = memoryview(self._mem)[:_WORD].cast("Q")
+        self.lock = ProcessLock()
+        self._names: list[str] = []  # this process' copy of the list, read up to byte _read
+        self._index: set[str] = set()
+        self._read = _WORD
+
+    def _catch_up(self) -> None:
+        end = _WORD + self._used[0]
+        while self._read < end:
+            n = int.from_bytes(self._mem[self._read:self._read + 2], "little")
+            name = self._mem[self._read + 2:self._read + 2 + n].decode()
+            self._names.append(name)
+            self._index.add(name)
+            self._read += 2 + n
+
+    def add(self, name: str) -> bool:
+        """Lists name (once, whichever process adds it); False: the list is full."""
+        if name in self._index:
+            return True
+        data = name.encode()
+        with self.lock:
+            self._catch_up()
+            if name in self._index:
+                return True
+            at = _WORD + self._used[0]
+            if len(self._names) >= self.max_names or len(data) > 0xFFFF or at + 2 + len(data) > len(self._mem):
+                return False
+            self._mem[at:at + 2] = len(data).to_bytes(2, "little")
+            self._mem[at + 2:at + 2 + len(data)] = data
+            self._used[0] = at + 2 + len(data) - _WORD  # published last: readers see whole entries
+            self._catch_up()
+        return True
+
+    def names(self) -> list[str]:
+        self._catch_up()
+        return list(self._names)

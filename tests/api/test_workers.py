@@ -98,6 +98,11 @@ async def test_two_processes_share_limits_usage_metrics_and_load(tmp_path: Path)
             while sum(len(f.read_text().splitlines()) for f in files) < 46:
                 await asyncio.sleep(0.05)
         assert sum(len(f.read_text().splitlines()) for f in files) == 46
+        # and a tenant asking either process for its usage gets both processes' requests
+        for _ in range(4):  # a connection each: the kernel spreads them over both processes
+            async with httpx.AsyncClient(timeout=10) as c:
+                r = await c.get(url + "/v1/meshgate/usage", headers={"Authorization": "Bearer sk-limited"})
+            assert r.status_code == 200 and [row["requests"] for row in r.json()["data"]] == [40], r.text
 
         # 5. A worker killed by a signal is replaced; the gateway keeps serving.
         os.kill(pids[0], signal.SIGKILL)

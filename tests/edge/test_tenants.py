@@ -4,6 +4,7 @@ prompt or completion in any log line."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -118,7 +119,31 @@ def test_usage_window_drops_old_minutes():
     assert w.query(120)[0]["requests"] == 2 and w.query(60)[0]["requests"] == 1
     now[0] = 200.0
     w.add("k", "m", "on-demand", 1, 2)
-    assert w.query(120)[0]["requests"] == 1 and len(w._minutes) == 1
+    assert w.query(120)[0]["requests"] == 1
+    now[0] = 200.0 + 60 * 7  # minute 10: its record (10 % 2) last counted minute 2, which is not shown
+    assert w.query(120) == []
+
+
+def test_usage_window_bounds_its_rows():
+    w = UsageWindow(retention_min=2, max_rows=2)
+    for model in ("a", "b", "c"):
+        w.add("k", model, "", 1, 1)
+    assert [r["model"] for r in w.query(60)] == ["a", "b"] and w.dropped == 1
+
+
+def test_usage_window_is_shared_by_forked_processes():
+    """`serve --workers N` forks after making the window: a row any process added is counted by all."""
+    w = UsageWindow(retention_min=5)
+    w.add("k", "m", "", 3, 4)
+    pid = os.fork()
+    if pid == 0:  # the child adds to the existing row and a new one, then leaves without cleanup
+        w.add("k", "m", "", 3, 4)
+        w.add("other", "m", "batch", 1, 1)
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    rows = w.query(300)
+    assert [(r["key"], r["requests"], r["prompt_tokens"]) for r in rows] == [("k", 2, 6), ("other", 1, 1)]
+    assert w.query(300, key="other")[0]["priority"] == "batch"
 
 
 async def test_no_key_prompt_or_completion_reaches_the_logs(h, caplog):
