@@ -4,6 +4,7 @@ the gateway runs in this process."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from urllib.parse import urlsplit
 
@@ -18,6 +19,12 @@ async def up(cfg: Config, config_path: str, log_level: str) -> int:
     local = [p for p in cfg.pools if p.kind == "meshgate"]
     workers: list[_WorkerProcess] = []
     proxies: list[DelayProxy] = []
+    # Until serve() takes SIGINT/SIGTERM over, either one stops the start-up and the finally below
+    # stops the workers already started (SIGTERM's default would exit at once and orphan them).
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _cancel_once, task)
     try:
         for group in (local[:1], local[1:]):
             started = [await _WorkerProcess.start(p, config_path, log_level) for p in group]
@@ -33,9 +40,17 @@ async def up(cfg: Config, config_path: str, log_level: str) -> int:
         print(f"meshgate is up: gateway {scheme}://{gw.host}:{gw.port}/v1{grpc}\n"
               f"  mesh from {gw.site}: {_mesh_line(cfg)}", file=sys.stderr, flush=True)
         return await serve(cfg)
+    except asyncio.CancelledError:
+        print("meshgate: stopped while starting", file=sys.stderr, flush=True)
+        return 0
     finally:
         await asyncio.gather(*(px.stop() for px in proxies))
         await asyncio.gather(*(w.stop() for w in workers))
+
+
+def _cancel_once(task: asyncio.Task[int]) -> None:
+    if not task.cancelling():  # a second signal must not cut the workers' stop short
+        task.cancel()
 
 
 async def _start_links(cfg: Config) -> list[DelayProxy]:
