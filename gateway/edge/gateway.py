@@ -63,7 +63,8 @@ class SharedState:
     @classmethod
     def make(cls, cfg: Config, num_workers: int) -> SharedState:
         return cls(num_workers, limit_table(cfg.gateway.auth, num_workers),
-                   load_table(num_workers, capacity=max(8192, 4 * len(cfg.pools))), UsageWindow())
+                   load_table(num_workers, capacity=max(8192, 4 * len(cfg.pools))),
+                   UsageWindow(processes=num_workers))
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ out of this view (counted in `dropped`; Prometheus and the usage log still have 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -20,12 +21,16 @@ _MINUTE, _REQUESTS, _PROMPT, _COMPLETION = range(4)
 
 
 class UsageWindow:
-    def __init__(self, retention_min: int = 60, clock: Callable[[], float] = time.time, max_rows: int = 1024):
+    def __init__(self, retention_min: int = 60, clock: Callable[[], float] = time.time, max_rows: int = 1024,
+                 processes: int = 1):
+        """processes: how many gateway processes will share it (forked after it is made)."""
         self.retention_min = retention_min
         self.clock = clock
         self._rows = SharedNames(max_rows, capacity_bytes=max_rows * 128)
         self._table = SharedTable(num_fields=4, capacity=max_rows * retention_min)
         self.dropped = 0  # requests whose row did not fit (this process)
+        # one process: no other writer, so no cross-process lock (two syscalls a request)
+        self._lock = self._table.lock if processes > 1 else contextlib.nullcontext()
 
     def add(self, key: str, model: str, priority: str, prompt_tokens: int, completion_tokens: int) -> None:
         minute = int(self.clock() // 60)
@@ -35,7 +40,7 @@ class UsageWindow:
             return
         t = self._table
         slot = t.slot(f"{row}{_SEP}{minute % self.retention_min}")
-        with t.lock:
+        with self._lock:
             rec = t.record(slot)
             if rec[_MINUTE] != minute:  # the record last counted an older minute: start over
                 rec[_MINUTE], rec[_REQUESTS], rec[_PROMPT], rec[_COMPLETION] = minute, 0, 0, 0

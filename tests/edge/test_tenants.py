@@ -133,7 +133,7 @@ def test_usage_window_bounds_its_rows():
 
 def test_usage_window_is_shared_by_forked_processes():
     """`serve --workers N` forks after making the window: a row any process added is counted by all."""
-    w = UsageWindow(retention_min=5)
+    w = UsageWindow(retention_min=5, processes=2)
     w.add("k", "m", "", 3, 4)
     pid = os.fork()
     if pid == 0:  # the child adds to the existing row and a new one, then leaves without cleanup
