@@ -114,8 +114,12 @@ async def test_a_pool_whose_first_bytes_come_late_loses_its_traffic(h):
     assert await metric(h, 'meshgate_pool_first_byte_excess_seconds{pool="a"}') > 0.1
     assert await metric(h, 'meshgate_pool_first_byte_excess_seconds{pool="b"}') < 0.05
     async with h.session.get(h.url + "/v1/meshgate/mesh") as r:
-        late = {p["id"]: p["late_ms"] for p in (await r.json())["pools"]}
+        mesh = await r.json()
+    late = {p["id"]: p["late_ms"] for p in mesh["pools"]}
     assert late["a"] > 100 and late["b"] < 50
+    last = mesh["decisions"][-1]  # the decision log: the runner-up's prediction holds its lateness
+    assert last["pool"] == "b" and last["runner_up"] == "a" and last["runner_up_late_ms"] > 100
+    assert last["runner_up_predicted_ttft_ms"] > last["runner_up_late_ms"]
 
 
 async def test_without_feedback_the_late_pool_keeps_its_traffic(h):
