@@ -40,15 +40,18 @@ def answer(lateness: Lateness, profile: Profile, e: Endpoint, late_s: float) -> 
     lateness.observe(e, base_s + late_s, base_s)
 
 
+Setup = tuple["Clock", Lateness, Profile, Endpoint, Endpoint]
+
+
 @pytest.fixture
-def setup() -> tuple[Clock, Lateness, Profile, Endpoint, Endpoint]:
+def setup() -> Setup:
     clock = Clock()
     lateness = Lateness(alpha=0.3, half_life_s=5.0, clock=clock)
     profile = build_profile("latency", RoutingOptions(), rng=random.Random(0), clock=clock)
     return clock, lateness, profile, ep("near", 2.0), ep("far", 9.0)
 
 
-def test_a_pool_measured_late_is_predicted_late_and_loses_to_a_slightly_farther_one(setup):
+def test_a_pool_measured_late_is_predicted_late_and_loses_to_a_slightly_farther_one(setup: Setup) -> None:
     clock, lateness, profile, near, far = setup
     before = route(profile, [near, far])
     assert before.ranked[0] is near and not before.late_ms
@@ -63,7 +66,7 @@ def test_a_pool_measured_late_is_predicted_late_and_loses_to_a_slightly_farther_
     assert near.first_byte_excess_s == pytest.approx(0.5, abs=0.02)
 
 
-def test_answers_on_time_bring_it_back(setup):
+def test_answers_on_time_bring_it_back(setup: Setup) -> None:
     clock, lateness, profile, near, far = setup
     answer(lateness, profile, near, 0.5)
     for _ in range(20):
@@ -71,7 +74,7 @@ def test_answers_on_time_bring_it_back(setup):
     assert near.first_byte_excess_s < 0.001 and route(profile, [near, far]).ranked[0] is near
 
 
-def test_a_late_pool_no_longer_measured_is_tried_again(setup):
+def test_a_late_pool_no_longer_measured_is_tried_again(setup: Setup) -> None:
     clock, lateness, profile, near, far = setup
     for _ in range(10):
         answer(lateness, profile, near, 0.5)
@@ -85,7 +88,7 @@ def test_a_late_pool_no_longer_measured_is_tried_again(setup):
     assert lateness.excess_s("near") == 0.0
 
 
-def test_faster_than_predicted_never_makes_a_pool_look_faster(setup):
+def test_faster_than_predicted_never_makes_a_pool_look_faster(setup: Setup) -> None:
     clock, lateness, profile, near, far = setup
     for _ in range(5):
         answer(lateness, profile, far, -0.1)
@@ -93,7 +96,7 @@ def test_faster_than_predicted_never_makes_a_pool_look_faster(setup):
     assert route(profile, [near, far]).ranked[0] is near
 
 
-def test_a_lower_bound_only_raises_the_estimate(setup):
+def test_a_lower_bound_only_raises_the_estimate(setup: Setup) -> None:
     clock, lateness, profile, near, far = setup
     lateness.observe(near, 0.05, 0.1, censored=True)  # not answered after 50 ms, predicted 100: nothing known
     assert lateness.excess_s("near") == 0.0
@@ -103,7 +106,7 @@ def test_a_lower_bound_only_raises_the_estimate(setup):
     assert near.first_byte_excess_s == pytest.approx(0.3 * 0.2)
 
 
-def test_disabled_learns_nothing_and_pools_that_leave_are_forgotten(setup):
+def test_disabled_learns_nothing_and_pools_that_leave_are_forgotten(setup: Setup) -> None:
     clock, lateness, profile, near, far = setup
     off = Lateness(alpha=0.3, half_life_s=5.0, enabled=False, clock=clock)
     off.observe(near, 1.0, 0.01)
@@ -114,7 +117,7 @@ def test_disabled_learns_nothing_and_pools_that_leave_are_forgotten(setup):
     assert lateness.excess_s("near") == 0.0 and lateness.excess_s("far") > 0
 
 
-def test_config_is_validated():
+def test_config_is_validated() -> None:
     cfg = config_from_dict({"gateway": {"routing_options": {"first_byte_half_life_s": 2.0}}})
     assert cfg.gateway.routing_options.first_byte_half_life_s == 2.0
     for key, value in (("first_byte_alpha", 0.0), ("first_byte_alpha", 1.5), ("first_byte_half_life_s", 0.0)):
