@@ -529,8 +529,18 @@ class RoutingOptions:
     max_sessions: int = 100_000  # session keys -> the pool that last served them (least recent forgotten)
     # A session's last pool: its predicted TTFT is multiplied by this (a prior, never a pin)
     session_preference: float = 0.9
+    # First bytes later than the latency model predicted (gateway/routing/lateness.py): per pool, an
+    # EWMA of the excess (alpha: one streamed attempt's weight) added to its predicted TTFT, decaying
+    # back to 0 with this half-life when not fed (so a pool late once is tried again). False: not learned.
+    first_byte_feedback: bool = True
+    first_byte_alpha: float = 0.3
+    first_byte_half_life_s: float = 5.0
 
     def validate(self, path: str) -> None:
+        if not 0 < self.first_byte_alpha <= 1:
+            raise ConfigError(f"{path}.first_byte_alpha: must be in (0, 1], got {self.first_byte_alpha}")
+        if not self.first_byte_half_life_s > 0:
+            raise ConfigError(f"{path}.first_byte_half_life_s: must be positive, got {self.first_byte_half_life_s}")
         for name in ("prefix_index_max_entries", "max_sessions"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name}: must be at least 1, got {getattr(self, name)}")

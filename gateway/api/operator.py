@@ -205,6 +205,7 @@ class OperatorView:
             "load_age_s": _r(time.monotonic() - e.load_at) if load is not None else None,
             "load_pushed": e.load_pushed and not down,  # GET /load/stream is up: the load is current
             "predicted_ttft_ms": self._predict_ms(e),
+            "late_ms": _r(1000 * e.first_byte_excess_s),  # its part measured late (routing/lateness.py)
         }
 
     def _predict_ms(self, e: Endpoint) -> float | None:

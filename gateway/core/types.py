@@ -76,7 +76,7 @@ class Endpoint:
 
     __slots__ = ("pool_id", "url", "site", "kind", "models", "healthy", "breaker_open", "in_flight",
                  "load", "load_at", "load_pushed", "rtt_ms", "country", "prior_rtt_ms", "sent_since_report",
-                 "prefix", "capabilities", "connection_wait_s")
+                 "prefix", "capabilities", "connection_wait_s", "first_byte_excess_s")
 
     def __init__(self, pool_id: str, url: str, site: str | None, kind: str, models: frozenset[str],
                  capabilities: frozenset[str] | None = None):
@@ -104,6 +104,9 @@ class Endpoint:
         # Recent waits for a free connection to the pool (EWMA over requests, seconds; 0 while none
         # wait): its connection cap reached is a queue the pool's own report cannot show
         self.connection_wait_s = 0.0
+        # How much later than predicted its first bytes have come lately (seconds, >= 0; kept by
+        # gateway/routing/lateness.py): a lateness that probes and load reports do not show
+        self.first_byte_excess_s = 0.0
 
     def __repr__(self) -> str:
         return f"Endpoint({self.pool_id}, healthy={self.healthy}, in_flight={self.in_flight})"

@@ -133,6 +133,9 @@ def _as_dict(raw: tuple[Any, ...]) -> dict[str, Any]:
         "predicted_ttft_ms": _ms(decision.predicted_ms.get(chosen or "")),
         "runner_up": runner_up,
         "runner_up_predicted_ttft_ms": _ms(decision.predicted_ms.get(runner_up or "")),
+        # the part of each prediction that is first-byte lateness measured (gateway/routing/lateness.py)
+        "late_ms": _ms(decision.late_ms.get(chosen or "", 0.0)),
+        "runner_up_late_ms": _ms(decision.late_ms.get(runner_up or "", 0.0)),
         "answered_by": answered_by,
         "failovers": failovers,
         "measured_ttft_ms": _ms(1000 * ttft_s) if ttft_s is not None else None,

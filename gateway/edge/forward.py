@@ -292,6 +292,8 @@ class Forwarder:
         self.on_routed: Callable[[RouteRequest, Endpoint], None] | None = None
         self.connection_wait_s = upstreams.up.connection_wait_s  # the most a request waits for a connection
         self.guard: AttemptGuard | None = None  # stall and pool-down policy (edge/resume.py Guard)
+        # told each streamed attempt's time to its first byte (first-byte lateness: edge/hedge.py FirstByteFeed)
+        self.on_first_byte: Callable[[Call, Endpoint, float], None] | None = None
 
     async def open(self, call: Call) -> Upstream:
         try:
@@ -364,6 +366,7 @@ class Forwarder:
         if remaining <= 0:
             raise Overloaded("the request deadline passed before a pool could answer")
         pool.sent()
+        sent_at = time.monotonic()
         resp: Response | None = None
         wait_s = min(remaining, self.first_byte_timeout_s)
         watch: DownWatch | None = None
@@ -392,6 +395,8 @@ class Forwarder:
                         first = await resp.readany()
                         if not first:
                             raise _Retry("closed before the first token")
+                        if self.on_first_byte is not None:
+                            self.on_first_byte(call, ep, time.monotonic() - sent_at)
                         return resp, first
                     # A whole answer (or an error body) may take the rest of the deadline to arrive;
                     # nothing has reached the client yet, so a failure here is still retried.

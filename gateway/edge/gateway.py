@@ -26,7 +26,7 @@ from gateway.edge.admission import Admission, Principal, limit_table
 from gateway.edge.capability_check import check_servable
 from gateway.edge.decisions import DecisionLog
 from gateway.edge.discovery import attach_gateway
-from gateway.edge.hedge import Hedger
+from gateway.edge.hedge import FirstByteFeed, Hedger
 from gateway.edge.resume import Guard
 from gateway.edge.forward import Call, Forwarder
 from gateway.edge.metering import Metering, estimate_prompt_tokens
@@ -40,6 +40,7 @@ from gateway.pools.shared import SharedTable
 from gateway.pools.upstream import Upstreams
 from gateway.registry import RegistryView
 from gateway.routing.geo_view import GeoView
+from gateway.routing.lateness import Lateness
 from gateway.routing.plugins import build_profile
 from gateway.routing.prefix_index import PrefixIndex
 
@@ -106,7 +107,13 @@ class Gateway:
                                    self.cfg.upstream.first_byte_timeout_s, self.cfg.routing_options)
         # Stall and pool-down detection before the first byte; continuation after it (edge/resume.py)
         self.guard = self.forwarder.guard = Guard(self.cfg.resilience, profile.predictor)
-        self.hedger = Hedger(self.forwarder, self.cfg.resilience, self.metrics)  # late first tokens (edge/hedge.py)
+        # First bytes later than predicted, per pool, into the latency model (routing/lateness.py)
+        opts = self.cfg.routing_options
+        self.lateness = Lateness(opts.first_byte_alpha, opts.first_byte_half_life_s, opts.first_byte_feedback)
+        feed = FirstByteFeed(self.lateness)
+        self.forwarder.on_first_byte = feed.first_byte
+        self.upstreams.on_probed.append(lambda: self.lateness.decay(self.upstreams.endpoints))
+        self.hedger = Hedger(self.forwarder, self.cfg.resilience, self.metrics, feed)  # late first tokens (edge/hedge.py)
         # Pushed load from the pools the decisions depend on most: asked for after each round, once
         # the candidate order (refreshed by the Forwarder's callback, above) is current
         self.load_streams = LoadStreams(self.upstreams, self.cfg.load_stream)

@@ -9,6 +9,12 @@ predicted full (its last report has every sequence slot taken and a queue). A re
 `x-meshgate-hedge: off`, a key with `hedge: false`. Metered once: both attempts run on stand-in
 Calls, and only the winner's Upstream is handed the client's Call (the loser's bookkeeping is
 dropped with it).
+
+FirstByteFeed: the Forwarder's first-byte hook. Each streamed attempt's time to first byte against
+its decision's prediction goes to the latency model's per-pool lateness (gateway/routing/lateness.py),
+so that a pool answering late is predicted late and routing moves off it; hedging then only has to
+cover the requests sent before that was learned. A race tells it too: when a hedge is sent, and
+when the hedge wins, the primary's pool has not answered for that long (a lower bound).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from gateway.core.types import Endpoint
 from gateway.core.wire import HEDGE_HEADER
 from gateway.edge.forward import Call, Forwarder, Upstream
 from gateway.edge.metrics import GatewayMetrics
+from gateway.routing.lateness import Lateness
 
 log = logging.getLogger("meshgate.gateway")
 
@@ -62,10 +69,34 @@ def _predicted_full(e: Endpoint) -> bool:
     return load is not None and load.max_num_seqs > 0 and load.running >= load.max_num_seqs and load.waiting > 0
 
 
+class FirstByteFeed:
+    """Attempts' first bytes, against what their routing decision predicted, into Lateness."""
+
+    def __init__(self, lateness: Lateness):
+        self.lateness = lateness
+
+    def first_byte(self, call: Call, e: Endpoint, elapsed_s: float) -> None:
+        """Forwarder.on_first_byte: e's first byte came elapsed_s after the attempt was sent."""
+        if call.stream:  # a whole answer's first byte comes after all of it
+            self.observe(call, e, elapsed_s, censored=False)
+
+    def observe(self, call: Call, e: Endpoint, elapsed_s: float, censored: bool) -> None:
+        d = call.decision
+        predicted_ms = d.predicted_ms.get(e.pool_id) if d is not None else None
+        if d is None or predicted_ms is None:
+            return  # failover beyond the decision's first two: nothing predicted to compare with
+        # The model's own prediction, as seen from here: less the lateness it already added, less
+        # the client's leg (not part of what the gateway times)
+        base_ms = predicted_ms - d.late_ms.get(e.pool_id, 0.0) - call.route.client_rtt_ms
+        self.lateness.observe(e, elapsed_s, base_ms / 1000, censored)
+
+
 class Hedger:
-    def __init__(self, fwd: Forwarder, cfg: ResilienceConfig, metrics: GatewayMetrics):
+    def __init__(self, fwd: Forwarder, cfg: ResilienceConfig, metrics: GatewayMetrics,
+                 feed: FirstByteFeed | None = None):
         self.fwd, self.cfg, self.m = fwd, cfg, metrics
         self.budget = HedgeBudget(cfg.hedge_budget, cfg.hedge_window_s)
+        self.feed = feed  # told how long a raced primary went without a first byte
 
     def wanted(self, call: Call, headers: Mapping[str, str]) -> bool:
         return (self.cfg.hedge and call.stream and headers.get(HEDGE_HEADER, "").lower() != "off"
@@ -79,7 +110,7 @@ class Hedger:
         primary_call = _stand_in(call, call.avoid)
         primary = asyncio.create_task(self.fwd.open(primary_call))
         try:
-            return await self._race(call, primary_call, primary)
+            return await self._race(call, primary_call, primary, time.monotonic())
         except BaseException as e:
             call.decision = call.decision or primary_call.decision
             call.finish(None, getattr(e, "status", 499 if isinstance(e, asyncio.CancelledError) else 500))
@@ -88,18 +119,23 @@ class Hedger:
             if not primary.done():
                 primary.cancel()
 
-    async def _race(self, call: Call, primary_call: Call, primary: asyncio.Task[Upstream]) -> Upstream:
+    async def _race(self, call: Call, primary_call: Call, primary: asyncio.Task[Upstream], sent_at: float) -> Upstream:
         done, _ = await asyncio.wait({primary}, timeout=self.cfg.hedge_min_s)
         if not done:
             decision = primary_call.decision
             first = decision.ranked[0].pool_id if decision is not None and decision.ranked else None
-            predicted_s = decision.predicted_ms.get(first, 0.0) / 1000 if decision is not None and first else 0.0
+            # The prediction without the pool's measured lateness: a pool known to be late (sent to
+            # when nothing predicted better was left, or by a profile that ignores predictions) is
+            # raced as early as any other, not given its lateness x hedge_factor more
+            predicted_s = ((decision.predicted_ms.get(first, 0.0) - decision.late_ms.get(first, 0.0)) / 1000
+                           if decision is not None and first else 0.0)
             rest = self.cfg.hedge_factor * predicted_s - self.cfg.hedge_min_s
             if rest > 0:
                 done, _ = await asyncio.wait({primary}, timeout=rest)
         call.decision = primary_call.decision
         if done:
             return self._won(call, primary.result())
+        self._late(primary_call, sent_at)  # late against its prediction already, whether hedged or not
         target = self._runner_up(primary_call)
         if target is None:
             return self._won(call, await primary)
@@ -111,7 +147,17 @@ class Hedger:
         hedge = asyncio.create_task(self.fwd.open(hedge_call))
         log.info("request %s: no first token by %.0f ms; hedged to %s", call.request_id,
                  (time.monotonic() - call.arrival) * 1000, target.pool_id)
-        return await self._first(call, primary, hedge)
+        up = await self._first(call, primary, hedge)
+        if primary.cancelled():
+            self._late(primary_call, sent_at)  # the hedge answered first: the primary's pool is later still
+        return up
+
+    def _late(self, primary_call: Call, sent_at: float) -> None:
+        """The primary has no first byte after time.monotonic() - sent_at: a lower bound on its
+        pool's (taken as the decision's first: a refusal that moved it on is rare and also late)."""
+        d = primary_call.decision
+        if self.feed is not None and d is not None and d.ranked:
+            self.feed.observe(primary_call, d.ranked[0], time.monotonic() - sent_at, censored=True)
 
     def _runner_up(self, primary_call: Call) -> Endpoint | None:
         d = primary_call.decision

@@ -185,6 +185,8 @@ class _PoolCollector:
         pool_in_flight = GaugeMetricFamily("meshgate_pool_in_flight_requests", "Requests sent and not finished.",
                                            labels=["pool"])
         rtt = GaugeMetricFamily("meshgate_pool_rtt_seconds", "Probe round trip (EWMA).", labels=["pool"])
+        late = GaugeMetricFamily("meshgate_pool_first_byte_excess_seconds", "How much later than predicted the "
+                                 "pool's first bytes have come lately (added to its predicted TTFT).", labels=["pool"])
         for pool in self.up.pools.values():
             e = pool.endpoint
             healthy.add_metric([e.pool_id], float(e.healthy))
@@ -193,4 +195,5 @@ class _PoolCollector:
             pool_in_flight.add_metric([e.pool_id], sent)
             if e.rtt_ms is not None:
                 rtt.add_metric([e.pool_id], e.rtt_ms / 1000)
-        yield from (healthy, breaker, pool_in_flight, rtt)
+            late.add_metric([e.pool_id], e.first_byte_excess_s)
+        yield from (healthy, breaker, pool_in_flight, rtt, late)

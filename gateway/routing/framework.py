@@ -45,6 +45,8 @@ class Decision:
     profile: str
     predicted_ms: dict[str, float]  # predicted TTFT of the first two, when the profile predicts
     cached_tokens: dict[str, int] = field(default_factory=dict)  # predicted cached prompt tokens of the first two
+    # of the first two, the part of predicted_ms that is measured lateness (routing/lateness.py), when not 0
+    late_ms: dict[str, float] = field(default_factory=dict)
 
     def explain(self) -> str:
         """One line: the chosen pool, its score and predicted TTFT, and the runner-up's."""
@@ -55,6 +57,8 @@ class Decision:
             parts.append(f"{label}={e.pool_id} score={self.scores.get(e.pool_id, 0):.3f}")
             if e.pool_id in self.predicted_ms:
                 parts.append(f"ttft_ms={self.predicted_ms[e.pool_id]:.1f}")
+            if e.pool_id in self.late_ms:
+                parts.append(f"late_ms={self.late_ms[e.pool_id]:.1f}")
             if e.pool_id in self.cached_tokens:
                 parts.append(f"cached_tokens={self.cached_tokens[e.pool_id]}")
         return " ".join(parts)
@@ -84,7 +88,9 @@ class Profile:
                      if self.predictor is not None else {})
         cached = ({e.pool_id: self.predictor.cached_tokens(req, e) for e in ranked[:2]}
                   if self.predictor is not None and req.prefix_hashes else {})
-        return Decision(ranked, {e.pool_id: t for e, t in zip(cands, totals)}, self.name, predicted, cached)
+        late = ({e.pool_id: 1000 * e.first_byte_excess_s for e in ranked[:2] if e.first_byte_excess_s > 0}
+                if self.predictor is not None else {})
+        return Decision(ranked, {e.pool_id: t for e, t in zip(cands, totals)}, self.name, predicted, cached, late)
 
 
 class MaxScorePicker:

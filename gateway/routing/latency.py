@@ -1,6 +1,10 @@
 """Latency-aware plug-ins: the expected time to first token of a request at each pool.
 
     expected_ttft = rtt(client -> gateway) + rtt(gateway -> pool) + queue_wait(pool) + prefill(pool)
+                  + late(pool)
+
+late(pool) is how much later than this model predicted the pool's first bytes have come lately
+(gateway/routing/lateness.py; 0 until measured).
 
 rtt(gateway -> pool) is the probes' EWMA when measured, else the estimate (coordinates, else distance). queue_wait is
 the prefill backlog the pool last reported plus the prefill of what this gateway sent since
@@ -108,7 +112,8 @@ class TtftModel:
         rtt = self.rtt_s(e)
         # the queue ahead is charged whole prompts (what is queued there is not known to be cached);
         # this request's own prefill only its uncached part
-        return client_rtt_s + rtt + self._queue_s(e, tokens, tps, now, rtt) + (tokens - cached) / tps
+        return (client_rtt_s + rtt + self._queue_s(e, tokens, tps, now, rtt) + (tokens - cached) / tps
+                + e.first_byte_excess_s)  # first bytes measured later than this predicts (routing/lateness.py)
 
     def _queue_s(self, e: Endpoint, tokens: int, tps: float, now: float, rtt_s: float = 0.0) -> float:
         # Plus the gateway's own queue in front of the pool: the recent wait for a free connection.

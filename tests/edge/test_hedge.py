@@ -89,3 +89,54 @@ async def test_hedging_can_be_turned_off_per_key(h):
     assert sorted(off) == ["a", "b"] and h.stubs["a"].cancelled == 0
     on = [(await h.request(body(), headers={"Authorization": "Bearer sk-h"}))[1]["x-meshgate-pool"] for _ in range(2)]
     assert on == ["b", "b"] and h.stubs["a"].cancelled == h.stubs["a"].requests - 1 >= 1  # all but the off one
+
+
+async def late_a_behind_latency_routing(h: Harness, **resilience: object) -> None:
+    """Latency routing between a and b, where b looks a few ms slower (a small queue it reports)
+    but a answers every token, the first too, 500 ms late: nothing but its first bytes shows it."""
+    from gateway.core.types import LoadReport
+    await h.start(["a", "b"], routing="latency", resilience={**HEDGE, **resilience},
+                  upstream={"first_byte_timeout_s": 5.0}, usage_log={"path": None})
+    # 40 queued prompt tokens: 20 ms at the default prefill speed, with slots free
+    h.stubs["b"].load = LoadReport(queued_prompt_tokens=40, max_num_seqs=8, mean_request_s=1.0)
+    await asyncio.sleep(0.3)  # probed
+    h.stubs["a"].mode, h.stubs["a"].delay_s = "slow", 0.5
+
+
+async def test_a_pool_whose_first_bytes_come_late_loses_its_traffic(h):
+    await late_a_behind_latency_routing(h)
+    off = {"x-meshgate-hedge": "off"}
+    status, headers, events = await h.request(body(), headers=off)
+    assert status == 200 and headers["x-meshgate-pool"] == "a" and parse(events)[0] == WHOLE  # predicted first
+    pools = [(await h.request(body(), headers=off))[1] for _ in range(4)]
+    assert [p["x-meshgate-pool"] for p in pools] == ["b"] * 4  # measured late: predicted late
+    assert "runner-up=a" in pools[0]["x-meshgate-route"] and "late_ms=" in pools[0]["x-meshgate-route"]
+    assert await metric(h, 'meshgate_pool_first_byte_excess_seconds{pool="a"}') > 0.1
+    assert await metric(h, 'meshgate_pool_first_byte_excess_seconds{pool="b"}') < 0.05
+    async with h.session.get(h.url + "/v1/meshgate/mesh") as r:
+        mesh = await r.json()
+    late = {p["id"]: p["late_ms"] for p in mesh["pools"]}
+    assert late["a"] > 100 and late["b"] < 50
+    last = mesh["decisions"][-1]  # the decision log: the runner-up's prediction holds its lateness
+    assert last["pool"] == "b" and last["runner_up"] == "a" and last["runner_up_late_ms"] > 100
+    assert last["runner_up_predicted_ttft_ms"] > last["runner_up_late_ms"]
+
+
+async def test_without_feedback_the_late_pool_keeps_its_traffic(h):
+    from gateway.core.types import LoadReport
+    await h.start(["a", "b"], routing="latency", resilience=HEDGE, upstream={"first_byte_timeout_s": 5.0},
+                  usage_log={"path": None}, routing_options={"first_byte_feedback": False})
+    h.stubs["b"].load = LoadReport(queued_prompt_tokens=40, max_num_seqs=8, mean_request_s=1.0)
+    await asyncio.sleep(0.3)
+    h.stubs["a"].delay_s = 0.5
+    pools = [(await h.request(body(), headers={"x-meshgate-hedge": "off"}))[1]["x-meshgate-pool"] for _ in range(3)]
+    assert pools == ["a"] * 3  # the test above fails for want of the feedback, not by chance
+
+
+async def test_a_hedge_that_wins_tells_routing_the_primary_was_late(h):
+    await late_a_behind_latency_routing(h, hedge_min_s=0.1)
+    status, headers, events = await h.request(body())
+    assert status == 200 and headers["x-meshgate-pool"] == "b" and parse(events)[0] == WHOLE  # raced, b won
+    assert await metric(h, 'meshgate_hedges_total{outcome="won"}') == 1
+    pools = [(await h.request(body()))[1]["x-meshgate-pool"] for _ in range(3)]
+    assert pools == ["b"] * 3 and await metric(h, "meshgate_hedges_total{") == 1  # sent to b at once: no more races
