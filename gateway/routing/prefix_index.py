@@ -101,6 +101,10 @@ class PoolPrefix:
 
 
 class PrefixIndex:
+    """The gateway-wide memory: `sent` is one dict over all pools, keyed by chunk hash ^ the pool's
+    salt, so a decision looks up each (chunk, candidate) pair directly; `match_all` answers for a
+    whole candidate set in one pass."""
+
     def __init__(self, options: RoutingOptions | None = None, clock: Callable[[], float] = time.monotonic):
         o = options or RoutingOptions()
         self.max_entries, self.memory_s = o.prefix_index_max_entries, o.prefix_memory_s
@@ -110,6 +114,44 @@ class PrefixIndex:
         self.sessions: OrderedDict[str, tuple[str, int]] = OrderedDict()  # key -> (pool id, chunks)
         self.tokens_per_char = TOKENS_PER_CHAR_PRIOR
         self.num_learned = 0
+
+    def match_all(self, hashes: Sequence[int], endpoints: Sequence[Endpoint]) -> list[int]:
+        """[PoolPrefix.matched(hashes)] for each endpoint (0: no entry), in one pass: what depends
+        only on the request (its first and last chunk, the memory's horizon) is worked out once and
+        the per-pool test is inlined (this runs for every candidate of every decision: the call and
+        attribute lookups of one matched() per pool cost more than its dict lookups). A holder of
+        another kind (the simulator's) answers for itself."""
+        n = len(hashes)
+        if not n:
+            return [0] * len(endpoints)
+        oldest = self.clock() - self.memory_s
+        sent = self.sent
+        first, last = hashes[0], hashes[n - 1]
+        out: list[int] = []
+        for e in endpoints:
+            p = e.prefix
+            if p is None:
+                out.append(0)
+                continue
+            if type(p) is not PoolPrefix or p.index is not self:
+                out.append(p.matched(hashes))
+                continue
+            load = e.load
+            src = load.hot_prefix_hashes if load is not None else ()
+            if src is not p._adv_src:  # a new report: rebuild the set once
+                p._adv_src, p._adv = src, frozenset(src)
+            adv = p._adv
+            if not adv and p.last_sent < oldest:
+                out.append(0)
+                continue
+            salt = p.salt
+            if not (first in adv or sent.get(first ^ salt, -1.0) >= oldest):
+                out.append(0)
+            elif last in adv or sent.get(last ^ salt, -1.0) >= oldest:
+                out.append(n)
+            else:
+                out.append(p.matched(hashes, oldest))
+        return out
 
     def attach(self, endpoints: Iterable[Endpoint]) -> None:
         """Give each endpoint its entry (pools that join later too)."""
