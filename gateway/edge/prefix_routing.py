@@ -27,9 +27,11 @@ class PrefixRouting:
 
     def route_fields(self, g: GenerationRequest, headers: Mapping[str, str]) -> dict[str, Any]:
         """Keyword arguments for the request's RouteRequest (400 for a bad x-session-id)."""
+        source = "prompt_cache_key" if g.prompt_cache_key else "user" if g.user else SESSION_HEADER
         key = g.prompt_cache_key or g.user or headers.get(SESSION_HEADER) or ""
         if len(key) > MAX_SESSION_KEY_CHARS or not key.isprintable():
-            raise BadRequest(f"'{SESSION_HEADER}' must be printable and at most {MAX_SESSION_KEY_CHARS} characters")
+            raise BadRequest(f"'{source}' must be printable and at most {MAX_SESSION_KEY_CHARS} characters",
+                             param=None if source == SESSION_HEADER else source)
         if not self.enabled:
             return {"session_key": key}
         chunks = request_chunks(g.prompt, g.prompt_token_ids, g.messages)
