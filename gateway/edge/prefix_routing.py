@@ -4,7 +4,8 @@
   hashes (gateway/core/prefix.py: bounded hashing, whatever the prompt's length), the tokens a chunk
   stands for (learned chars-to-tokens ratio; exact for token-id prompts), and its session key
   (prompt_cache_key, else user, else the x-session-id header) with the pool that last served it.
-- `routed(call, endpoint)`: a pool took the request: remember its chunks there, and the session.
+- `routed(call, endpoint)`: a pool took the request: remember its chunks there (and its prompt
+  tokens, which age that memory by the pool's cache size), and the session.
 - `usage(call, prompt_tokens)`: a pool's usage answer teaches the chars-to-tokens ratio.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ class PrefixRouting:
                 "session_pool": pool, "session_chunks": num, "prompt_chars": chunks.total, "tokens_per_char": ratio}
 
     def routed(self, route: RouteRequest, endpoint: Endpoint) -> None:
-        self.index.record_sent(endpoint, route.prefix_hashes)
+        self.index.record_sent(endpoint, route.prefix_hashes, route.prompt_tokens)
         self.index.record_session(route.session_key, endpoint.pool_id, len(route.prefix_hashes))
 
     def usage(self, route: RouteRequest, prompt_tokens: int) -> None:
