@@ -32,6 +32,7 @@ UNKNOWN_RTT_MS = 100.0  # a pool with no measurement and no coordinates: assume 
 # The spread of the slot count at a report's own moment (it is at least an RTT old, and its count
 # is a sample): a fresh report of one free slot is full with probability ~0.16, of none ~0.84.
 BASE_SPREAD_SLOTS = 0.5
+_SQRT2 = math.sqrt(2.0)
 MEMO_S = 0.001  # a prediction is reused for the same request this long (the rest of its decision)
 
 
@@ -39,9 +40,11 @@ def full_probability(load: LoadReport, headroom: int, age_s: float) -> float:
     """P(no free slot now) for a pool that reported `headroom` free slots age_s ago: the occupancy
     is taken as normal around the reported one, with the variance of the slots freed since (a
     Poisson count at the pool's turnover rate) and BASE_SPREAD_SLOTS at the report itself."""
-    turnover = max(min(load.running, load.max_num_seqs), 1) / load.mean_request_s  # slots freed per second
+    # (conditionals, not min/max: this runs for every candidate of every decision)
+    busy = load.running if load.running < load.max_num_seqs else load.max_num_seqs
+    turnover = (busy if busy > 1 else 1) / load.mean_request_s  # slots freed per second
     spread = math.sqrt(turnover * age_s + BASE_SPREAD_SLOTS**2)
-    return 0.5 * math.erfc((headroom - 0.5) / (spread * math.sqrt(2.0)))
+    return 0.5 * math.erfc((headroom - 0.5) / (spread * _SQRT2))
 
 
 class TtftModel:
