@@ -46,7 +46,7 @@ from gateway.core.types import Endpoint, LoadReport, RouteRequest
 from gateway.routing.framework import Profile
 from gateway.routing.candidates import CandidateSet
 from gateway.routing.plugins import PROFILES, build_profile
-from gateway.routing.prefix_index import PrefixIndex
+from gateway.routing.prefix_index import PoolPrefix, PrefixIndex
 
 MODEL = "meshgate-tiny"
 HOT_PREFIXES = MAX_ADVERTISED  # gateway/worker/prefix_summary.py: the largest report a pool sends
@@ -139,20 +139,26 @@ def attach_index(eps: list[Endpoint], opts: RoutingOptions, seed: int = 4) -> Pr
 
 
 def measure_index_memory(opts: RoutingOptions, num_pools: int) -> dict[str, float]:
-    """tracemalloc of the gateway's memory of what it sent where, filled to its bound."""
+    """tracemalloc of the gateway's memory of what it sent where, filled to its bound: the (chunk,
+    pool) pairs, each pool's entry and its marks for ageing by cache size (pools report 2,048
+    blocks of 16 tokens; requests of 2 to 64 Ki tokens), not the endpoints and reports themselves."""
+    eps = [Endpoint(f"p{p:04d}", "", None, "meshgate", frozenset({MODEL})) for p in range(num_pools)]
+    for e in eps:
+        e.load = LoadReport(kv_blocks_total=2048, kv_block_tokens=16)
     gc.collect()
     tracemalloc.start()
     index = PrefixIndex(opts)
-    eps = [Endpoint(f"p{p:04d}", "", None, "meshgate", frozenset({MODEL})) for p in range(num_pools)]
     index.attach(eps)
     rng = random.Random(5)
     while len(index.sent) < opts.prefix_index_max_entries:
-        index.record_sent(rng.choice(eps), tuple(rng.getrandbits(63) for _ in range(MAX_CHUNKS)))
+        index.record_sent(rng.choice(eps), tuple(rng.getrandbits(63) for _ in range(MAX_CHUNKS)),
+                          tokens=int(2 ** rng.uniform(1, 16)))
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    marks = sum(len(e.prefix.marks or ()) for e in eps if isinstance(e.prefix, PoolPrefix))
     return {"entries": len(index.sent), "bound_entries": opts.prefix_index_max_entries,
             "retained_mb": current / 2**20, "peak_mb": peak / 2**20,
-            "bytes_per_entry": current / max(1, len(index.sent))}
+            "bytes_per_entry": current / max(1, len(index.sent)), "ageing_marks": marks}
 
 
 # -- timing ----------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ class PoolPrefix:
         self._adv: frozenset[int] = frozenset()
         self.last_sent = -float("inf")  # when this gateway last sent the pool chunks
         self.sent_tokens = 0  # prompt tokens this gateway has sent the pool, in all
-        self.marks: deque[tuple[float, int]] = deque()  # (time of a send, sent_tokens after it)
+        # (time of a send, sent_tokens after it); made on the first count (a deque is ~600 bytes)
+        self.marks: deque[tuple[float, int]] | None = None
         # what was sent before this is taken as evicted: the pool has since been sent more than its cache holds
         self.live_from = -float("inf")
 
@@ -74,6 +75,8 @@ class PoolPrefix:
         if cap <= 0:
             return
         marks = self.marks
+        if marks is None:
+            marks = self.marks = deque()
         if not marks or self.sent_tokens - marks[-1][1] >= cap / CHECKPOINTS:
             marks.append((now, self.sent_tokens))
         while marks and self.sent_tokens - marks[0][1] >= cap:
