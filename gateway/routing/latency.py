@@ -117,7 +117,7 @@ class TtftModel:
         # cached_tokens for each endpoint, with what depends only on the request worked out once
         per_chunk, cap, n = req.tokens_per_chunk, tokens - 1, len(hashes)
         session, session_k = req.session_pool, min(req.session_chunks, n)
-        matched = _match_all(hashes, endpoints)
+        matched = matched_chunks(hashes, endpoints)
         out, cached = [], []
         for e, k in zip(endpoints, matched):
             if session and session_k > k and e.pool_id == session:
@@ -157,7 +157,7 @@ class TtftModel:
         return load.queued_prompt_tokens / tps + mine + full_probability(load, headroom, horizon) * wait_if_full
 
 
-def _match_all(hashes: tuple[int, ...], endpoints: list[Endpoint]) -> list[int]:
+def matched_chunks(hashes: tuple[int, ...], endpoints: list[Endpoint]) -> list[int]:
     """Leading chunks each endpoint's pool likely holds: one pass of the gateway's prefix index
     (gateway/routing/prefix_index.py) when the endpoints have one, else each holder's own answer."""
     for e in endpoints:
