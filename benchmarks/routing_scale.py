@@ -6,7 +6,8 @@ One gateway's view of a 1,100-site mesh (benchmarks.mesh_sim's, from ../shared d
 else its synthetic mesh of the same size): an Endpoint per pool with a LoadReport (256 advertised
 prefix chunk hashes, the worker's maximum; its slots and mean request time, as workers report
 them), a measured RTT, its country and prior, and the
-gateway's prefix index (gateway/routing/prefix_index.py) holding what it sent to the nearest pools:
+gateway's prefix index (gateway/routing/prefix_index.py) holding what it sent to the nearest pools,
+the reports of the pools the gateway streams (probe.k_nearest nearest and the spill list) pushed:
 prefix matching is on, every request carries up to 128 chunk hashes, 30 % a session. Timed per decision, for the
 latency profile and the baselines:
 
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
-from gateway.config import RoutingOptions
+from gateway.config import ProbeConfig, RoutingOptions
 from gateway.core.prefix import CHUNK_CHARS, MAX_ADVERTISED, MAX_CHUNKS
 from gateway.core.types import Endpoint, LoadReport, RouteRequest
 from gateway.routing.framework import Profile
@@ -136,6 +137,15 @@ def attach_index(eps: list[Endpoint], opts: RoutingOptions, seed: int = 4) -> Pr
     for _ in range(2000):
         index.record_sent(rng.choice(near), rng.choice(_CHAINS)[:rng.randint(1, MAX_CHUNKS)])
     return index
+
+
+def push_wanted(eps: list[Endpoint]) -> None:
+    """As the gateway's load streams do (gateway/pools/load_stream.py): the pools its decisions
+    depend on most (the probe.k_nearest nearest and the spill list) push their reports, which then
+    have no age; the rest are probed."""
+    wanted = set(CandidateSet(eps, *K_DEFAULT).wanted(ProbeConfig().k_nearest))
+    for e in eps:
+        e.load_pushed = e.pool_id in wanted
 
 
 def measure_index_memory(opts: RoutingOptions, num_pools: int) -> dict[str, float]:
@@ -316,6 +326,7 @@ def run(num_sites: int = 1100, quick: bool = False, seed: int = 0, synthetic: bo
     memory = measure_memory(rtt, prior, cc, slots)
     eps = make_view(rtt, prior, cc, slots, seed)
     attach_index(eps, opts)  # prefix matching on: every decision matches its chunks against each candidate
+    push_wanted(eps)
     n_all, n_cand = num_decisions or ((30, 2000) if quick else (200, 10000))
     res: dict[str, Any] = {
         "benchmark": "routing_scale", "num_sites": len(eps), "view": where, "k_near": K_DEFAULT[0],

@@ -33,6 +33,7 @@ UNKNOWN_RTT_MS = 100.0  # a pool with no measurement and no coordinates: assume 
 # is a sample): a fresh report of one free slot is full with probability ~0.16, of none ~0.84.
 BASE_SPREAD_SLOTS = 0.5
 _SQRT2 = math.sqrt(2.0)
+MAX_WAIT_MEMO = 65_536  # pools whose last no-age wait is kept (cleared when full: pools come and go)
 MEMO_S = 0.001  # a prediction is reused for the same request this long (the rest of its decision)
 
 
@@ -61,6 +62,8 @@ class TtftModel:
         # explains its first two pools right after scoring them (framework.Profile.route), so
         # predict_s / cached_tokens of the same request within MEMO_S answer from it
         self._memo: tuple[RouteRequest, float, list[Endpoint], list[float], list[int]] | None = None
+        # pool id -> (report, sent since it, rtt_s, prefill tps, its wait): _pool_queue_s for reports without age
+        self._wait_memo: dict[str, tuple[LoadReport, int, float, float, float]] = {}
 
     def _memo_index(self, req: RouteRequest, e: Endpoint) -> int:
         """e's place in the last predict_all_s when it was for this request just now, else -1."""
@@ -144,17 +147,33 @@ class TtftModel:
         if load is None:
             return e.in_flight * tokens / tps
         mine = e.sent_since_report * tokens / tps  # sent since the report: it cannot know them
-        # 0: when unknown, or pushed (the stream would have told of a change)
-        age = max(0.0, now - e.load_at) if e.load_at > 0 and not e.load_pushed else 0.0
+        if e.load_at > 0 and not e.load_pushed:
+            return self._pool_wait_s(e, load, tps, max(0.0, now - e.load_at), rtt_s) + mine
+        # No age (unknown, or pushed: the stream would have told of a change): the rest depends
+        # only on the report, what was sent since and the RTT, so it is worked out once for them
+        # (most candidates' reports are pushed; the P(full) term is most of a prediction's cost)
+        memo = self._wait_memo.get(e.pool_id)
+        sent = e.sent_since_report
+        if memo is not None and memo[0] is load and memo[1] == sent and memo[2] == rtt_s and memo[3] == tps:
+            return memo[4] + mine
+        wait = self._pool_wait_s(e, load, tps, 0.0, rtt_s)
+        if len(self._wait_memo) >= MAX_WAIT_MEMO:  # pools come and go: bounded
+            self._wait_memo.clear()
+        self._wait_memo[e.pool_id] = (load, sent, rtt_s, tps, wait)
+        return wait + mine
+
+    def _pool_wait_s(self, e: Endpoint, load: LoadReport, tps: float, age: float, rtt_s: float) -> float:
+        """The wait at the pool before a request's first step, less the prefill of what this
+        gateway sent since the report (the caller's `mine`)."""
         # Slots change while the report travels here (made half a round trip before it came) and
         # while the request travels there (half a round trip): the uncertainty runs over both.
         horizon = age + rtt_s
         if load.max_num_seqs <= 0 or load.mean_request_s <= 0:
-            return max(0.0, load.queue_wait_s - age) + mine
+            return max(0.0, load.queue_wait_s - age)
         headroom = load.max_num_seqs - load.running - load.waiting - e.sent_since_report
         slot_s = load.mean_request_s / load.max_num_seqs  # one slot frees this often when all are busy
         wait_if_full = max(1, 1 - headroom) * slot_s
-        return load.queued_prompt_tokens / tps + mine + full_probability(load, headroom, horizon) * wait_if_full
+        return load.queued_prompt_tokens / tps + full_probability(load, headroom, horizon) * wait_if_full
 
 
 def matched_chunks(hashes: tuple[int, ...], endpoints: list[Endpoint]) -> list[int]:

@@ -88,3 +88,26 @@ def test_max_score_picker_orders_by_score_and_breaks_ties_at_random() -> None:
         ["p1", "p4", "p2", "p0", "p3"]
     firsts = {picker.pick(RouteRequest("m"), eps, [1.0, 1.0, 0.5, 1.0, 0.2])[0].pool_id for _ in range(60)}
     assert firsts == {"p0", "p1", "p3"}
+
+
+def test_a_pushed_reports_wait_is_reused_only_while_its_inputs_stand() -> None:
+    """_pool_queue_s keeps the wait of a report without age; each of its inputs changing must show."""
+    model = TtftModel(2000.0, clock=lambda: 50.0)
+    e = ep("p", 4.0)
+    e.load_pushed, e.load_at = True, 10.0  # pushed: no age however old
+    req = RouteRequest("m", prompt_chars=8000)
+
+    def fresh() -> float:
+        return TtftModel(2000.0, clock=lambda: 50.0).queue_s(req, e)
+
+    first = model.queue_s(req, e)
+    assert first == fresh() and model.queue_s(req, e) == first
+    e.sent_since_report = 14  # the slots fill up from here
+    assert model.queue_s(req, e) == fresh() and fresh() > first
+    e.load = LoadReport(prefill_tps=2000.0, max_num_seqs=16, mean_request_s=2.0, running=16, waiting=3,
+                        queued_prompt_tokens=9000)
+    assert model.queue_s(req, e) == fresh() > 4.0
+    e.rtt_ms = 80.0
+    assert model.queue_s(req, e) == fresh()
+    e.load_pushed = False  # a probed report ages again
+    assert model.queue_s(req, e) == fresh()
