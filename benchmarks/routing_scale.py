@@ -4,8 +4,10 @@
 
 One gateway's view of a 1,100-site mesh (benchmarks.mesh_sim's, from ../shared data when present,
 else its synthetic mesh of the same size): an Endpoint per pool with a LoadReport (256 advertised
-prefix chunk hashes, the worker's maximum), a measured RTT, its country and prior, and the
-gateway's prefix index (gateway/routing/prefix_index.py) holding what it sent to the nearest pools:
+prefix chunk hashes, the worker's maximum; its slots and mean request time, as workers report
+them), a measured RTT, its country and prior, and the
+gateway's prefix index (gateway/routing/prefix_index.py) holding what it sent to the nearest pools,
+the reports of the pools the gateway streams (probe.k_nearest nearest and the spill list) pushed:
 prefix matching is on, every request carries up to 128 chunk hashes, 30 % a session. Timed per decision, for the
 latency profile and the baselines:
 
@@ -19,8 +21,9 @@ latency profile and the baselines:
 Also: CandidateSet.refresh() (once per probe period, off the request path), a k sweep for the
 latency profile, and tracemalloc of building the view (endpoints + reports + candidate structure).
 Requests vary: prompt sizes, 20 % pinned to the gateway's country; loads and in-flight counts are
-re-drawn every 100 decisions so the picks move. Timings are wall clock; the machine is shared, so
-each set of decisions runs 3 times and the least disturbed round's percentile is reported.
+re-drawn every 100 decisions so the picks move. Timings are wall clock (the goal's) and the
+decision thread's CPU time (which time descheduled on a shared machine does not inflate); each set
+of decisions runs 3 times and the least disturbed round's percentile is reported.
 """
 from __future__ import annotations
 
@@ -38,13 +41,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
-from gateway.config import RoutingOptions
+from gateway.config import ProbeConfig, RoutingOptions
 from gateway.core.prefix import CHUNK_CHARS, MAX_ADVERTISED, MAX_CHUNKS
 from gateway.core.types import Endpoint, LoadReport, RouteRequest
 from gateway.routing.framework import Profile
 from gateway.routing.candidates import CandidateSet
 from gateway.routing.plugins import PROFILES, build_profile
-from gateway.routing.prefix_index import PrefixIndex
+from gateway.routing.prefix_index import PoolPrefix, PrefixIndex
 
 MODEL = "meshgate-tiny"
 HOT_PREFIXES = MAX_ADVERTISED  # gateway/worker/prefix_summary.py: the largest report a pool sends
@@ -58,6 +61,7 @@ GOAL_MEMORY_MB = 50.0
 K_DEFAULT = (16, 8)  # (k_near, k_spill)
 K_SWEEP = ((8, 4), (12, 4), (16, 8), (24, 8), (32, 0))
 ROUNDS = 3
+REPEATS = 5  # time_repeated: each decision this many times, the fastest kept
 
 
 # -- the view ----------------------------------------------------------------------------------
@@ -80,10 +84,13 @@ def random_report(rng: random.Random, slots: int) -> LoadReport:
     running = rng.randint(0, slots)
     waiting = rng.randint(0, 4) if running == slots else 0
     queued = waiting * rng.randint(32, 512)
+    # with the headroom figures a meshgate worker reports (slots, mean request time): the latency
+    # model then weighs each pool's chance of being full (an erfc a candidate), as in the gateway
     return LoadReport(waiting=waiting, running=running, queued_prompt_tokens=queued, kv_blocks_used=running * 20,
                       kv_blocks_total=2048, prefill_tps=24_000.0, decode_tps=60.0 * running,
                       queue_wait_s=queued / 24_000.0,
-                      hot_prefix_hashes=advertised(rng), handling_s=1e-4)
+                      hot_prefix_hashes=advertised(rng), handling_s=1e-4, max_num_seqs=slots,
+                      mean_request_s=rng.uniform(1.0, 8.0))
 
 
 def advertised(rng: random.Random) -> tuple[int, ...]:
@@ -132,21 +139,36 @@ def attach_index(eps: list[Endpoint], opts: RoutingOptions, seed: int = 4) -> Pr
     return index
 
 
+def push_wanted(eps: list[Endpoint]) -> None:
+    """As the gateway's load streams do (gateway/pools/load_stream.py): the pools its decisions
+    depend on most (the probe.k_nearest nearest and the spill list) push their reports, which then
+    have no age; the rest are probed."""
+    wanted = set(CandidateSet(eps, *K_DEFAULT).wanted(ProbeConfig().k_nearest))
+    for e in eps:
+        e.load_pushed = e.pool_id in wanted
+
+
 def measure_index_memory(opts: RoutingOptions, num_pools: int) -> dict[str, float]:
-    """tracemalloc of the gateway's memory of what it sent where, filled to its bound."""
+    """tracemalloc of the gateway's memory of what it sent where, filled to its bound: the (chunk,
+    pool) pairs, each pool's entry and its marks for ageing by cache size (pools report 2,048
+    blocks of 16 tokens; requests of 2 to 64 Ki tokens), not the endpoints and reports themselves."""
+    eps = [Endpoint(f"p{p:04d}", "", None, "meshgate", frozenset({MODEL})) for p in range(num_pools)]
+    for e in eps:
+        e.load = LoadReport(kv_blocks_total=2048, kv_block_tokens=16)
     gc.collect()
     tracemalloc.start()
     index = PrefixIndex(opts)
-    eps = [Endpoint(f"p{p:04d}", "", None, "meshgate", frozenset({MODEL})) for p in range(num_pools)]
     index.attach(eps)
     rng = random.Random(5)
     while len(index.sent) < opts.prefix_index_max_entries:
-        index.record_sent(rng.choice(eps), tuple(rng.getrandbits(63) for _ in range(MAX_CHUNKS)))
+        index.record_sent(rng.choice(eps), tuple(rng.getrandbits(63) for _ in range(MAX_CHUNKS)),
+                          tokens=int(2 ** rng.uniform(1, 16)))
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    marks = sum(len(e.prefix.marks or ()) for e in eps if isinstance(e.prefix, PoolPrefix))
     return {"entries": len(index.sent), "bound_entries": opts.prefix_index_max_entries,
             "retained_mb": current / 2**20, "peak_mb": peak / 2**20,
-            "bytes_per_entry": current / max(1, len(index.sent))}
+            "bytes_per_entry": current / max(1, len(index.sent)), "ageing_marks": marks}
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -154,24 +176,57 @@ def time_decisions(decide: Callable[[RouteRequest], Any], reqs: list[RouteReques
                    rounds: int = ROUNDS, seed: int = 2) -> dict[str, Any]:
     """decide(req) per request, timed alone; loads move every 100 decisions (not timed). The machine
     is shared, so the requests run `rounds` times and each percentile is the least disturbed round's
-    (the per-round figures are kept too)."""
+    (the per-round figures are kept too). Also the decision's CPU time (this thread's: time it was
+    descheduled does not count, so a shared machine disturbs it less; the clock's own cost, ~1 us,
+    is in it), as cpu_p50_us / cpu_p99_us."""
     rng = random.Random(seed)
-    clock = time.perf_counter_ns
-    p50, p99, mean = [], [], []
+    clock, cpu = time.perf_counter_ns, time.thread_time_ns
+    p50, p99, mean, cpu50, cpu99 = [], [], [], [], []
     for _ in range(rounds):
         ns: list[int] = []
+        cns: list[int] = []
         gc.collect()
         for i, req in enumerate(reqs):
             if i % 100 == 0:
                 reshuffle(eps, rng)
+            c0 = cpu()
             t0 = clock()
             decide(req)
-            ns.append(clock() - t0)
+            t1 = clock()
+            cns.append(cpu() - c0)
+            ns.append(t1 - t0)
         p50.append(common.percentile(ns, 50) / 1000)
         p99.append(common.percentile(ns, 99) / 1000)
         mean.append(sum(ns) / len(ns) / 1000)
+        cpu50.append(common.percentile(cns, 50) / 1000)
+        cpu99.append(common.percentile(cns, 99) / 1000)
     return {"p50_us": min(p50), "p99_us": min(p99), "mean_us": min(mean), "num": len(reqs),
-            "rounds_p50_us": p50, "rounds_p99_us": p99}
+            "cpu_p50_us": min(cpu50), "cpu_p99_us": min(cpu99),
+            "rounds_p50_us": p50, "rounds_p99_us": p99, "rounds_cpu_p99_us": cpu99}
+
+
+def time_repeated(decide: Callable[[RouteRequest], Any], reqs: list[RouteRequest], eps: list[Endpoint],
+                  repeats: int = REPEATS, seed: int = 2) -> dict[str, Any]:
+    """Each decision made `repeats` times in a row (a decision changes nothing a second one reads),
+    its least disturbed time kept: what one decision costs when the machine lets it run. The
+    spread across requests (prompt length, matches, residency) stays; another process's time
+    slice mostly does not (it would have to hit all the repeats). On a shared machine this is the
+    figure to compare; the goal's own measure is time_decisions' wall clock."""
+    rng = random.Random(seed)
+    clock = time.perf_counter_ns
+    best: list[int] = []
+    gc.collect()
+    for i, req in enumerate(reqs):
+        if i % 100 == 0:
+            reshuffle(eps, rng)
+        ns = []
+        for _ in range(repeats):
+            t0 = clock()
+            decide(req)
+            ns.append(clock() - t0)
+        best.append(min(ns))
+    return {"p50_us": common.percentile(best, 50) / 1000, "p99_us": common.percentile(best, 99) / 1000,
+            "mean_us": sum(best) / len(best) / 1000, "num": len(reqs), "repeats": repeats}
 
 
 def candidate_route(profile: Profile, cs: CandidateSet) -> Callable[[RouteRequest], Any]:
@@ -190,6 +245,9 @@ def bench_profiles(eps: list[Endpoint], home: str, n_all: int, n_cand: int, opts
             whole = time_decisions(lambda r, p=profile: p.route(r, eps), requests(n_all, home), eps)
             cand = time_decisions(candidate_route(profile, cs), requests(n_cand, home), eps)
             out[name] = {"all": whole, "candidates": cand, "speedup_p50": common.ratio(whole["p50_us"], cand["p50_us"])}
+            if name in ("latency", "latency-no-cache"):
+                out[name]["candidates_repeated"] = time_repeated(candidate_route(profile, cs),
+                                                                 requests(n_cand // 2, home), eps)
             bar.update()
     out["select-only"] = {"candidates": time_decisions(cs.select, requests(n_cand, home), eps)}
     return out
@@ -249,7 +307,9 @@ def gateway_row(num_sites: int, seed: int, synthetic: bool = False
 def goals(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     worst = max(v["candidates"]["p99_us"] for k, v in res["profiles"].items() if k != "select-only")
     lat = res["profiles"]["latency"]["candidates"]["p99_us"]
+    rep = res["profiles"]["latency"]["candidates_repeated"]["p99_us"]
     return {"latency_decision_p99_us": common.goal(lat, f"<= {GOAL_P99_US:g}", lat <= GOAL_P99_US),
+            "latency_decision_p99_us_least_disturbed": common.goal(rep, f"<= {GOAL_P99_US:g}", rep <= GOAL_P99_US),
             "worst_profile_decision_p99_us": common.goal(worst, f"<= {GOAL_P99_US:g}", worst <= GOAL_P99_US),
             "latency_all_endpoints_p99_us": common.goal(res["profiles"]["latency"]["all"]["p99_us"],
                                                         f"<= {GOAL_P99_US:g}",
@@ -266,6 +326,7 @@ def run(num_sites: int = 1100, quick: bool = False, seed: int = 0, synthetic: bo
     memory = measure_memory(rtt, prior, cc, slots)
     eps = make_view(rtt, prior, cc, slots, seed)
     attach_index(eps, opts)  # prefix matching on: every decision matches its chunks against each candidate
+    push_wanted(eps)
     n_all, n_cand = num_decisions or ((30, 2000) if quick else (200, 10000))
     res: dict[str, Any] = {
         "benchmark": "routing_scale", "num_sites": len(eps), "view": where, "k_near": K_DEFAULT[0],
@@ -284,10 +345,17 @@ def print_results(res: dict[str, Any]) -> None:
     for name, v in res["profiles"].items():
         a = v.get("all", {})
         c = v["candidates"]
-        rows.append([name, a.get("p50_us", math.nan), a.get("p99_us", math.nan), c["p50_us"], c["p99_us"]])
+        rows.append([name, a.get("p50_us", math.nan), a.get("p99_us", math.nan), c["p50_us"], c["p99_us"],
+                     c.get("cpu_p50_us", math.nan), c.get("cpu_p99_us", math.nan)])
     common.print_table(f"one routing decision, {res['num_sites']} pools in the registry ({res['view']}; "
                        f"candidates: {res['k_near']} near + {res['k_spill']} spill)",
-                       ["profile", "all p50 us", "all p99 us", "cand. p50 us", "cand. p99 us"], rows)
+                       ["profile", "all p50 us", "all p99 us", "cand. p50 us", "cand. p99 us", "cand. CPU p50",
+                        "cand. CPU p99"], rows)
+    common.print_table(f"least disturbed of {REPEATS} repeats of each decision (candidate set; wall clock)",
+                       ["profile", "p50 us", "p99 us", "mean us"],
+                       [[n, v["candidates_repeated"]["p50_us"], v["candidates_repeated"]["p99_us"],
+                         v["candidates_repeated"]["mean_us"]]
+                        for n, v in res["profiles"].items() if "candidates_repeated" in v])
     common.print_table("latency profile by candidate count (k_near+k_spill)", ["k", "p50 us", "p99 us"],
                        [[k, v["p50_us"], v["p99_us"]] for k, v in res["k_sweep_latency"].items()])
     m = res["memory"]

@@ -522,8 +522,10 @@ class RoutingOptions:
     # prefill only for the part of a prompt a pool is estimated to hold; False: the whole prompt.
     prefix_routing: bool = True
     # Bound on the gateway's memory of what it sent where: (chunk, pool) pairs over all pools, each
-    # ~150 bytes (so 200,000 ~ 30 MB; measured in tests/routing/test_prefix_routing.py); and how long one
-    # is remembered.
+    # ~150 bytes (so 200,000 ~ 30 MB; measured in tests/routing/test_prefix_routing.py and by
+    # benchmarks/routing_scale.py), plus at most 17 (time, tokens) marks a pool for ageing by the
+    # pool's cache size; and how long one is remembered at most (a pool reporting its cache size
+    # forgets sooner: once it has been sent more tokens than its cache holds).
     prefix_index_max_entries: int = 200_000
     prefix_memory_s: float = 600.0
     max_sessions: int = 100_000  # session keys -> the pool that last served them (least recent forgotten)

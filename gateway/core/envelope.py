@@ -15,7 +15,7 @@ import orjson
 
 from gateway.core import capabilities
 from gateway.core.errors import BadRequest
-from gateway.core.protocol import GenerationRequest
+from gateway.core.protocol import MAX_SESSION_KEY_CHARS, GenerationRequest
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 RESPONSES, EMBEDDINGS = "/v1/responses", "/v1/embeddings"
@@ -69,7 +69,20 @@ def read(path: str, body: Any) -> GenerationRequest:
         messages=tuple(messages) if messages else None, max_tokens=max_tokens, temperature=1.0, top_p=1.0,
         top_k=0, seed=None, stop=(), stop_token_ids=(), ignore_eos=False, logprobs=None, stream=stream,
         include_usage=include_usage, n=n, needs=capabilities.needs(path, body), max_tokens_param=key,
+        prompt_cache_key=_session_key(body, "prompt_cache_key"), user=_session_key(body, "user"),
     )
+
+
+def _session_key(body: dict[str, Any], key: str) -> str | None:
+    """prompt_cache_key / user: routing's session key (gateway/edge/prefix_routing.py), so read here."""
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise BadRequest(f"'{key}' must be a string", param=key)
+    if len(v) > MAX_SESSION_KEY_CHARS:
+        raise BadRequest(f"'{key}' is at most {MAX_SESSION_KEY_CHARS} characters", param=key)
+    return v
 
 
 def _int(body: dict[str, Any], key: str, default: int, lo: int) -> int:

@@ -26,6 +26,9 @@ class LoadReport:
     # there (gateway/routing/latency.py); 0: not reported (third-party pools, older workers)
     max_num_seqs: int = 0  # sequence slots of the running batch
     mean_request_s: float = 0.0  # how long a request holds a slot, first token to finish (EWMA)
+    # Tokens a KV block holds: with kv_blocks_total, the pool's cache size in tokens (a gateway
+    # forgets what it sent there once it has sent more since: gateway/routing/prefix_index.py); 0: unknown
+    kv_block_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +68,7 @@ class LoadReport:
             hot_prefix_hashes=hot,
             max_num_seqs=int(parts.get("s", 0)),
             mean_request_s=float(parts.get("d", 0.0)),
+            kv_block_tokens=rates.kv_block_tokens if rates is not None else 0,
         )
 
 

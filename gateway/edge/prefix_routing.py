@@ -4,7 +4,8 @@
   hashes (gateway/core/prefix.py: bounded hashing, whatever the prompt's length), the tokens a chunk
   stands for (learned chars-to-tokens ratio; exact for token-id prompts), and its session key
   (prompt_cache_key, else user, else the x-session-id header) with the pool that last served it.
-- `routed(call, endpoint)`: a pool took the request: remember its chunks there, and the session.
+- `routed(call, endpoint)`: a pool took the request: remember its chunks there (and its prompt
+  tokens, which age that memory by the pool's cache size), and the session.
 - `usage(call, prompt_tokens)`: a pool's usage answer teaches the chars-to-tokens ratio.
 """
 from __future__ import annotations
@@ -27,9 +28,11 @@ class PrefixRouting:
 
     def route_fields(self, g: GenerationRequest, headers: Mapping[str, str]) -> dict[str, Any]:
         """Keyword arguments for the request's RouteRequest (400 for a bad x-session-id)."""
+        source = "prompt_cache_key" if g.prompt_cache_key else "user" if g.user else SESSION_HEADER
         key = g.prompt_cache_key or g.user or headers.get(SESSION_HEADER) or ""
         if len(key) > MAX_SESSION_KEY_CHARS or not key.isprintable():
-            raise BadRequest(f"'{SESSION_HEADER}' must be printable and at most {MAX_SESSION_KEY_CHARS} characters")
+            raise BadRequest(f"'{source}' must be printable and at most {MAX_SESSION_KEY_CHARS} characters",
+                             param=None if source == SESSION_HEADER else source)
         if not self.enabled:
             return {"session_key": key}
         chunks = request_chunks(g.prompt, g.prompt_token_ids, g.messages)
@@ -42,7 +45,7 @@ class PrefixRouting:
                 "session_pool": pool, "session_chunks": num, "prompt_chars": chunks.total, "tokens_per_char": ratio}
 
     def routed(self, route: RouteRequest, endpoint: Endpoint) -> None:
-        self.index.record_sent(endpoint, route.prefix_hashes)
+        self.index.record_sent(endpoint, route.prefix_hashes, route.prompt_tokens)
         self.index.record_session(route.session_key, endpoint.pool_id, len(route.prefix_hashes))
 
     def usage(self, route: RouteRequest, prompt_tokens: int) -> None:

@@ -81,8 +81,7 @@ class Profile:
                 return Decision([], {}, self.name, {})
         totals = [0.0] * len(cands)
         for scorer, weight in self.scorers:
-            for i, s in enumerate(scorer.score(req, cands)):
-                totals[i] += weight * s
+            totals = [t + weight * s for t, s in zip(totals, scorer.score(req, cands))]
         ranked = self.picker.pick(req, cands, totals) if cands else []
         predicted = ({e.pool_id: 1000 * self.predictor.predict_s(req, e) for e in ranked[:2]}
                      if self.predictor is not None else {})
@@ -102,6 +101,8 @@ class MaxScorePicker:
         self.rng = rng or random.Random()
 
     def pick(self, req: RouteRequest, endpoints: list[Endpoint], scores: list[float]) -> list[Endpoint]:
+        if len(set(scores)) == len(scores):  # no ties (the usual case): no random keys to draw
+            return [endpoints[i] for i in sorted(range(len(endpoints)), key=scores.__getitem__, reverse=True)]
         keys = [(-s, self.rng.random()) for s in scores]
         order = sorted(range(len(endpoints)), key=keys.__getitem__)
         return [endpoints[i] for i in order]

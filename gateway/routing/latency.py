@@ -36,15 +36,20 @@ UNKNOWN_RTT_MS = 100.0  # a pool with no measurement and no coordinates: assume 
 # The spread of the slot count at a report's own moment (it is at least an RTT old, and its count
 # is a sample): a fresh report of one free slot is full with probability ~0.16, of none ~0.84.
 BASE_SPREAD_SLOTS = 0.5
+_SQRT2 = math.sqrt(2.0)
+MAX_WAIT_MEMO = 65_536  # pools whose last no-age wait is kept (cleared when full: pools come and go)
+MEMO_S = 0.001  # a prediction is reused for the same request this long (the rest of its decision)
 
 
 def full_probability(load: LoadReport, headroom: int, age_s: float) -> float:
     """P(no free slot now) for a pool that reported `headroom` free slots age_s ago: the occupancy
     is taken as normal around the reported one, with the variance of the slots freed since (a
     Poisson count at the pool's turnover rate) and BASE_SPREAD_SLOTS at the report itself."""
-    turnover = max(min(load.running, load.max_num_seqs), 1) / load.mean_request_s  # slots freed per second
+    # (conditionals, not min/max: this runs for every candidate of every decision)
+    busy = load.running if load.running < load.max_num_seqs else load.max_num_seqs
+    turnover = (busy if busy > 1 else 1) / load.mean_request_s  # slots freed per second
     spread = math.sqrt(turnover * age_s + BASE_SPREAD_SLOTS**2)
-    return 0.5 * math.erfc((headroom - 0.5) / (spread * math.sqrt(2.0)))
+    return 0.5 * math.erfc((headroom - 0.5) / (spread * _SQRT2))
 
 
 class TtftModel:
@@ -57,10 +62,29 @@ class TtftModel:
         self.default_prefill_tps = default_prefill_tps
         self.clock = clock
         self.use_cache = use_cache
+        # The last predict_all_s (request, clock, endpoints, predictions, cached tokens): a decision
+        # explains its first two pools right after scoring them (framework.Profile.route), so
+        # predict_s / cached_tokens of the same request within MEMO_S answer from it
+        self._memo: tuple[RouteRequest, float, list[Endpoint], list[float], list[int]] | None = None
+        # pool id -> (report, sent since it, rtt_s, prefill tps, its wait): _pool_queue_s for reports without age
+        self._wait_memo: dict[str, tuple[LoadReport, int, float, float, float]] = {}
+
+    def _memo_index(self, req: RouteRequest, e: Endpoint) -> int:
+        """e's place in the last predict_all_s when it was for this request just now, else -1."""
+        memo = self._memo
+        if memo is None or memo[0] is not req or self.clock() - memo[1] > MEMO_S:
+            return -1
+        for i, x in enumerate(memo[2]):
+            if x is e:
+                return i
+        return -1
 
     def cached_tokens(self, req: RouteRequest, e: Endpoint) -> int:
         """Prompt tokens the pool is estimated to hold: leading chunks matched x tokens a chunk (the
         session's last pool: at least its last turn's chunks), at most the prompt less one token."""
+        i = self._memo_index(req, e)
+        if i >= 0 and self._memo is not None:
+            return self._memo[4][i]
         hashes = req.prefix_hashes
         if not self.use_cache or not hashes:
             return 0
@@ -83,6 +107,9 @@ class TtftModel:
         return self._queue_s(e, req.prompt_tokens, self.prefill_tps(e), self.clock(), self.rtt_s(e))
 
     def predict_s(self, req: RouteRequest, e: Endpoint) -> float:
+        i = self._memo_index(req, e)
+        if i >= 0 and self._memo is not None:
+            return self._memo[3][i]
         return self._predict_s(e, req.prompt_tokens, req.client_rtt_ms / 1000.0, self.clock(),
                                self.cached_tokens(req, e))
 
@@ -91,20 +118,21 @@ class TtftModel:
         tokens, base_s, now = req.prompt_tokens, req.client_rtt_ms / 1000.0, self.clock()
         hashes = req.prefix_hashes
         if not self.use_cache or not hashes:
-            return [self._predict_s(e, tokens, base_s, now) for e in endpoints]
+            pred = [self._predict_s(e, tokens, base_s, now) for e in endpoints]
+            self._memo = (req, now, endpoints, pred, [0] * len(endpoints))
+            return pred
         # cached_tokens for each endpoint, with what depends only on the request worked out once
         per_chunk, cap, n = req.tokens_per_chunk, tokens - 1, len(hashes)
         session, session_k = req.session_pool, min(req.session_chunks, n)
-        out = []
-        oldest: float | None = None
-        for e in endpoints:
-            holder = e.prefix
-            if holder is not None and oldest is None:
-                oldest = holder.horizon()
-            k = holder.matched(hashes, oldest) if holder is not None else 0
-            if session and e.pool_id == session and session_k > k:
+        matched = matched_chunks(hashes, endpoints)
+        out, cached = [], []
+        for e, k in zip(endpoints, matched):
+            if session and session_k > k and e.pool_id == session:
                 k = session_k
-            out.append(self._predict_s(e, tokens, base_s, now, min(int(k * per_chunk), cap) if k else 0))
+            c = min(int(k * per_chunk), cap) if k else 0
+            cached.append(c)
+            out.append(self._predict_s(e, tokens, base_s, now, c))
+        self._memo = (req, now, endpoints, out, cached)
         return out
 
     def _predict_s(self, e: Endpoint, tokens: int, client_rtt_s: float, now: float, cached: int = 0) -> float:
@@ -124,17 +152,46 @@ class TtftModel:
         if load is None:
             return e.in_flight * tokens / tps
         mine = e.sent_since_report * tokens / tps  # sent since the report: it cannot know them
-        # 0: when unknown, or pushed (the stream would have told of a change)
-        age = max(0.0, now - e.load_at) if e.load_at > 0 and not e.load_pushed else 0.0
+        if e.load_at > 0 and not e.load_pushed:
+            return self._pool_wait_s(e, load, tps, max(0.0, now - e.load_at), rtt_s) + mine
+        # No age (unknown, or pushed: the stream would have told of a change): the rest depends
+        # only on the report, what was sent since and the RTT, so it is worked out once for them
+        # (most candidates' reports are pushed; the P(full) term is most of a prediction's cost)
+        memo = self._wait_memo.get(e.pool_id)
+        sent = e.sent_since_report
+        if memo is not None and memo[0] is load and memo[1] == sent and memo[2] == rtt_s and memo[3] == tps:
+            return memo[4] + mine
+        wait = self._pool_wait_s(e, load, tps, 0.0, rtt_s)
+        if len(self._wait_memo) >= MAX_WAIT_MEMO:  # pools come and go: bounded
+            self._wait_memo.clear()
+        self._wait_memo[e.pool_id] = (load, sent, rtt_s, tps, wait)
+        return wait + mine
+
+    def _pool_wait_s(self, e: Endpoint, load: LoadReport, tps: float, age: float, rtt_s: float) -> float:
+        """The wait at the pool before a request's first step, less the prefill of what this
+        gateway sent since the report (the caller's `mine`)."""
         # Slots change while the report travels here (made half a round trip before it came) and
         # while the request travels there (half a round trip): the uncertainty runs over both.
         horizon = age + rtt_s
         if load.max_num_seqs <= 0 or load.mean_request_s <= 0:
-            return max(0.0, load.queue_wait_s - age) + mine
+            return max(0.0, load.queue_wait_s - age)
         headroom = load.max_num_seqs - load.running - load.waiting - e.sent_since_report
         slot_s = load.mean_request_s / load.max_num_seqs  # one slot frees this often when all are busy
         wait_if_full = max(1, 1 - headroom) * slot_s
-        return load.queued_prompt_tokens / tps + mine + full_probability(load, headroom, horizon) * wait_if_full
+        return load.queued_prompt_tokens / tps + full_probability(load, headroom, horizon) * wait_if_full
+
+
+def matched_chunks(hashes: tuple[int, ...], endpoints: list[Endpoint]) -> list[int]:
+    """Leading chunks each endpoint's pool likely holds: one pass of the gateway's prefix index
+    (gateway/routing/prefix_index.py) when the endpoints have one, else each holder's own answer."""
+    for e in endpoints:
+        holder = e.prefix
+        if holder is not None:
+            index = getattr(holder, "index", None)
+            if index is not None and hasattr(index, "match_all"):
+                return list(index.match_all(hashes, endpoints))
+            break
+    return [e.prefix.matched(hashes) if e.prefix is not None else 0 for e in endpoints]
 
 
 class LatencyScorer:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from gateway.config import RoutingOptions
 from gateway.core.types import Endpoint, RouteRequest
 from gateway.routing.framework import Filter, MaxScorePicker, Picker, Profile, Scorer
-from gateway.routing.latency import LatencyScorer, NearestScorer, PrefixAffinity, Residency, SloFilter, TtftModel
+from gateway.routing.latency import (LatencyScorer, NearestScorer, PrefixAffinity, Residency, SloFilter, TtftModel,
+                                     matched_chunks)
 
 
 class ServesModel:
@@ -57,8 +58,8 @@ class PrefixCache:
         if not hashes:
             return [0.0] * len(endpoints)
         n = len(hashes)
-        return [max(e.prefix.matched(hashes) if e.prefix is not None else 0,
-                    min(req.session_chunks, n) if req.session_pool == e.pool_id else 0) / n for e in endpoints]
+        return [max(k, min(req.session_chunks, n) if req.session_pool == e.pool_id else 0) / n
+                for e, k in zip(endpoints, matched_chunks(hashes, endpoints))]
 
 
 class RoundRobinPicker:

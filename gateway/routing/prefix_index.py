@@ -5,8 +5,14 @@ Two sources per pool (DESIGN §3 `cached_prefix`):
   bounded list carried by its load report (probes, and lines of GET /load/stream);
 - what this gateway sent there recently: every routed request's chunk hashes, remembered for
   `prefix_memory_s` and at most `prefix_index_max_entries` (chunk, pool) pairs over all pools
-  (least recently sent forgotten first). This is all there is for third-party pools (kind openai),
-  which advertise nothing. It covers the gap between a send and the pool's next advertisement.
+  (least recently sent forgotten first), and aged by the pool's cache size: once this gateway has
+  sent a pool more prompt tokens than its KV cache holds (kv_blocks_total x kv_block_tokens, from
+  its load report), what it sent before then has likely been evicted and is forgotten. The count
+  is kept as up to CHECKPOINTS (time, tokens sent so far) marks a pool, so a send is forgotten at
+  most 1/CHECKPOINTS of the cache late. Turnover from other gateways' requests is not seen here;
+  the pool's own advertisement covers it. A pool that reports no cache size (third-party pools,
+  kind openai, which also advertise nothing) is aged by time alone. This memory covers the gap
+  between a send and the pool's next advertisement.
 
 Sessions: a session key (prompt_cache_key, else user, else x-session-id) -> the pool that last
 served it and how many chunks that turn had, at most `max_sessions` keys (least recent forgotten).
@@ -24,8 +30,9 @@ in tests/routing/test_prefix_routing.py.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 
 from gateway.config import RoutingOptions
@@ -33,13 +40,14 @@ from gateway.core.types import Endpoint
 
 TOKENS_PER_CHAR_PRIOR = 0.25  # ~4 characters a token, until pools' usage answers say otherwise
 RATIO_ALPHA = 0.1  # EWMA weight of one usage answer
+CHECKPOINTS = 16  # marks a pool of (time, tokens sent): forgetting by cache size is this fine-grained
 
 
 class PoolPrefix:
     """One pool's entry: `matched(hashes)` is how many leading chunks of a request it likely holds
     (Endpoint.prefix; read by gateway/routing/latency.py)."""
 
-    __slots__ = ("index", "endpoint", "salt", "_adv_src", "_adv", "last_sent")
+    __slots__ = ("index", "endpoint", "salt", "_adv_src", "_adv", "last_sent", "sent_tokens", "marks", "live_from")
 
     def __init__(self, index: PrefixIndex, endpoint: Endpoint):
         self.index = index
@@ -48,6 +56,32 @@ class PoolPrefix:
         self._adv_src: tuple[int, ...] = ()
         self._adv: frozenset[int] = frozenset()
         self.last_sent = -float("inf")  # when this gateway last sent the pool chunks
+        self.sent_tokens = 0  # prompt tokens this gateway has sent the pool, in all
+        # (time of a send, sent_tokens after it); made on the first count (a deque is ~600 bytes)
+        self.marks: deque[tuple[float, int]] | None = None
+        # what was sent before this is taken as evicted: the pool has since been sent more than its cache holds
+        self.live_from = -float("inf")
+
+    def capacity_tokens(self) -> int:
+        """The pool's KV cache in tokens, from its load report (0: not reported)."""
+        load = self.endpoint.load
+        return load.kv_blocks_total * load.kv_block_tokens if load is not None else 0
+
+    def count_sent(self, now: float, tokens: int) -> None:
+        """A request of `tokens` prompt tokens went there at `now`: move live_from past the sends
+        that more than a cache's worth of tokens followed."""
+        self.sent_tokens += tokens
+        cap = self.capacity_tokens()
+        if cap <= 0:
+            return
+        marks = self.marks
+        if marks is None:
+            marks = self.marks = deque()
+        if not marks or self.sent_tokens - marks[-1][1] >= cap / CHECKPOINTS:
+            marks.append((now, self.sent_tokens))
+        while marks and self.sent_tokens - marks[0][1] >= cap:
+            # sent at or before this mark: a cache's worth of tokens has gone there since
+            self.live_from = math.nextafter(marks.popleft()[0], math.inf)
 
     def advertised(self) -> frozenset[int]:
         """The pool's advertised chunk hashes, as a set (rebuilt when a new report brings new ones)."""
@@ -61,10 +95,11 @@ class PoolPrefix:
         if h in self.advertised():
             return True
         sent = self.index.sent.get(h ^ self.salt) if isinstance(h, int) else None
-        return sent is not None and self.index.clock() - sent <= self.index.memory_s
+        return sent is not None and sent >= self.horizon()
 
     def horizon(self) -> float:
-        return self.index.clock() - self.index.memory_s
+        """What was sent before this is forgotten: by time, and by the pool's cache size."""
+        return max(self.index.clock() - self.index.memory_s, self.live_from)
 
     def matched(self, hashes: Sequence[int], oldest: float | None = None) -> int:
         """longest_match(hashes, self), inlined (it runs for every candidate of every decision):
@@ -80,6 +115,8 @@ class PoolPrefix:
         adv = self._adv
         if oldest is None:
             oldest = self.index.clock() - self.index.memory_s
+        if oldest < self.live_from:  # forgotten by the pool's cache size
+            oldest = self.live_from
         if not n or (not adv and self.last_sent < oldest):
             return 0
         sent, salt = self.index.sent, self.salt
@@ -101,6 +138,10 @@ class PoolPrefix:
 
 
 class PrefixIndex:
+    """The gateway-wide memory: `sent` is one dict over all pools, keyed by chunk hash ^ the pool's
+    salt, so a decision looks up each (chunk, candidate) pair directly; `match_all` answers for a
+    whole candidate set in one pass."""
+
     def __init__(self, options: RoutingOptions | None = None, clock: Callable[[], float] = time.monotonic):
         o = options or RoutingOptions()
         self.max_entries, self.memory_s = o.prefix_index_max_entries, o.prefix_memory_s
@@ -111,18 +152,62 @@ class PrefixIndex:
         self.tokens_per_char = TOKENS_PER_CHAR_PRIOR
         self.num_learned = 0
 
+    def match_all(self, hashes: Sequence[int], endpoints: Sequence[Endpoint]) -> list[int]:
+        """[PoolPrefix.matched(hashes)] for each endpoint (0: no entry), in one pass: what depends
+        only on the request (its first and last chunk, the memory's horizon) is worked out once and
+        the per-pool test is inlined (this runs for every candidate of every decision: the call and
+        attribute lookups of one matched() per pool cost more than its dict lookups). A holder of
+        another kind (the simulator's) answers for itself."""
+        n = len(hashes)
+        if not n:
+            return [0] * len(endpoints)
+        oldest = self.clock() - self.memory_s
+        sent = self.sent
+        first, last = hashes[0], hashes[n - 1]
+        out: list[int] = []
+        for e in endpoints:
+            p = e.prefix
+            if p is None:
+                out.append(0)
+                continue
+            if type(p) is not PoolPrefix or p.index is not self:
+                out.append(p.matched(hashes))
+                continue
+            load = e.load
+            src = load.hot_prefix_hashes if load is not None else ()
+            if src is not p._adv_src:  # a new report: rebuild the set once
+                p._adv_src, p._adv = src, frozenset(src)
+            adv = p._adv
+            live = oldest if p.live_from <= oldest else p.live_from  # this pool's horizon
+            if not adv and p.last_sent < live:
+                out.append(0)
+                continue
+            salt = p.salt
+            if not (first in adv or sent.get(first ^ salt, -1.0) >= live):
+                out.append(0)
+            elif last in adv or sent.get(last ^ salt, -1.0) >= live:
+                out.append(n)
+            else:
+                out.append(p.matched(hashes, live))
+        return out
+
     def attach(self, endpoints: Iterable[Endpoint]) -> None:
         """Give each endpoint its entry (pools that join later too)."""
         for e in endpoints:
             if e.prefix is None:
                 e.prefix = PoolPrefix(self, e)
 
-    def record_sent(self, e: Endpoint, hashes: Sequence[int]) -> None:
-        """A request with these chunk hashes went to e's pool: it will hold them once prefilled."""
+    def record_sent(self, e: Endpoint, hashes: Sequence[int], tokens: int = 0) -> None:
+        """A request with these chunk hashes (and `tokens` prompt tokens in all: 0 when not known)
+        went to e's pool: it will hold them once prefilled."""
         holder = e.prefix
-        if not isinstance(holder, PoolPrefix) or not hashes:
+        if not isinstance(holder, PoolPrefix):
             return
         now, sent, salt = self.clock(), self.sent, holder.salt
+        if tokens > 0:
+            holder.count_sent(now, tokens)
+        if not hashes:
+            return
         holder.last_sent = now
         for h in hashes:
             k = h ^ salt

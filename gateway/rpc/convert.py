@@ -73,7 +73,7 @@ def request_body(req: pb.GenerateRequest, stream: bool) -> tuple[str, dict[str, 
         body["stop_token_ids"] = list(req.stop_token_ids)
     if req.ignore_eos:
         body["ignore_eos"] = True
-    for name in ("frequency_penalty", "presence_penalty"):
+    for name in ("frequency_penalty", "presence_penalty", "prompt_cache_key", "user"):
         if req.HasField(name):
             body[name] = getattr(req, name)
     for name in ("tools", "tool_choice", "response_format", "logit_bias"):

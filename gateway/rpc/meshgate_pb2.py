@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0emeshgate.proto\x12\x0bmeshgate.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x82\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.meshgate.v1.Message\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x15\n\x08logprobs\x18\x0c \x01(\x08H\x06\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\r \x01(\rH\x07\x88\x01\x01\x12\x15\n\rinclude_usage\x18\x0e \x01(\x08\x12\x12\n\ntools_json\x18\x0f \x01(\t\x12\x18\n\x10tool_choice_json\x18\x10 \x01(\t\x12\x1c\n\x14response_format_json\x18\x11 \x01(\t\x12\x1e\n\x11\x66requency_penalty\x18\x12 \x01(\x01H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x13 \x01(\x01H\t\x88\x01\x01\x12\x17\n\x0flogit_bias_json\x18\x14 \x01(\tB\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x0f\n\r_top_logprobsB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"]\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.meshgate.v1.TopLogprob\"\xf2\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.meshgate.v1.Usage\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.meshgate.v1.TokenLogprob\x12)\n\ntool_calls\x18\t \x03(\x0b\x32\x15.meshgate.v1.ToolCall\"\xf8\x01\n\x16GenerateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.meshgate.v1.Usage\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.meshgate.v1.TokenLogprob\x12)\n\ntool_calls\x18\t \x03(\x0b\x32\x15.meshgate.v1.ToolCall\"\x13\n\x11ListModelsRequest\"6\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.meshgate.v1.Model2\xfb\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.meshgate.v1.GenerateRequest\x1a\x1d.meshgate.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.meshgate.v1.GenerateRequest\x1a#.meshgate.v1.GenerateStreamResponse0\x01\x12M\n\nListModels\x12\x1e.meshgate.v1.ListModelsRequest\x1a\x1f.meshgate.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0emeshgate.proto\x12\x0bmeshgate.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd2\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.meshgate.v1.Message\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x15\n\x08logprobs\x18\x0c \x01(\x08H\x06\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\r \x01(\rH\x07\x88\x01\x01\x12\x15\n\rinclude_usage\x18\x0e \x01(\x08\x12\x12\n\ntools_json\x18\x0f \x01(\t\x12\x18\n\x10tool_choice_json\x18\x10 \x01(\t\x12\x1c\n\x14response_format_json\x18\x11 \x01(\t\x12\x1e\n\x11\x66requency_penalty\x18\x12 \x01(\x01H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x13 \x01(\x01H\t\x88\x01\x01\x12\x17\n\x0flogit_bias_json\x18\x14 \x01(\t\x12\x1d\n\x10prompt_cache_key\x18\x15 \x01(\tH\n\x88\x01\x01\x12\x11\n\x04user\x18\x16 \x01(\tH\x0b\x88\x01\x01\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x0f\n\r_top_logprobsB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x13\n\x11_prompt_cache_keyB\x07\n\x05_user\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"]\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.meshgate.v1.TopLogprob\"\xf2\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.meshgate.v1.Usage\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.meshgate.v1.TokenLogprob\x12)\n\ntool_calls\x18\t \x03(\x0b\x32\x15.meshgate.v1.ToolCall\"\xf8\x01\n\x16GenerateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.meshgate.v1.Usage\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.meshgate.v1.TokenLogprob\x12)\n\ntool_calls\x18\t \x03(\x0b\x32\x15.meshgate.v1.ToolCall\"\x13\n\x11ListModelsRequest\"6\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.meshgate.v1.Model2\xfb\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.meshgate.v1.GenerateRequest\x1a\x1d.meshgate.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.meshgate.v1.GenerateRequest\x1a#.meshgate.v1.GenerateStreamResponse0\x01\x12M\n\nListModels\x12\x1e.meshgate.v1.ListModelsRequest\x1a\x1f.meshgate.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESSAGE']._serialized_start=31
   _globals['_MESSAGE']._serialized_end=71
   _globals['_GENERATEREQUEST']._serialized_start=74
-  _globals['_GENERATEREQUEST']._serialized_end=716
-  _globals['_TOOLCALL']._serialized_start=718
-  _globals['_TOOLCALL']._serialized_end=788
-  _globals['_USAGE']._serialized_start=790
-  _globals['_USAGE']._serialized_end=892
-  _globals['_TOPLOGPROB']._serialized_start=894
-  _globals['_TOPLOGPROB']._serialized_end=938
-  _globals['_TOKENLOGPROB']._serialized_start=940
-  _globals['_TOKENLOGPROB']._serialized_end=1033
-  _globals['_GENERATERESPONSE']._serialized_start=1036
-  _globals['_GENERATERESPONSE']._serialized_end=1278
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1281
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1529
-  _globals['_LISTMODELSREQUEST']._serialized_start=1531
-  _globals['_LISTMODELSREQUEST']._serialized_end=1550
-  _globals['_MODEL']._serialized_start=1552
-  _globals['_MODEL']._serialized_end=1606
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1608
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1664
-  _globals['_GENERATION']._serialized_start=1667
-  _globals['_GENERATION']._serialized_end=1918
+  _globals['_GENERATEREQUEST']._serialized_end=796
+  _globals['_TOOLCALL']._serialized_start=798
+  _globals['_TOOLCALL']._serialized_end=868
+  _globals['_USAGE']._serialized_start=870
+  _globals['_USAGE']._serialized_end=972
+  _globals['_TOPLOGPROB']._serialized_start=974
+  _globals['_TOPLOGPROB']._serialized_end=1018
+  _globals['_TOKENLOGPROB']._serialized_start=1020
+  _globals['_TOKENLOGPROB']._serialized_end=1113
+  _globals['_GENERATERESPONSE']._serialized_start=1116
+  _globals['_GENERATERESPONSE']._serialized_end=1358
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1361
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1609
+  _globals['_LISTMODELSREQUEST']._serialized_start=1611
+  _globals['_LISTMODELSREQUEST']._serialized_end=1630
+  _globals['_MODEL']._serialized_start=1632
+  _globals['_MODEL']._serialized_end=1686
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1688
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1744
+  _globals['_GENERATION']._serialized_start=1747
+  _globals['_GENERATION']._serialized_end=1998
 # @@protoc_insertion_point(module_scope)

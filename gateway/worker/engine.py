@@ -205,6 +205,7 @@ class Engine:
             queued_prompt_tokens=queued,
             kv_blocks_used=self.kv.num_used_blocks,
             kv_blocks_total=self.kv.num_blocks,
+            kv_block_tokens=self.kv.block_size,
             prefill_tps=prefill_tps,
             decode_tps=self.stats.decode_tps(),
             queue_wait_s=self.queue_wait_s(queued),

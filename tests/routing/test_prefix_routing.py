@@ -110,3 +110,41 @@ def test_index_memory_at_its_bound_is_measured() -> None:
     per_entry = used / 50_000
     print(f"prefix index: {per_entry:.0f} bytes an entry", file=sys.stderr)
     assert per_entry < 200  # the config comment states ~150 bytes an entry
+
+
+def test_what_was_sent_is_forgotten_once_a_caches_worth_followed_it() -> None:
+    """Aged by the pool's cache size: 64 blocks of 16 tokens = 1,024 tokens of KV cache."""
+    now = [0.0]
+    index = PrefixIndex(RoutingOptions(prefix_memory_s=600.0), clock=lambda: now[0])
+    small = ep("small", 5.0, LoadReport(prefill_tps=2000.0, kv_blocks_total=64, kv_block_tokens=16))
+    unknown = ep("unknown", 5.0, LoadReport(prefill_tps=2000.0))  # reports no cache size: time alone
+    index.attach([small, unknown])
+    first = tuple(range(1, 9))
+    for e in (small, unknown):
+        index.record_sent(e, first, tokens=400)
+    for i in range(2):  # 800 tokens more: less than the cache holds since `first`
+        now[0] += 1.0
+        for e in (small, unknown):
+            index.record_sent(e, tuple(range(100 * (i + 2), 100 * (i + 2) + 8)), tokens=400)
+    assert small.prefix is not None and unknown.prefix is not None
+    assert small.prefix.matched(first) == 8 and index.match_all(first, [small]) == [8]
+    now[0] += 1.0
+    later = tuple(range(900, 908))
+    for e in (small, unknown):
+        index.record_sent(e, later, tokens=400)  # 1,200 tokens since `first`: more than 1,024
+    assert small.prefix.matched(first) == 0 and index.match_all(first, [small, unknown]) == [0, 8]
+    assert small.prefix.matched(later) == 8  # what came since is still held
+    now[0] += 1.0
+    index.record_sent(small, first, tokens=400)  # sent again: held again
+    assert small.prefix.matched(first) == 8
+    # the pool's own advertisement is not aged by the gateway's count
+    small.load = LoadReport(prefill_tps=2000.0, kv_blocks_total=64, kv_block_tokens=16, hot_prefix_hashes=later)
+    for i in range(5):
+        index.record_sent(small, (7000 + i,), tokens=1000)
+    assert small.prefix.matched(later) == 8 and small.prefix.matched(first) == 0
+
+
+def test_the_cache_size_travels_with_the_load_reports() -> None:
+    full = LoadReport(kv_blocks_used=3, kv_blocks_total=64, kv_block_tokens=16, prefill_tps=900.0)
+    again = LoadReport.from_header(full.to_header(), full)  # a response header keeps the rates' report's
+    assert again.kv_block_tokens == 16 and again.kv_blocks_total == 64

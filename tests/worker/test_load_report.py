@@ -21,3 +21,11 @@ def test_load_report_carries_slots_and_the_mean_request_duration(make_engine) ->
     assert min(held) < rep.mean_request_s
     back = LoadReport.from_header(rep.to_header())
     assert back.max_num_seqs == 4 and abs(back.mean_request_s - rep.mean_request_s) < 1e-3
+
+
+def test_load_report_carries_the_cache_size_in_tokens(make_engine) -> None:
+    engine = make_engine()
+    rep = engine.load_report()
+    assert rep.kv_block_tokens == engine.kv.block_size > 0
+    assert rep.kv_blocks_total * rep.kv_block_tokens == engine.kv.num_blocks * engine.kv.block_size
+    assert LoadReport(**rep.to_dict()).kv_block_tokens == rep.kv_block_tokens  # GET /load's JSON
