@@ -9,6 +9,12 @@ vectorised numpy operations: a decode costs no per-sequence list conversion and 
 is never rebuilt from Python lists. Tensors cross to the device in two copies (int64 and int32
 groups) from a staging buffer of their own (two alternate, so a non-blocking copy of the last step
 is never overwritten while in flight).
+
+Asynchronous scheduling (engine.py): a step's sampled ids stay on the device until the host asks
+for them a step later. advance_pending() marks each sampling row's next input as "pending at index
+j of the last step's ids"; the next prepare() copies those inputs device to device from that
+tensor (the host's next_token is stale for them), and resolve() writes the values into the
+host-side rows once they are known.
 """
 from __future__ import annotations
 
@@ -32,11 +38,18 @@ class BatchState:
         self.position = np.zeros(max_num_seqs, dtype=np.int64)  # its computed tokens
         self.length = np.zeros(max_num_seqs, dtype=np.int64)  # its tokens (prompt + output so far)
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        # A row whose next input is the last launched step's sampled id at this index (-1: none),
+        # and the step (generation) that sampled it; _feed holds that step's ids on the device.
+        self.pending_src = np.full(max_num_seqs, -1, dtype=np.int64)
+        self.pending_gen = np.zeros(max_num_seqs, dtype=np.int64)
+        self._feed: torch.Tensor | None = None
+        self._gen = 0
+        self._rows = np.zeros(0, dtype=np.int64)  # the last prepared batch's rows, in batch order
         self.owner: list[Request | None] = [None] * max_num_seqs
         # Staging buffers for the host -> device copies (pinned on CUDA, so copies are async);
         # two of each, used alternately: the copy from one may still run while the next is filled.
         cap_tokens = max(max_num_batched_tokens, max_num_seqs)
-        cap64 = 3 * cap_tokens + max_num_seqs
+        cap64 = 3 * cap_tokens + 3 * max_num_seqs  # ids, positions, slots; logits rows, feed dst/src
         cap32 = 2 * max_num_seqs + 1 + max_num_seqs * max_blocks
         pin = self.device.type == "cuda"
         self._stage = [(_buffer(cap64, torch.int64, pin), _buffer(cap32, torch.int32, pin)) for _ in range(2)]
@@ -54,6 +67,7 @@ class BatchState:
         self.position[row] = req.num_computed_tokens
         self.length[row] = req.num_tokens
         self.next_token[row] = _token_at(req, req.num_computed_tokens)
+        self.pending_src[row] = -1
         return row
 
     def remove(self, req: Request) -> None:
@@ -62,6 +76,7 @@ class BatchState:
         if row >= 0 and self.owner[row] is req:
             self.owner[row] = None
             self.free_rows.append(row)
+            self.pending_src[row] = -1
         req.batch_row = -1
 
     @property
@@ -128,6 +143,7 @@ class BatchState:
                 logits_idx.append(at - 1)
                 sampling.append(req)
         self.length[rows] = [r.num_tokens for r in reqs]
+        self._rows = rows
         return self._pack(reqs, rows, seq_rows, ids, pos, qsl, np.asarray(logits_idx, dtype=np.int64), nd, sampling)
 
     def _prepare_decodes(self, reqs: list[Request]) -> Batch | None:
@@ -148,6 +164,7 @@ class BatchState:
             self.block_table[row, k : len(r.block_ids)] = r.block_ids[k:]
             self.num_blocks[row] = len(r.block_ids)
         self._num_tokens = np.ones(b, dtype=np.int64)
+        self._rows = rows
         ar = np.arange(b + 1, dtype=np.int64)
         return self._pack(list(reqs), rows, rows, self.next_token[rows], pos, ar.astype(np.int32), ar[:b], b,
                           list(reqs))
@@ -161,10 +178,19 @@ class BatchState:
         seq_lens = (pos[qsl[1:] - 1] + 1).astype(np.int32)
         max_blocks = max(1, int(self.num_blocks[rows].max()))
         table = self.block_table[rows, :max_blocks]
-        d64, d32 = self._to_device(ids, pos, slots, logits_idx, parts32=(qsl, seq_lens, table))
+        # Decodes whose input is still on the device (the last step sampled it): copied there.
+        src = self.pending_src[rows[:nd]]
+        dst = np.flatnonzero(src >= 0)
+        parts64 = (ids, pos, slots, logits_idx) if not dst.size else (ids, pos, slots, logits_idx, dst, src[dst])
+        d64, d32 = self._to_device(*parts64, parts32=(qsl, seq_lens, table))
         s, b = len(logits_idx), len(reqs)
+        input_ids = d64[:t]
+        if dst.size:
+            assert self._feed is not None
+            at, k = 3 * t + s, dst.size
+            input_ids.index_copy_(0, d64[at : at + k], self._feed.index_select(0, d64[at + k : at + 2 * k]))
         return Batch(
-            input_ids=d64[:t], positions=d64[t : 2 * t], slot_mapping=d64[2 * t : 3 * t],
+            input_ids=input_ids, positions=d64[t : 2 * t], slot_mapping=d64[2 * t : 3 * t],
             logits_indices=d64[3 * t : 3 * t + s],
             query_start_loc=d32[: b + 1], seq_lens=d32[b + 1 : 2 * b + 1],
             block_table=d32[2 * b + 1 :].view(b, max_blocks),
@@ -188,24 +214,44 @@ class BatchState:
         return out[0], out[1]
 
     def advance(self, batch: Batch, sampled: list[int]) -> None:
-        """After the step: each row's position moves past its computed tokens and its next input
-        is the token just sampled, or the next prompt token of an unfinished prefill."""
-        reqs = batch.requests
-        rows = np.fromiter((r.batch_row for r in reqs), dtype=np.int64, count=len(reqs))
-        self.position[rows] += self._num_tokens
-        if len(sampled) == batch.num_decodes == len(reqs):  # decode-only: all rows sampled
-            self.next_token[rows] = sampled
-            self.length[rows] += 1
-            return
-        by_req = dict(zip(map(id, batch.sampling), sampled))
-        for r, row in zip(reqs, rows.tolist()):
-            tok = by_req.get(id(r))
-            if tok is not None:
-                self.next_token[row] = tok
-                self.length[row] += 1
-            else:
-                self.next_token[row] = _token_at(r, int(self.position[row]))
+        """After the step, with the sampled ids at hand (host): each row's position moves past its
+        computed tokens and its next input is the token just sampled, or the next prompt token of
+        an unfinished prefill."""
+        gen = self.advance_pending(batch, None)
+        self.resolve(gen, batch.sampling, np.asarray(sampled, dtype=np.int64))
 
+    def advance_pending(self, batch: Batch, sampled: torch.Tensor | None) -> int:
+        """After the step, before its ids reach the host: positions move on, and each sampling
+        row's next input is its id in `sampled` (S,), on the device, until resolve() gives it.
+        Returns the step's generation (for resolve)."""
+        rows = self._rows
+        self.position[rows] += self._num_tokens
+        self._gen += 1
+        self._feed = sampled
+        n = len(batch.sampling)
+        if n == batch.num_decodes == len(batch.requests):  # decode-only: every row samples
+            srows = rows
+        else:
+            sampled_ids = set(map(id, batch.sampling))
+            for r, row in zip(batch.requests, rows.tolist()):
+                if id(r) not in sampled_ids:  # a prefill chunk short of the prompt's end
+                    self.next_token[row] = _token_at(r, int(self.position[row]))
+            srows = np.fromiter((r.batch_row for r in batch.sampling), dtype=np.int64, count=n)
+        self.length[srows] += 1
+        if sampled is not None:
+            self.pending_src[srows] = np.arange(n)
+            self.pending_gen[srows] = self._gen
+        return self._gen
+
+    def resolve(self, gen: int, sampling: list[Request], values: np.ndarray) -> None:
+        """The ids step `gen` sampled, now on the host (values[j] for sampling[j]): the rows still
+        held by those requests take them as their next input."""
+        rows = np.fromiter((r.batch_row for r in sampling), dtype=np.int64, count=len(sampling))
+        held = rows >= 0  # a request that ended since has no row (and its row may be another's)
+        rows = rows[held]
+        self.next_token[rows] = values[held]
+        mine = rows[self.pending_gen[rows] == gen]  # not re-sampled by a later step since
+        self.pending_src[mine] = -1
 
 def _buffer(n: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     t = torch.empty(n, dtype=dtype)

@@ -1,10 +1,19 @@
 """The engine: Engine.step() = schedule -> update the batch state -> run model -> sample -> update
 -> process outputs.
 
-Engine is synchronous and single-threaded; AsyncEngine runs it on its own thread and talks to
-the event loop through queues. step_tokens() is the step up to the sampled tokens (the engine's
-critical path); process_outputs() turns its TokenEvents into RequestOutputs (detokenization, stop
-strings) and may run elsewhere (AsyncEngine runs it on the event loop).
+Engine is single-threaded; AsyncEngine runs it on its own thread and talks to the event loop
+through queues. step_tokens() is the step up to the sampled tokens (the engine's critical path);
+process_outputs() turns its TokenEvents into RequestOutputs (detokenization, stop strings) and may
+run elsewhere (AsyncEngine runs it on the event loop).
+
+Asynchronous scheduling (EngineConfig.async_scheduling, pipeline.py): step_tokens() launches step
+n, then reads step n-1's ids (which the device has produced meanwhile, or soon will) and returns
+n-1's events. What needs no token values (computed tokens, blocks, max_tokens) is accounted at
+launch: each sampling request gets a placeholder token, so step n+1 is scheduled with the right
+counts; EOS and stop tokens are known one step late, and a request they end has its extra step's
+token dropped (its blocks are freed at once; the device writes nothing after the step in flight).
+A step where a request's next step needs the previous values on the host (penalties, grammars,
+logprobs) waits for them first. Token for token the outputs equal the synchronous engine's.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from gateway.worker.prefix_summary import PrefixSummary
 from gateway.worker.request import Request, RequestStatus, SamplingParams
 from gateway.worker.runner import Runner, make_runner
 from gateway.worker.logits import LogitsProcessor
+from gateway.worker.pipeline import HostIds, PendingStep
 from gateway.worker.sampler import Sampler
 from gateway.worker.structured import Grammars
 from gateway.worker.scheduler import Scheduler, SchedulerConfig
@@ -72,6 +82,10 @@ class Engine:
         self.logits = LogitsProcessor(self.vocab_size)
         self.grammars = Grammars(self.tokenizer, self.vocab_size)
         self.stats = _StepStats()
+        mode = cfg.async_scheduling
+        self.async_scheduling = mode == "on" or (mode == "auto" and self.runner.device.type == "cuda")
+        self._host_ids = HostIds(self.runner.device, cfg.max_num_seqs)
+        self._pending: PendingStep | None = None  # the launched step whose ids are not read yet
         self.num_aborted = 0
         self.mean_request_s = 0.0  # how long a finished request held its slot (EWMA); 0: none yet
 
@@ -116,7 +130,18 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._pending is not None
+
+    def abort_all(self) -> list[str]:
+        """End every request, the running, the waiting and those whose last token is in flight
+        (after a failed step). Returns their ids."""
+        ids = list(self.scheduler.requests)
+        for rid in ids:
+            self.abort_request(rid)
+        if self._pending is not None:
+            ids += [r.request_id for r, ended in zip(self._pending.placed, self._pending.ended) if ended]
+            self._pending = None
+        return ids
 
     def _forget(self, req: Request) -> None:
         """Engine-side state of a request that ended (the output side forgets on its own)."""
@@ -152,33 +177,75 @@ class Engine:
         return self.outputs.process(events)
 
     def step_tokens(self) -> list[TokenEvent]:
-        """Schedule, run and sample one step; a TokenEvent per request that got a token."""
+        """Schedule, run and sample one step; a TokenEvent per request that got a token (with
+        asynchronous scheduling: in the step before, whose ids are read after this one launched)."""
         t0 = time.perf_counter()
+        events: list[TokenEvent] = []
+        pend = self._pending
+        if pend is not None and pend.needs_values:  # the next step needs its values first
+            events = self._resolve(pend)
+            pend = self._pending = None
         sched = self.scheduler.schedule()
         state = self.batch_state
         for victim in sched.preempted:
             state.remove(victim)
         if not sched:
-            return []
+            if pend is not None:
+                events += self._resolve(pend)
+                self._pending = None
+            return events
         batch = state.prepare(sched)
         logits = self.logits.process(self.runner.execute(batch), batch.sampling)  # penalties, bias, grammars
-        tokens = self.sampler.sample(logits, batch.sampling)
-        self.logits.accept(batch.sampling, tokens)
-        state.advance(batch, tokens)
-        sampled = {r.request_id: t for r, t in zip(batch.sampling, tokens)}
-        advanced = self.scheduler.update(sched, sampled)
+        tokens = self.sampler.sample_ids(logits, batch.sampling)
+        self.sampler.record_logprobs(logits, batch.sampling, tokens)
+        gen = state.advance_pending(batch, tokens)
+        host, event = self._host_ids.start(tokens)
+        # Step n is on its way: now the values of step n-1 (EOS and stop tokens end requests
+        # before step n's counts, as they would have before step n's scheduling).
+        if pend is not None:
+            events += self._resolve(pend)
+        placed = self.scheduler.update_counts(sched, batch.sampling)
+        ended = [r.finished for r in placed]
+        for r in placed:
+            if r.finished:  # max_tokens or the context: its row goes now, its event with the value
+                state.remove(r)
+        needs = any(_needs_values(r) for r in batch.sampling)
+        self._pending = PendingStep(gen, batch.sampling, placed, ended, host, event, needs)
+        if not self.async_scheduling:
+            events += self._resolve(self._pending)
+            self._pending = None
+        num_decode = batch.num_decodes
+        self.stats.record(t0, time.perf_counter(), batch.num_tokens - num_decode, num_decode, len(events))
+        return events
+
+    def _resolve(self, pend: PendingStep) -> list[TokenEvent]:
+        """Read a launched step's ids: fill its placeholders, end the requests an EOS or stop token
+        ends, and make the step's events. A request that finished (abort, stop string, EOS a step
+        before) since the step launched has its token dropped."""
+        values, array = pend.values()
+        self.batch_state.resolve(pend.gen, pend.sampling, array)
+        if pend.needs_values:
+            self.logits.accept(pend.sampling, values)  # grammars and penalty counts
+        index = {id(r): j for j, r in enumerate(pend.sampling)}
         now = time.monotonic()
         events = []
-        self._last_advanced = advanced
-        for req in advanced:
+        advanced = []
+        sched = self.scheduler
+        for req, ended in zip(pend.placed, pend.ended):
+            if req.finished and not ended:  # finished since launch: the placeholder goes
+                del req.output_token_ids[-1]
+                if req.params.logprobs is not None and req.output_logprobs:
+                    del req.output_logprobs[-1]
+                continue
+            sched.accept_token(req, values[index[id(req)]])
+            advanced.append(req)
             if req.first_token_s is None:
                 req.first_token_s = now
                 self.prefixes.served(req, req.prefix_chunks, self.cfg.block_size)
             events.append(token_event(req))
             if req.finished:
                 self._finished(req, now)
-        num_decode = batch.num_decodes
-        self.stats.record(t0, time.perf_counter(), batch.num_tokens - num_decode, num_decode, len(advanced))
+        self._last_advanced = advanced
         return events
 
     def _finished(self, req: Request, now: float) -> None:
@@ -230,6 +297,13 @@ class Engine:
             return 0.0
         left = sorted(r.params.max_tokens - len(r.output_token_ids) for r in s.running)
         return left[min(ahead, len(left)) - 1] * self.stats.decode_step_s
+
+
+def _needs_values(req: Request) -> bool:
+    """Its next step needs this step's token on the host (logit processing, or logprobs, which are
+    recorded when sampled and read with the step's token)."""
+    p = req.params
+    return bool(p.grammar is not None or p.frequency_penalty or p.presence_penalty or p.logprobs is not None)
 
 
 class _StepStats:

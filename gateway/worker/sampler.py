@@ -101,16 +101,24 @@ class Sampler:
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits: (S, V) fp32 on the runner's device, one row per request; not modified. Returns
         a token id per request and records logprobs on requests that asked for them."""
+        tokens = self.sample_ids(logits, requests)
+        out: list[int] = tokens.tolist()  # the step's one device -> host copy of ids
+        self.record_logprobs(logits, requests, tokens)
+        return out
+
+    def sample_ids(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The sampled ids (S,) int64, left on the logits' device (nothing here waits for it)."""
         rows = [i for i, r in enumerate(requests) if r.params.temperature > 1e-5]  # not greedy
         if not rows:
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample_rows(logits, requests, rows)
-        out: list[int] = tokens.tolist()  # the step's one device -> host copy of ids
+            return logits.argmax(dim=-1)
+        return self._sample_rows(logits, requests, rows)
+
+    def record_logprobs(self, logits: torch.Tensor, requests: list[Request], tokens: torch.Tensor) -> None:
+        """Logprobs for the requests that asked (appended to their output_logprobs; waits for the
+        device when any did)."""
         lp_rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         if lp_rows:
             self._logprobs(logits, requests, lp_rows, tokens)
-        return out
 
     def _sample_rows(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
         dev = logits.device

@@ -133,30 +133,53 @@ class Scheduler:
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Account for the step's computed tokens and append sampled tokens; finish requests that
-        hit EOS, a stop token or max_tokens. Returns the requests that got a new token."""
-        advanced: list[Request] = []
+        hit EOS, a stop token or max_tokens. Returns the requests that got a new token.
+        (update_counts then accept_token: the engine runs the two apart, a step apart when
+        scheduling asynchronously.)"""
+        sampling = [r for r in out.requests if r.request_id in sampled]
+        advanced = self.update_counts(out, sampling)
+        for req in advanced:
+            self.accept_token(req, sampled[req.request_id])
+        return advanced
+
+    def update_counts(self, out: SchedulerOutput, sampling: list[Request]) -> list[Request]:
+        """The part of a step's update that needs no token values: computed tokens move on, full
+        blocks are offered to the prefix cache, and each sampling request gets a placeholder token
+        (-1, its value comes with accept_token); one that reached max_tokens or the context ends
+        with "length" (EOS on the same token turns it into "stop" in accept_token). Returns the
+        sampling requests given a placeholder, in `sampling` order (requests finished while the
+        step ran get none: their token is dropped)."""
         finished_from = RequestStatus.FINISHED_STOPPED
         kv, bs, caching = self.kv, self.kv.block_size, self.kv.enable_prefix_caching
-        max_len = self.config.max_model_len
         for req, n in zip(out.requests, out.num_tokens):
-            if req.status >= finished_from:  # aborted while the step ran
+            if req.status >= finished_from:  # aborted or stopped while the step ran
                 continue
             req.num_computed_tokens += n
             if caching and req.num_computed_tokens // bs > req.num_registered_blocks:
                 kv.cache_full_blocks(req)  # a block filled up
-            token = sampled.get(req.request_id)
-            if token is None:  # a prefill chunk that did not reach the end of the prompt
+        advanced: list[Request] = []
+        max_len = self.config.max_model_len
+        for req in sampling:
+            if req.status >= finished_from:
                 continue
             outs = req.output_token_ids
-            outs.append(token)
+            outs.append(-1)
             advanced.append(req)
-            p = req.params
-            if (not p.ignore_eos and token == req.eos_token_id) or token in p.stop_token_ids:
-                req.stop_reason = token
-                self.finish(req, RequestStatus.FINISHED_STOPPED)
-            elif len(outs) >= p.max_tokens or len(req.prompt_token_ids) + len(outs) >= max_len:
+            if len(outs) >= req.params.max_tokens or len(req.prompt_token_ids) + len(outs) >= max_len:
                 self.finish(req, RequestStatus.FINISHED_LENGTH)
         return advanced
+
+    def accept_token(self, req: Request, token: int) -> None:
+        """The value of the request's placeholder (its last output token): an EOS or stop token
+        ends it with "stop" (also when the length ended it on the same token)."""
+        req.output_token_ids[-1] = token
+        p = req.params
+        if (not p.ignore_eos and token == req.eos_token_id) or token in p.stop_token_ids:
+            req.stop_reason = token
+            if req.status == RequestStatus.FINISHED_LENGTH:  # blocks already freed
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.finish(req, RequestStatus.FINISHED_STOPPED)
 
     # -- load figures -----------------------------------------------------------------------
     def num_queued_prompt_tokens(self) -> int:

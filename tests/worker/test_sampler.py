@@ -13,15 +13,17 @@ from tests.worker.test_engine import random_prompts, run, tokens_of
 class ReferenceSampler(Sampler):
     """Row by row through reference_sample: what the engine must reproduce token for token."""
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        out = []
+    def sample_ids(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        out = [reference_sample(logits[i].clone(), r, self.seed_of(r)) for i, r in enumerate(requests)]
+        return torch.tensor(out, dtype=torch.int64)
+
+    def record_logprobs(self, logits: torch.Tensor, requests: list[Request], tokens: torch.Tensor) -> None:
         for i, r in enumerate(requests):
-            out.append(reference_sample(logits[i].clone(), r, self.seed_of(r)))
             if r.params.logprobs is not None:
                 lp = logits[i].log_softmax(-1)
                 top = lp.topk(r.params.logprobs)
-                r.output_logprobs.append((float(lp[out[-1]]), list(zip(top.indices.tolist(), top.values.tolist()))))
-        return out
+                r.output_logprobs.append((float(lp[int(tokens[i])]),
+                                          list(zip(top.indices.tolist(), top.values.tolist()))))
 
 
 def _random_params(rng: random.Random, i: int) -> SamplingParams:
