@@ -127,9 +127,9 @@ class Sampler:
         top_k = [_top_k(p.top_k, vocab) for p in params]
         top_p = [_top_p(p.top_p) for p in params]
         # Two host -> device copies for all the per-row settings: (4, R) int64 and (2, R) fp32.
-        ints = torch.tensor([rows, [self.seed_of(requests[i]) for i in rows],
-                             [len(requests[i].output_token_ids) for i in rows], top_k], dtype=torch.int64).to(dev)
-        floats = torch.tensor([[max(p.temperature, 1e-5) for p in params], top_p], dtype=torch.float32).to(dev)
+        ints = _to(dev, torch.tensor([rows, [self.seed_of(requests[i]) for i in rows],
+                                      [len(requests[i].output_token_ids) for i in rows], top_k], dtype=torch.int64))
+        floats = _to(dev, torch.tensor([[max(p.temperature, 1e-5) for p in params], top_p], dtype=torch.float32))
         temps = floats[0]
         idx = None if len(rows) == len(requests) else ints[0]
         sub = (logits if idx is None else logits[idx]) / temps[:, None]  # (R, V)
@@ -188,6 +188,13 @@ def reference_sample(logits: torch.Tensor, req: Request, seed: int) -> int:
         if cdf > u * total:
             return t
     return kept[-1]
+
+
+def _to(dev: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """A host tensor on the device without waiting for the device: a blocking copy would wait for
+    the step's forward pass queued before it, and the host could not prepare the next step meanwhile
+    (asynchronous scheduling). Pinned memory from torch's caching allocator, held until the copy ran."""
+    return t if dev.type == "cpu" else t.pin_memory().to(dev, non_blocking=True)
 
 
 def _top_k(k: int, vocab: int) -> int:
