@@ -217,13 +217,13 @@ class BatchState:
         """After the step, with the sampled ids at hand (host): each row's position moves past its
         computed tokens and its next input is the token just sampled, or the next prompt token of
         an unfinished prefill."""
-        gen = self.advance_pending(batch, None)
-        self.resolve(gen, batch.sampling, np.asarray(sampled, dtype=np.int64))
+        _, srows = self.advance_pending(batch, None)
+        self.next_token[srows] = sampled
 
-    def advance_pending(self, batch: Batch, sampled: torch.Tensor | None) -> int:
+    def advance_pending(self, batch: Batch, sampled: torch.Tensor | None) -> tuple[int, np.ndarray]:
         """After the step, before its ids reach the host: positions move on, and each sampling
         row's next input is its id in `sampled` (S,), on the device, until resolve() gives it.
-        Returns the step's generation (for resolve)."""
+        Returns the step's generation and the sampling rows (for resolve)."""
         rows = self._rows
         self.position[rows] += self._num_tokens
         self._gen += 1
@@ -241,17 +241,17 @@ class BatchState:
         if sampled is not None:
             self.pending_src[srows] = np.arange(n)
             self.pending_gen[srows] = self._gen
-        return self._gen
+        return self._gen, srows
 
-    def resolve(self, gen: int, sampling: list[Request], values: np.ndarray) -> None:
-        """The ids step `gen` sampled, now on the host (values[j] for sampling[j]): the rows still
-        held by those requests take them as their next input."""
-        rows = np.fromiter((r.batch_row for r in sampling), dtype=np.int64, count=len(sampling))
-        held = rows >= 0  # a request that ended since has no row (and its row may be another's)
-        rows = rows[held]
-        self.next_token[rows] = values[held]
-        mine = rows[self.pending_gen[rows] == gen]  # not re-sampled by a later step since
-        self.pending_src[mine] = -1
+    def resolve(self, gen: int, srows: np.ndarray, values: np.ndarray) -> None:
+        """The ids step `gen` sampled, now on the host (values[j] for srows[j]): the rows still
+        pending on that step take them as their next input. (A row freed since has no pending id,
+        and a row taken by another request since starts with none; a later step's own pending id
+        is left for its own resolve.)"""
+        keep = (self.pending_gen[srows] == gen) & (self.pending_src[srows] >= 0)
+        rows = srows[keep]
+        self.next_token[rows] = values[keep]
+        self.pending_src[rows] = -1
 
 def _buffer(n: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     t = torch.empty(n, dtype=dtype)

@@ -30,7 +30,7 @@ from gateway.config import EngineConfig, ModelConfig
 from gateway.core.types import LoadReport
 from gateway.worker.batch_state import BatchState
 from gateway.worker.kv_cache import BlockManager
-from gateway.worker.outputs import OutputProcessor, RequestOutput, TokenEvent, token_event
+from gateway.worker.outputs import OutputProcessor, RequestOutput, TokenEvent
 from gateway.worker.prefix_summary import PrefixSummary
 from gateway.worker.request import Request, RequestStatus, SamplingParams
 from gateway.worker.runner import Runner, make_runner
@@ -86,6 +86,7 @@ class Engine:
         self.async_scheduling = mode == "on" or (mode == "auto" and self.runner.device.type == "cuda")
         self._host_ids = HostIds(self.runner.device, cfg.max_num_seqs)
         self._pending: PendingStep | None = None  # the launched step whose ids are not read yet
+        self._special: set[str] = set()  # ids of live requests with logit processing or logprobs
         self.num_aborted = 0
         self.mean_request_s = 0.0  # how long a finished request held its slot (EWMA); 0: none yet
 
@@ -118,6 +119,8 @@ class Engine:
         # already; the seeded sampler's draws follow the output index, so they continue by themselves
         self.outputs.add(req.request_id, req.params.stop, primed=req.output_token_ids)
         self.scheduler.add(req)
+        if _special(req):
+            self._special.add(req.request_id)
 
     def abort_request(self, request_id: str) -> bool:
         req = self.scheduler.requests.get(request_id)
@@ -139,7 +142,7 @@ class Engine:
         for rid in ids:
             self.abort_request(rid)
         if self._pending is not None:
-            ids += [r.request_id for r, ended in zip(self._pending.placed, self._pending.ended) if ended]
+            ids += [r.request_id for r in self._pending.ended]
             self._pending = None
         return ids
 
@@ -148,6 +151,7 @@ class Engine:
         self.batch_state.remove(req)
         self.sampler.forget(req.request_id)
         self.logits.forget(req.request_id)
+        self._special.discard(req.request_id)
 
     def finish_stopped(self, stopped: list[tuple[Request | str, str]]) -> None:
         """End requests the output side found a stop string in: (request or its id, the string)."""
@@ -195,22 +199,23 @@ class Engine:
                 self._pending = None
             return events
         batch = state.prepare(sched)
-        logits = self.logits.process(self.runner.execute(batch), batch.sampling)  # penalties, bias, grammars
+        logits = self.runner.execute(batch)
+        special = self._special and any(r.request_id in self._special for r in batch.sampling)
+        if special:
+            logits = self.logits.process(logits, batch.sampling)  # penalties, bias, grammars
         tokens = self.sampler.sample_ids(logits, batch.sampling)
-        self.sampler.record_logprobs(logits, batch.sampling, tokens)
-        gen = state.advance_pending(batch, tokens)
+        if special:
+            self.sampler.record_logprobs(logits, batch.sampling, tokens)
+        gen, srows = state.advance_pending(batch, tokens)
         host, event = self._host_ids.start(tokens)
         # Step n is on its way: now the values of step n-1 (EOS and stop tokens end requests
         # before step n's counts, as they would have before step n's scheduling).
         if pend is not None:
             events += self._resolve(pend)
-        placed = self.scheduler.update_counts(sched, batch.sampling)
-        ended = [r.finished for r in placed]
-        for r in placed:
-            if r.finished:  # max_tokens or the context: its row goes now, its event with the value
-                state.remove(r)
-        needs = any(_needs_values(r) for r in batch.sampling)
-        self._pending = PendingStep(gen, batch.sampling, placed, ended, host, event, needs)
+        skipped, ended = self.scheduler.update_counts(sched, batch.sampling)
+        for r in ended:  # max_tokens or the context: its row goes now, its event with the value
+            state.remove(r)
+        self._pending = PendingStep(gen, srows, batch.sampling, skipped, ended, host, event, special)
         if not self.async_scheduling:
             events += self._resolve(self._pending)
             self._pending = None
@@ -223,27 +228,24 @@ class Engine:
         ends, and make the step's events. A request that finished (abort, stop string, EOS a step
         before) since the step launched has its token dropped."""
         values, array = pend.values()
-        self.batch_state.resolve(pend.gen, pend.sampling, array)
+        self.batch_state.resolve(pend.gen, pend.rows, array)
         if pend.needs_values:
             self.logits.accept(pend.sampling, values)  # grammars and penalty counts
-        index = {id(r): j for j, r in enumerate(pend.sampling)}
+        advanced = self.scheduler.accept_tokens(pend.sampling, values, pend.skipped, pend.ended)
         now = time.monotonic()
         events = []
-        advanced = []
-        sched = self.scheduler
-        for req, ended in zip(pend.placed, pend.ended):
-            if req.finished and not ended:  # finished since launch: the placeholder goes
-                del req.output_token_ids[-1]
-                if req.params.logprobs is not None and req.output_logprobs:
-                    del req.output_logprobs[-1]
-                continue
-            sched.accept_token(req, values[index[id(req)]])
-            advanced.append(req)
+        fin, stopped = RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_STOPPED
+        event = TokenEvent
+        for req in advanced:  # token_event(req), inlined: once per sequence and step
             if req.first_token_s is None:
                 req.first_token_s = now
                 self.prefixes.served(req, req.prefix_chunks, self.cfg.block_size)
-            events.append(token_event(req))
-            if req.finished:
+            outs, status = req.output_token_ids, req.status
+            token = outs[-1]
+            events.append(event(req.request_id, token, status, status == stopped and req.stop_reason == token,
+                                req.output_logprobs[-1] if req.params.logprobs is not None else None,
+                                len(req.prompt_token_ids), len(outs), req.num_cached_tokens))
+            if status >= fin:
                 self._finished(req, now)
         self._last_advanced = advanced
         return events
@@ -299,11 +301,13 @@ class Engine:
         return left[min(ahead, len(left)) - 1] * self.stats.decode_step_s
 
 
-def _needs_values(req: Request) -> bool:
-    """Its next step needs this step's token on the host (logit processing, or logprobs, which are
-    recorded when sampled and read with the step's token)."""
+def _special(req: Request) -> bool:
+    """It asks for logit processing or logprobs. Its next step then needs this step's token on the
+    host (penalties and grammars count it; logprobs are recorded when sampled and read with the
+    step's token), so a step it samples in is read before the next one is launched."""
     p = req.params
-    return bool(p.grammar is not None or p.frequency_penalty or p.presence_penalty or p.logprobs is not None)
+    return bool(p.grammar is not None or p.frequency_penalty or p.presence_penalty or p.logit_bias
+                or p.logprobs is not None)
 
 
 class _StepStats:

@@ -43,9 +43,10 @@ class PendingStep:
     """A step launched, its ids maybe still on their way."""
 
     gen: int  # the batch state's generation of the step
+    rows: np.ndarray  # the sampling requests' batch rows then
     sampling: list[Request]  # the requests that sampled, in the ids' order
-    placed: list[Request]  # those given a placeholder token (not finished while the step ran)
-    ended: list[bool]  # per placed request: the length ended it (its last token is still to come)
+    skipped: list[Request]  # those given no placeholder token (finished while the step ran)
+    ended: list[Request]  # those the length ended (their last token is still to come)
     host: torch.Tensor  # (S,) int64 on the host once `event` has fired
     event: torch.cuda.Event | None
     needs_values: bool  # a sampling request's next step needs this step's values on the host
