@@ -200,7 +200,7 @@ class Engine:
             return events
         batch = state.prepare(sched)
         logits = self.runner.execute(batch)
-        special = self._special and any(r.request_id in self._special for r in batch.sampling)
+        special = bool(self._special) and any(r.request_id in self._special for r in batch.sampling)
         if special:
             logits = self.logits.process(logits, batch.sampling)  # penalties, bias, grammars
         tokens = self.sampler.sample_ids(logits, batch.sampling)
