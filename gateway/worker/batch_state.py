@@ -18,11 +18,14 @@ host-side rows once they are known.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from gateway.worker.batch import Batch
 from gateway.worker.request import Request
+from gateway.worker.sampler import RowSettings
 from gateway.worker.scheduler import SchedulerOutput
 
 
@@ -37,6 +40,13 @@ class BatchState:
         self.next_token = np.zeros(max_num_seqs, dtype=np.int64)  # the row's next input token
         self.position = np.zeros(max_num_seqs, dtype=np.int64)  # its computed tokens
         self.length = np.zeros(max_num_seqs, dtype=np.int64)  # its tokens (prompt + output so far)
+        # Its sampling settings, set when it gets the row: a step gathers them, reads no params.
+        self.num_prompt = np.zeros(max_num_seqs, dtype=np.int64)
+        self.temperature = np.zeros(max_num_seqs, dtype=np.float64)
+        self.top_k = np.zeros(max_num_seqs, dtype=np.int64)
+        self.top_p = np.ones(max_num_seqs, dtype=np.float64)
+        self.seed = np.zeros(max_num_seqs, dtype=np.int64)
+        self.seed_of: Callable[[Request], int] = lambda req: 0  # the engine's Sampler.seed_of
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         # A row whose next input is the last launched step's sampled id at this index (-1: none),
         # and the step (generation) that sampled it; _feed holds that step's ids on the device.
@@ -45,6 +55,7 @@ class BatchState:
         self._feed: torch.Tensor | None = None
         self._gen = 0
         self._rows = np.zeros(0, dtype=np.int64)  # the last prepared batch's rows, in batch order
+        self._srows = self._rows  # ...and its sampling rows, in sampling order
         self.owner: list[Request | None] = [None] * max_num_seqs
         # Staging buffers for the host -> device copies (pinned on CUDA, so copies are async);
         # two of each, used alternately: the copy from one may still run while the next is filled.
@@ -68,6 +79,12 @@ class BatchState:
         self.length[row] = req.num_tokens
         self.next_token[row] = _token_at(req, req.num_computed_tokens)
         self.pending_src[row] = -1
+        p = req.params
+        self.num_prompt[row] = len(req.prompt_token_ids)
+        self.temperature[row] = p.temperature
+        self.top_k[row] = p.top_k
+        self.top_p[row] = p.top_p
+        self.seed[row] = self.seed_of(req)
         return row
 
     def remove(self, req: Request) -> None:
@@ -144,6 +161,7 @@ class BatchState:
                 sampling.append(req)
         self.length[rows] = [r.num_tokens for r in reqs]
         self._rows = rows
+        self._srows = np.fromiter((r.batch_row for r in sampling), dtype=np.int64, count=len(sampling))
         return self._pack(reqs, rows, seq_rows, ids, pos, qsl, np.asarray(logits_idx, dtype=np.int64), nd, sampling)
 
     def _prepare_decodes(self, reqs: list[Request]) -> Batch | None:
@@ -164,7 +182,7 @@ class BatchState:
             self.block_table[row, k : len(r.block_ids)] = r.block_ids[k:]
             self.num_blocks[row] = len(r.block_ids)
         self._num_tokens = np.ones(b, dtype=np.int64)
-        self._rows = rows
+        self._rows = self._srows = rows
         ar = np.arange(b + 1, dtype=np.int64)
         return self._pack(list(reqs), rows, rows, self.next_token[rows], pos, ar.astype(np.int32), ar[:b], b,
                           list(reqs))
@@ -194,8 +212,13 @@ class BatchState:
             logits_indices=d64[3 * t : 3 * t + s],
             query_start_loc=d32[: b + 1], seq_lens=d32[b + 1 : 2 * b + 1],
             block_table=d32[2 * b + 1 :].view(b, max_blocks),
-            num_decodes=nd, requests=reqs, sampling=sampling,
+            num_decodes=nd, requests=reqs, sampling=sampling, settings=self._settings(),
         )
+
+    def _settings(self) -> RowSettings:
+        r = self._srows
+        return RowSettings(self.temperature[r], self.top_k[r], self.top_p[r], self.seed[r],
+                           self.length[r] - self.num_prompt[r])
 
     def _to_device(self, *parts64: np.ndarray, parts32: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each group packed into a staging buffer, then one copy per group to the device (on CPU
@@ -229,14 +252,12 @@ class BatchState:
         self._gen += 1
         self._feed = sampled
         n = len(batch.sampling)
-        if n == batch.num_decodes == len(batch.requests):  # decode-only: every row samples
-            srows = rows
-        else:
+        srows = self._srows
+        if not n == batch.num_decodes == len(batch.requests):  # not decode-only: some rows do not sample
             sampled_ids = set(map(id, batch.sampling))
             for r, row in zip(batch.requests, rows.tolist()):
                 if id(r) not in sampled_ids:  # a prefill chunk short of the prompt's end
                     self.next_token[row] = _token_at(r, int(self.position[row]))
-            srows = np.fromiter((r.batch_row for r in batch.sampling), dtype=np.int64, count=n)
         self.length[srows] += 1
         if sampled is not None:
             self.pending_src[srows] = np.arange(n)

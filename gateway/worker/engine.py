@@ -75,6 +75,7 @@ class Engine:
         self.sampler = Sampler()
         self.batch_state = BatchState(cfg.max_num_seqs, cfg.max_model_len, cfg.block_size, self.runner.device,
                                       cfg.max_num_batched_tokens)
+        self.batch_state.seed_of = lambda req: self.sampler.seed_of(req)  # whichever sampler is set
         self.outputs = OutputProcessor(self.tokenizer)
         self._last_advanced: list[Request] = []  # the requests of the last step_tokens' events
         # the logits' width: the model's vocabulary (may exceed the tokenizer's)
@@ -203,7 +204,7 @@ class Engine:
         special = bool(self._special) and any(r.request_id in self._special for r in batch.sampling)
         if special:
             logits = self.logits.process(logits, batch.sampling)  # penalties, bias, grammars
-        tokens = self.sampler.sample_ids(logits, batch.sampling)
+        tokens = self.sampler.sample_ids(logits, batch.sampling, batch.settings)
         if special:
             self.sampler.record_logprobs(logits, batch.sampling, tokens)
         gen, srows = state.advance_pending(batch, tokens)

@@ -18,7 +18,9 @@ on the device, one row per request in `requests` (whose .params carry the per-re
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gateway.worker.request import Request
@@ -74,6 +76,18 @@ def draw(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Ten
     return (j if idx is None else idx.gather(1, j))[:, 0]
 
 
+@dataclass(frozen=True, slots=True)
+class RowSettings:
+    """The sampling rows' settings as arrays, gathered from the per-sequence arrays the batch state
+    keeps (set once when a sequence gets its row), so a step reads no request's parameters."""
+
+    temperature: np.ndarray  # (S,) fp64 (as the params hold it: the greedy test is exact)
+    top_k: np.ndarray  # (S,) int64, 0: no cut
+    top_p: np.ndarray  # (S,) fp64
+    seed: np.ndarray  # (S,) int64 (Sampler.seed_of)
+    counter: np.ndarray  # (S,) int64: the request's output tokens so far (the draw's index)
+
+
 def _top_p(p: float) -> float:
     """top_p >= 1 cuts nothing: above any sum of probabilities, fp32 rounding included."""
     return p if p < 1.0 else 2.0
@@ -106,8 +120,21 @@ class Sampler:
         self.record_logprobs(logits, requests, tokens)
         return out
 
-    def sample_ids(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """The sampled ids (S,) int64, left on the logits' device (nothing here waits for it)."""
+    def sample_ids(self, logits: torch.Tensor, requests: list[Request], settings: RowSettings | None = None
+                   ) -> torch.Tensor:
+        """The sampled ids (S,) int64, left on the logits' device (nothing here waits for it).
+        settings: the rows' settings as arrays (else read from each request's params)."""
+        if settings is not None:
+            hot = np.flatnonzero(settings.temperature > 1e-5)  # not greedy
+            if not hot.size:
+                return logits.argmax(dim=-1)
+            vocab = logits.shape[-1]
+            k = settings.top_k[hot]
+            ints = np.stack([hot, settings.seed[hot], settings.counter[hot], np.where((k > 0) & (k < vocab), k, vocab)])
+            p = settings.top_p[hot]
+            floats = np.stack([np.maximum(settings.temperature[hot], 1e-5), np.where(p < 1.0, p, 2.0)])
+            return self._draw(logits, torch.from_numpy(ints), torch.from_numpy(floats.astype(np.float32)),
+                              int(ints[3].max()), bool(floats[1].min() <= 1.0))
         rows = [i for i, r in enumerate(requests) if r.params.temperature > 1e-5]  # not greedy
         if not rows:
             return logits.argmax(dim=-1)
@@ -121,19 +148,26 @@ class Sampler:
             self._logprobs(logits, requests, lp_rows, tokens)
 
     def _sample_rows(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
-        dev = logits.device
         vocab = logits.shape[-1]
         params = [requests[i].params for i in rows]
         top_k = [_top_k(p.top_k, vocab) for p in params]
         top_p = [_top_p(p.top_p) for p in params]
-        # Two host -> device copies for all the per-row settings: (4, R) int64 and (2, R) fp32.
-        ints = _to(dev, torch.tensor([rows, [self.seed_of(requests[i]) for i in rows],
-                                      [len(requests[i].output_token_ids) for i in rows], top_k], dtype=torch.int64))
-        floats = _to(dev, torch.tensor([[max(p.temperature, 1e-5) for p in params], top_p], dtype=torch.float32))
+        ints = torch.tensor([rows, [self.seed_of(requests[i]) for i in rows],
+                             [len(requests[i].output_token_ids) for i in rows], top_k], dtype=torch.int64)
+        floats = torch.tensor([[max(p.temperature, 1e-5) for p in params], top_p], dtype=torch.float32)
+        return self._draw(logits, ints, floats, max(top_k), min(top_p) <= 1.0)
+
+    def _draw(self, logits: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, k_max: int, cut_p: bool
+              ) -> torch.Tensor:
+        """ints (4, R): logits row, seed, counter, top-k; floats (2, R): temperature, top-p (host);
+        two host -> device copies for all the per-row settings."""
+        dev = logits.device
+        num_rows = ints.shape[1]
+        ints, floats = _to(dev, ints), _to(dev, floats)
         temps = floats[0]
-        idx = None if len(rows) == len(requests) else ints[0]
+        idx = None if num_rows == logits.shape[0] else ints[0]
         sub = (logits if idx is None else logits[idx]) / temps[:, None]  # (R, V)
-        drawn = draw(sub, ints[3], floats[1], uniform(ints[1], ints[2]), max(top_k), min(top_p) <= 1.0)
+        drawn = draw(sub, ints[3], floats[1], uniform(ints[1], ints[2]), k_max, cut_p)
         if idx is None:
             return drawn
         tokens = logits.argmax(dim=-1)
