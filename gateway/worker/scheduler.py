@@ -152,12 +152,16 @@ class Scheduler:
         dropped) and those the length ended."""
         fin = _FINISHED
         kv, bs, caching = self.kv, self.kv.block_size, self.kv.enable_prefix_caching
-        for req, n in zip(out.requests, out.num_tokens):
-            if req.status >= fin:  # aborted or stopped while the step ran
-                continue
-            c = req.num_computed_tokens = req.num_computed_tokens + n
-            if caching and c // bs > req.num_registered_blocks:
-                kv.cache_full_blocks(req)  # a block filled up
+        # Decode-only with every request sampling (the steady state): `sampling` is out.requests in
+        # the same order (batch_state), each with one token, and one loop does both parts.
+        fused = len(sampling) == len(out.requests) == out.total_tokens
+        if not fused:
+            for req, n in zip(out.requests, out.num_tokens):
+                if req.status >= fin:  # aborted or stopped while the step ran
+                    continue
+                c = req.num_computed_tokens = req.num_computed_tokens + n
+                if caching and c // bs > req.num_registered_blocks:
+                    kv.cache_full_blocks(req)  # a block filled up
         skipped: list[Request] = []
         ended: list[Request] = []
         max_len = self.config.max_model_len
@@ -165,6 +169,10 @@ class Scheduler:
             if req.status >= fin:
                 skipped.append(req)
                 continue
+            if fused:
+                c = req.num_computed_tokens = req.num_computed_tokens + 1
+                if caching and c // bs > req.num_registered_blocks:
+                    kv.cache_full_blocks(req)
             outs = req.output_token_ids
             outs.append(-1)
             if len(outs) >= req.params.max_tokens or len(req.prompt_token_ids) + len(outs) >= max_len:
