@@ -25,7 +25,7 @@ import torch
 
 from gateway.worker.batch import Batch
 from gateway.worker.request import Request
-from gateway.worker.sampler import RowSettings
+from gateway.worker.sampler import GREEDY, RowSettings
 from gateway.worker.scheduler import SchedulerOutput
 
 
@@ -46,6 +46,7 @@ class BatchState:
         self.top_k = np.zeros(max_num_seqs, dtype=np.int64)
         self.top_p = np.ones(max_num_seqs, dtype=np.float64)
         self.seed = np.zeros(max_num_seqs, dtype=np.int64)
+        self._num_hot = 0  # rows held by requests that sample (not greedy): 0 skips the gathers
         self.seed_of: Callable[[Request], int] = lambda req: 0  # the engine's Sampler.seed_of
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         # A row whose next input is the last launched step's sampled id at this index (-1: none),
@@ -82,6 +83,7 @@ class BatchState:
         p = req.params
         self.num_prompt[row] = len(req.prompt_token_ids)
         self.temperature[row] = p.temperature
+        self._num_hot += p.temperature > 1e-5
         self.top_k[row] = p.top_k
         self.top_p[row] = p.top_p
         self.seed[row] = self.seed_of(req)
@@ -94,6 +96,7 @@ class BatchState:
             self.owner[row] = None
             self.free_rows.append(row)
             self.pending_src[row] = -1
+            self._num_hot -= req.params.temperature > 1e-5
         req.batch_row = -1
 
     @property
@@ -197,8 +200,11 @@ class BatchState:
         max_blocks = max(1, int(self.num_blocks[rows].max()))
         table = self.block_table[rows, :max_blocks]
         # Decodes whose input is still on the device (the last step sampled it): copied there.
-        src = self.pending_src[rows[:nd]]
-        dst = np.flatnonzero(src >= 0)
+        if self._feed is None:  # nothing pending (synchronous steps)
+            src = dst = _NONE
+        else:
+            src = self.pending_src[rows[:nd]]
+            dst = np.flatnonzero(src >= 0)
         parts64 = (ids, pos, slots, logits_idx) if not dst.size else (ids, pos, slots, logits_idx, dst, src[dst])
         d64, d32 = self._to_device(*parts64, parts32=(qsl, seq_lens, table))
         s, b = len(logits_idx), len(reqs)
@@ -216,6 +222,8 @@ class BatchState:
         )
 
     def _settings(self) -> RowSettings:
+        if not self._num_hot:
+            return GREEDY
         r = self._srows
         return RowSettings(self.temperature[r], self.top_k[r], self.top_p[r], self.seed[r],
                            self.length[r] - self.num_prompt[r])
@@ -273,6 +281,11 @@ class BatchState:
         rows = srows[keep]
         self.next_token[rows] = values[keep]
         self.pending_src[rows] = -1
+        if gen == self._gen:  # the last step launched: no row is pending any more
+            self._feed = None
+
+_NONE = np.zeros(0, dtype=np.int64)
+
 
 def _buffer(n: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     t = torch.empty(n, dtype=dtype)

@@ -86,6 +86,11 @@ class RowSettings:
     top_p: np.ndarray  # (S,) fp64
     seed: np.ndarray  # (S,) int64 (Sampler.seed_of)
     counter: np.ndarray  # (S,) int64: the request's output tokens so far (the draw's index)
+    all_greedy: bool = False  # every row is greedy (the arrays are then left empty)
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+GREEDY = RowSettings(_EMPTY, _EMPTY, _EMPTY, _EMPTY, _EMPTY, all_greedy=True)
 
 
 def _top_p(p: float) -> float:
@@ -125,6 +130,8 @@ class Sampler:
         """The sampled ids (S,) int64, left on the logits' device (nothing here waits for it).
         settings: the rows' settings as arrays (else read from each request's params)."""
         if settings is not None:
+            if settings.all_greedy:
+                return logits.argmax(dim=-1)
             hot = np.flatnonzero(settings.temperature > 1e-5)  # not greedy
             if not hot.size:
                 return logits.argmax(dim=-1)
