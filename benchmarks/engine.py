@@ -226,9 +226,10 @@ def summarize(run: ModeRun) -> dict[str, Any]:
 
 # -- scheduler + batch building, no model ---------------------------------------------------
 def bench_scheduler(w: Workload) -> dict[str, Any]:
-    """Time schedule() + batch preparation (BatchState.prepare, what the engine runs) + update()
-    (BatchState.advance + Scheduler.update) per decode step with sched_num_running sequences
-    running (prompts from the workload's distribution, fake sampled tokens)."""
+    """Time schedule() + batch preparation (BatchState.prepare, what the engine runs) + the update
+    the engine runs (BatchState.advance_pending/resolve, Scheduler.update_counts/accept_tokens) per
+    decode step with sched_num_running sequences running (prompts from the workload's
+    distribution, fake sampled tokens)."""
     n = w.sched_num_running
     rng = random.Random(w.seed + 2)
     vocab = TinyModelConfig().vocab_size
@@ -256,10 +257,12 @@ def bench_scheduler(w: Workload) -> dict[str, Any]:
             batch = state.prepare(out)  # the engine's batch path (persistent rows)
             c = time.perf_counter()
             tokens = [fake[(step + j) % len(fake)] for j in range(len(batch.sampling))]
-            sampled = dict(zip((r.request_id for r in batch.sampling), tokens))
+            ids = torch.tensor(tokens)  # the sampler's output
             d = time.perf_counter()
-            state.advance(batch, tokens)
-            sched.update(out, sampled)
+            gen, srows = state.advance_pending(batch, ids)
+            skipped, ended = sched.update_counts(out, batch.sampling)
+            state.resolve(gen, srows, ids.numpy())
+            sched.accept_tokens(batch.sampling, tokens, skipped, ended)
             e = time.perf_counter()
             step += 1
             if len(sched.running) == n and batch.num_decodes == n:  # steady decode: measure

@@ -47,6 +47,7 @@ class HostWorkload:
     max_prompt_tokens: int = 512
     repeats: int = 3
     seed: int = 0
+    async_scheduling: str = ""  # EngineConfig.async_scheduling where the tree has it ("": its default)
 
 
 FULL = HostWorkload()
@@ -70,10 +71,13 @@ def measure(num_seqs: int, kind: str, w: HostWorkload) -> dict[str, Any]:
     rng = random.Random(w.seed)
     max_len = w.max_prompt_tokens + w.num_steps + 4 * BLOCK_SIZE
     blocks_per_seq = -(-max_len // BLOCK_SIZE)
+    extra: dict[str, Any] = {}
+    if w.async_scheduling and "async_scheduling" in EngineConfig.__dataclass_fields__:
+        extra["async_scheduling"] = w.async_scheduling
     cfg = EngineConfig(
         runner="null", block_size=BLOCK_SIZE, num_blocks=num_seqs * blocks_per_seq + 64,
         max_num_seqs=num_seqs, max_num_batched_tokens=8192, max_model_len=blocks_per_seq * BLOCK_SIZE,
-        num_threads=1,
+        num_threads=1, **extra,
     )
     engine = Engine(ModelConfig(tiny=TinyModelConfig(train_steps=0)), cfg)
     if hasattr(engine, "finish_stopped"):  # this tree's warm_up is the serving set-up (gc.freeze)
@@ -111,6 +115,7 @@ def measure(num_seqs: int, kind: str, w: HostWorkload) -> dict[str, Any]:
             t1, c1 = clock(), cpu()
         wall_us.append(1e6 * (t1 - t0))
         cpu_us.append(1e6 * (c1 - c0))
+        # (asynchronous scheduling delivers a step's tokens one call later: still one per sequence)
         assert len(outs) == num_seqs, "a sequence stalled or ended during the measurement"
     pct = common.percentile
     res = {"num_seqs": num_seqs, "kind": kind, "num_steps": len(wall_us), "outputs_off_path": split}
@@ -133,6 +138,8 @@ def _run_child(src: Path, w: HostWorkload) -> list[dict[str, Any]]:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "benchmarks.engine_host", "--child", f.name,
                "--steps", str(w.num_steps)]
+        if w.async_scheduling:
+            cmd += ["--async-scheduling", w.async_scheduling]
         env = {**os.environ, "PYTHONPATH": str(src)}
         subprocess.run(cmd, cwd=src, env=env, check=True, timeout=1800)
         rows: list[dict[str, Any]] = json.loads(Path(f.name).read_text())
@@ -230,10 +237,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--before", help="a git ref to measure side by side (default: this tree only)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--async-scheduling", choices=("auto", "on", "off"),
+                   help="engine.async_scheduling for trees that have it (default: the tree's default)")
     args = p.parse_args(argv)
     w = QUICK if args.quick else FULL
     if args.steps:
         w = replace(w, num_steps=args.steps)
+    if args.async_scheduling:
+        w = replace(w, async_scheduling=args.async_scheduling)
     if args.child:  # one measurement of the tree this process imports
         Path(args.child).write_text(json.dumps(measure_all(w)))
         return {}

@@ -91,6 +91,11 @@ class EngineConfig:
     # torch intra-op threads; 0: CPUs - 1 (at least 1), so a core busy with other work (the
     # server, another worker) cannot stall OpenMP's spinning threads (benchmarks/RESULTS.md)
     num_threads: int = 0
+    # Asynchronous scheduling: the host schedules and prepares step n+1 while the device runs
+    # step n, whose sampled ids feed n+1 on the device and reach the host a step later. auto: on
+    # for a CUDA device (where host and device overlap), off on CPU (where the "device" is the
+    # host: nothing overlaps, and each token would be delivered a step later). benchmarks/RESULTS.md
+    async_scheduling: Literal["auto", "on", "off"] = "auto"
 
     def validate(self, path: str) -> None:
         if not _DEVICE.fullmatch(self.device):
@@ -98,6 +103,8 @@ class EngineConfig:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{path}.{name}: must be positive")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ConfigError(f"{path}.async_scheduling: expected one of auto, on, off, got {self.async_scheduling!r}")
         if self.refuse_queue_wait_s is not None and not self.refuse_queue_wait_s >= 0:
             raise ConfigError(f"{path}.refuse_queue_wait_s: must be 0 or positive (or null: never refuse)")
         if self.num_blocks * self.block_size < self.max_model_len:

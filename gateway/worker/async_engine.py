@@ -193,9 +193,7 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._dispatch_error, [req.request_id], err)
 
     def _fail_all(self, err: Exception) -> None:
-        ids = list(self.engine.scheduler.requests)
-        for rid in ids:
-            self.engine.abort_request(rid)
+        ids = self.engine.abort_all()
         if self._loop is not None:
             dead = EngineDeadError(f"engine step failed: {type(err).__name__}")
             self._loop.call_soon_threadsafe(self._dispatch_error, ids, dead)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from gateway.worker.request import Request
+from gateway.worker.sampler import RowSettings
 from gateway.worker.scheduler import SchedulerOutput
 
 
@@ -26,6 +27,7 @@ class Batch:
     num_decodes: int  # the first num_decodes sequences have exactly one query token
     requests: list[Request]  # (B,) in batch order
     sampling: list[Request]  # (S,) the requests that sample a token this step
+    settings: RowSettings | None = None  # the sampling rows' settings as arrays (batch_state.py)
 
     @property
     def num_tokens(self) -> int:

@@ -9,14 +9,23 @@ vectorised numpy operations: a decode costs no per-sequence list conversion and 
 is never rebuilt from Python lists. Tensors cross to the device in two copies (int64 and int32
 groups) from a staging buffer of their own (two alternate, so a non-blocking copy of the last step
 is never overwritten while in flight).
+
+Asynchronous scheduling (engine.py): a step's sampled ids stay on the device until the host asks
+for them a step later. advance_pending() marks each sampling row's next input as "pending at index
+j of the last step's ids"; the next prepare() copies those inputs device to device from that
+tensor (the host's next_token is stale for them), and resolve() writes the values into the
+host-side rows once they are known.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from gateway.worker.batch import Batch
 from gateway.worker.request import Request
+from gateway.worker.sampler import GREEDY, RowSettings
 from gateway.worker.scheduler import SchedulerOutput
 
 
@@ -31,12 +40,28 @@ class BatchState:
         self.next_token = np.zeros(max_num_seqs, dtype=np.int64)  # the row's next input token
         self.position = np.zeros(max_num_seqs, dtype=np.int64)  # its computed tokens
         self.length = np.zeros(max_num_seqs, dtype=np.int64)  # its tokens (prompt + output so far)
+        # Its sampling settings, set when it gets the row: a step gathers them, reads no params.
+        self.num_prompt = np.zeros(max_num_seqs, dtype=np.int64)
+        self.temperature = np.zeros(max_num_seqs, dtype=np.float64)
+        self.top_k = np.zeros(max_num_seqs, dtype=np.int64)
+        self.top_p = np.ones(max_num_seqs, dtype=np.float64)
+        self.seed = np.zeros(max_num_seqs, dtype=np.int64)
+        self._num_hot = 0  # rows held by requests that sample (not greedy): 0 skips the gathers
+        self.seed_of: Callable[[Request], int] = lambda req: 0  # the engine's Sampler.seed_of
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        # A row whose next input is the last launched step's sampled id at this index (-1: none),
+        # and the step (generation) that sampled it; _feed holds that step's ids on the device.
+        self.pending_src = np.full(max_num_seqs, -1, dtype=np.int64)
+        self.pending_gen = np.zeros(max_num_seqs, dtype=np.int64)
+        self._feed: torch.Tensor | None = None
+        self._gen = 0
+        self._rows = np.zeros(0, dtype=np.int64)  # the last prepared batch's rows, in batch order
+        self._srows = self._rows  # ...and its sampling rows, in sampling order
         self.owner: list[Request | None] = [None] * max_num_seqs
         # Staging buffers for the host -> device copies (pinned on CUDA, so copies are async);
         # two of each, used alternately: the copy from one may still run while the next is filled.
         cap_tokens = max(max_num_batched_tokens, max_num_seqs)
-        cap64 = 3 * cap_tokens + max_num_seqs
+        cap64 = 3 * cap_tokens + 3 * max_num_seqs  # ids, positions, slots; logits rows, feed dst/src
         cap32 = 2 * max_num_seqs + 1 + max_num_seqs * max_blocks
         pin = self.device.type == "cuda"
         self._stage = [(_buffer(cap64, torch.int64, pin), _buffer(cap32, torch.int32, pin)) for _ in range(2)]
@@ -54,6 +79,14 @@ class BatchState:
         self.position[row] = req.num_computed_tokens
         self.length[row] = req.num_tokens
         self.next_token[row] = _token_at(req, req.num_computed_tokens)
+        self.pending_src[row] = -1
+        p = req.params
+        self.num_prompt[row] = len(req.prompt_token_ids)
+        self.temperature[row] = p.temperature
+        self._num_hot += p.temperature > 1e-5
+        self.top_k[row] = p.top_k
+        self.top_p[row] = p.top_p
+        self.seed[row] = self.seed_of(req)
         return row
 
     def remove(self, req: Request) -> None:
@@ -62,6 +95,8 @@ class BatchState:
         if row >= 0 and self.owner[row] is req:
             self.owner[row] = None
             self.free_rows.append(row)
+            self.pending_src[row] = -1
+            self._num_hot -= req.params.temperature > 1e-5
         req.batch_row = -1
 
     @property
@@ -128,6 +163,8 @@ class BatchState:
                 logits_idx.append(at - 1)
                 sampling.append(req)
         self.length[rows] = [r.num_tokens for r in reqs]
+        self._rows = rows
+        self._srows = np.fromiter((r.batch_row for r in sampling), dtype=np.int64, count=len(sampling))
         return self._pack(reqs, rows, seq_rows, ids, pos, qsl, np.asarray(logits_idx, dtype=np.int64), nd, sampling)
 
     def _prepare_decodes(self, reqs: list[Request]) -> Batch | None:
@@ -148,6 +185,7 @@ class BatchState:
             self.block_table[row, k : len(r.block_ids)] = r.block_ids[k:]
             self.num_blocks[row] = len(r.block_ids)
         self._num_tokens = np.ones(b, dtype=np.int64)
+        self._rows = self._srows = rows
         ar = np.arange(b + 1, dtype=np.int64)
         return self._pack(list(reqs), rows, rows, self.next_token[rows], pos, ar.astype(np.int32), ar[:b], b,
                           list(reqs))
@@ -161,15 +199,34 @@ class BatchState:
         seq_lens = (pos[qsl[1:] - 1] + 1).astype(np.int32)
         max_blocks = max(1, int(self.num_blocks[rows].max()))
         table = self.block_table[rows, :max_blocks]
-        d64, d32 = self._to_device(ids, pos, slots, logits_idx, parts32=(qsl, seq_lens, table))
+        # Decodes whose input is still on the device (the last step sampled it): copied there.
+        if self._feed is None:  # nothing pending (synchronous steps)
+            src = dst = _NONE
+        else:
+            src = self.pending_src[rows[:nd]]
+            dst = np.flatnonzero(src >= 0)
+        parts64 = (ids, pos, slots, logits_idx) if not dst.size else (ids, pos, slots, logits_idx, dst, src[dst])
+        d64, d32 = self._to_device(*parts64, parts32=(qsl, seq_lens, table))
         s, b = len(logits_idx), len(reqs)
+        input_ids = d64[:t]
+        if dst.size:
+            assert self._feed is not None
+            at, k = 3 * t + s, dst.size
+            input_ids.index_copy_(0, d64[at : at + k], self._feed.index_select(0, d64[at + k : at + 2 * k]))
         return Batch(
-            input_ids=d64[:t], positions=d64[t : 2 * t], slot_mapping=d64[2 * t : 3 * t],
+            input_ids=input_ids, positions=d64[t : 2 * t], slot_mapping=d64[2 * t : 3 * t],
             logits_indices=d64[3 * t : 3 * t + s],
             query_start_loc=d32[: b + 1], seq_lens=d32[b + 1 : 2 * b + 1],
             block_table=d32[2 * b + 1 :].view(b, max_blocks),
-            num_decodes=nd, requests=reqs, sampling=sampling,
+            num_decodes=nd, requests=reqs, sampling=sampling, settings=self._settings(),
         )
+
+    def _settings(self) -> RowSettings:
+        if not self._num_hot:
+            return GREEDY
+        r = self._srows
+        return RowSettings(self.temperature[r], self.top_k[r], self.top_p[r], self.seed[r],
+                           self.length[r] - self.num_prompt[r])
 
     def _to_device(self, *parts64: np.ndarray, parts32: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each group packed into a staging buffer, then one copy per group to the device (on CPU
@@ -188,23 +245,46 @@ class BatchState:
         return out[0], out[1]
 
     def advance(self, batch: Batch, sampled: list[int]) -> None:
-        """After the step: each row's position moves past its computed tokens and its next input
-        is the token just sampled, or the next prompt token of an unfinished prefill."""
-        reqs = batch.requests
-        rows = np.fromiter((r.batch_row for r in reqs), dtype=np.int64, count=len(reqs))
+        """After the step, with the sampled ids at hand (host): each row's position moves past its
+        computed tokens and its next input is the token just sampled, or the next prompt token of
+        an unfinished prefill."""
+        _, srows = self.advance_pending(batch, None)
+        self.next_token[srows] = sampled
+
+    def advance_pending(self, batch: Batch, sampled: torch.Tensor | None) -> tuple[int, np.ndarray]:
+        """After the step, before its ids reach the host: positions move on, and each sampling
+        row's next input is its id in `sampled` (S,), on the device, until resolve() gives it.
+        Returns the step's generation and the sampling rows (for resolve)."""
+        rows = self._rows
         self.position[rows] += self._num_tokens
-        if len(sampled) == batch.num_decodes == len(reqs):  # decode-only: all rows sampled
-            self.next_token[rows] = sampled
-            self.length[rows] += 1
-            return
-        by_req = dict(zip(map(id, batch.sampling), sampled))
-        for r, row in zip(reqs, rows.tolist()):
-            tok = by_req.get(id(r))
-            if tok is not None:
-                self.next_token[row] = tok
-                self.length[row] += 1
-            else:
-                self.next_token[row] = _token_at(r, int(self.position[row]))
+        self._gen += 1
+        self._feed = sampled
+        n = len(batch.sampling)
+        srows = self._srows
+        if not n == batch.num_decodes == len(batch.requests):  # not decode-only: some rows do not sample
+            sampled_ids = set(map(id, batch.sampling))
+            for r, row in zip(batch.requests, rows.tolist()):
+                if id(r) not in sampled_ids:  # a prefill chunk short of the prompt's end
+                    self.next_token[row] = _token_at(r, int(self.position[row]))
+        self.length[srows] += 1
+        if sampled is not None:
+            self.pending_src[srows] = np.arange(n)
+            self.pending_gen[srows] = self._gen
+        return self._gen, srows
+
+    def resolve(self, gen: int, srows: np.ndarray, values: np.ndarray) -> None:
+        """The ids step `gen` sampled, now on the host (values[j] for srows[j]): the rows still
+        pending on that step take them as their next input. (A row freed since has no pending id,
+        and a row taken by another request since starts with none; a later step's own pending id
+        is left for its own resolve.)"""
+        keep = (self.pending_gen[srows] == gen) & (self.pending_src[srows] >= 0)
+        rows = srows[keep]
+        self.next_token[rows] = values[keep]
+        self.pending_src[rows] = -1
+        if gen == self._gen:  # the last step launched: no row is pending any more
+            self._feed = None
+
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 def _buffer(n: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:

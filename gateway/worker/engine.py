@@ -1,10 +1,19 @@
 """The engine: Engine.step() = schedule -> update the batch state -> run model -> sample -> update
 -> process outputs.
 
-Engine is synchronous and single-threaded; AsyncEngine runs it on its own thread and talks to
-the event loop through queues. step_tokens() is the step up to the sampled tokens (the engine's
-critical path); process_outputs() turns its TokenEvents into RequestOutputs (detokenization, stop
-strings) and may run elsewhere (AsyncEngine runs it on the event loop).
+Engine is single-threaded; AsyncEngine runs it on its own thread and talks to the event loop
+through queues. step_tokens() is the step up to the sampled tokens (the engine's critical path);
+process_outputs() turns its TokenEvents into RequestOutputs (detokenization, stop strings) and may
+run elsewhere (AsyncEngine runs it on the event loop).
+
+Asynchronous scheduling (EngineConfig.async_scheduling, pipeline.py): step_tokens() launches step
+n, then reads step n-1's ids (which the device has produced meanwhile, or soon will) and returns
+n-1's events. What needs no token values (computed tokens, blocks, max_tokens) is accounted at
+launch: each sampling request gets a placeholder token, so step n+1 is scheduled with the right
+counts; EOS and stop tokens are known one step late, and a request they end has its extra step's
+token dropped (its blocks are freed at once; the device writes nothing after the step in flight).
+A step where a request's next step needs the previous values on the host (penalties, grammars,
+logprobs) waits for them first. Token for token the outputs equal the synchronous engine's.
 """
 from __future__ import annotations
 
@@ -21,11 +30,12 @@ from gateway.config import EngineConfig, ModelConfig
 from gateway.core.types import LoadReport
 from gateway.worker.batch_state import BatchState
 from gateway.worker.kv_cache import BlockManager
-from gateway.worker.outputs import OutputProcessor, RequestOutput, TokenEvent, token_event
+from gateway.worker.outputs import OutputProcessor, RequestOutput, TokenEvent
 from gateway.worker.prefix_summary import PrefixSummary
 from gateway.worker.request import Request, RequestStatus, SamplingParams
 from gateway.worker.runner import Runner, make_runner
 from gateway.worker.logits import LogitsProcessor
+from gateway.worker.pipeline import HostIds, PendingStep
 from gateway.worker.sampler import Sampler
 from gateway.worker.structured import Grammars
 from gateway.worker.scheduler import Scheduler, SchedulerConfig
@@ -65,6 +75,7 @@ class Engine:
         self.sampler = Sampler()
         self.batch_state = BatchState(cfg.max_num_seqs, cfg.max_model_len, cfg.block_size, self.runner.device,
                                       cfg.max_num_batched_tokens)
+        self.batch_state.seed_of = lambda req: self.sampler.seed_of(req)  # whichever sampler is set
         self.outputs = OutputProcessor(self.tokenizer)
         self._last_advanced: list[Request] = []  # the requests of the last step_tokens' events
         # the logits' width: the model's vocabulary (may exceed the tokenizer's)
@@ -72,6 +83,11 @@ class Engine:
         self.logits = LogitsProcessor(self.vocab_size)
         self.grammars = Grammars(self.tokenizer, self.vocab_size)
         self.stats = _StepStats()
+        mode = cfg.async_scheduling
+        self.async_scheduling = mode == "on" or (mode == "auto" and self.runner.device.type == "cuda")
+        self._host_ids = HostIds(self.runner.device, cfg.max_num_seqs)
+        self._pending: PendingStep | None = None  # the launched step whose ids are not read yet
+        self._special: set[str] = set()  # ids of live requests with logit processing or logprobs
         self.num_aborted = 0
         self.mean_request_s = 0.0  # how long a finished request held its slot (EWMA); 0: none yet
 
@@ -104,6 +120,8 @@ class Engine:
         # already; the seeded sampler's draws follow the output index, so they continue by themselves
         self.outputs.add(req.request_id, req.params.stop, primed=req.output_token_ids)
         self.scheduler.add(req)
+        if _special(req):
+            self._special.add(req.request_id)
 
     def abort_request(self, request_id: str) -> bool:
         req = self.scheduler.requests.get(request_id)
@@ -116,13 +134,25 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._pending is not None
+
+    def abort_all(self) -> list[str]:
+        """End every request, the running, the waiting and those whose last token is in flight
+        (after a failed step). Returns their ids."""
+        ids = list(self.scheduler.requests)
+        for rid in ids:
+            self.abort_request(rid)
+        if self._pending is not None:
+            ids += [r.request_id for r in self._pending.ended]
+            self._pending = None
+        return ids
 
     def _forget(self, req: Request) -> None:
         """Engine-side state of a request that ended (the output side forgets on its own)."""
         self.batch_state.remove(req)
         self.sampler.forget(req.request_id)
         self.logits.forget(req.request_id)
+        self._special.discard(req.request_id)
 
     def finish_stopped(self, stopped: list[tuple[Request | str, str]]) -> None:
         """End requests the output side found a stop string in: (request or its id, the string)."""
@@ -152,33 +182,73 @@ class Engine:
         return self.outputs.process(events)
 
     def step_tokens(self) -> list[TokenEvent]:
-        """Schedule, run and sample one step; a TokenEvent per request that got a token."""
+        """Schedule, run and sample one step; a TokenEvent per request that got a token (with
+        asynchronous scheduling: in the step before, whose ids are read after this one launched)."""
         t0 = time.perf_counter()
+        events: list[TokenEvent] = []
+        pend = self._pending
+        if pend is not None and pend.needs_values:  # the next step needs its values first
+            events = self._resolve(pend)
+            pend = self._pending = None
         sched = self.scheduler.schedule()
         state = self.batch_state
         for victim in sched.preempted:
             state.remove(victim)
         if not sched:
-            return []
+            if pend is not None:
+                events += self._resolve(pend)
+                self._pending = None
+            return events
         batch = state.prepare(sched)
-        logits = self.logits.process(self.runner.execute(batch), batch.sampling)  # penalties, bias, grammars
-        tokens = self.sampler.sample(logits, batch.sampling)
-        self.logits.accept(batch.sampling, tokens)
-        state.advance(batch, tokens)
-        sampled = {r.request_id: t for r, t in zip(batch.sampling, tokens)}
-        advanced = self.scheduler.update(sched, sampled)
+        logits = self.runner.execute(batch)
+        special = bool(self._special) and any(r.request_id in self._special for r in batch.sampling)
+        if special:
+            logits = self.logits.process(logits, batch.sampling)  # penalties, bias, grammars
+        tokens = self.sampler.sample_ids(logits, batch.sampling, batch.settings)
+        if special:
+            self.sampler.record_logprobs(logits, batch.sampling, tokens)
+        gen, srows = state.advance_pending(batch, tokens)
+        host, event = self._host_ids.start(tokens)
+        # Step n is on its way: now the values of step n-1 (EOS and stop tokens end requests
+        # before step n's counts, as they would have before step n's scheduling).
+        if pend is not None:
+            events += self._resolve(pend)
+        skipped, ended = self.scheduler.update_counts(sched, batch.sampling)
+        for r in ended:  # max_tokens or the context: its row goes now, its event with the value
+            state.remove(r)
+        self._pending = PendingStep(gen, srows, batch.sampling, skipped, ended, host, event, special)
+        if not self.async_scheduling:
+            events += self._resolve(self._pending)
+            self._pending = None
+        num_decode = batch.num_decodes
+        self.stats.record(t0, time.perf_counter(), batch.num_tokens - num_decode, num_decode, len(events))
+        return events
+
+    def _resolve(self, pend: PendingStep) -> list[TokenEvent]:
+        """Read a launched step's ids: fill its placeholders, end the requests an EOS or stop token
+        ends, and make the step's events. A request that finished (abort, stop string, EOS a step
+        before) since the step launched has its token dropped."""
+        values, array = pend.values()
+        self.batch_state.resolve(pend.gen, pend.rows, array)
+        if pend.needs_values:
+            self.logits.accept(pend.sampling, values)  # grammars and penalty counts
+        advanced = self.scheduler.accept_tokens(pend.sampling, values, pend.skipped, pend.ended)
         now = time.monotonic()
         events = []
-        self._last_advanced = advanced
-        for req in advanced:
+        fin, stopped = RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_STOPPED
+        event = TokenEvent
+        for req in advanced:  # token_event(req), inlined: once per sequence and step
             if req.first_token_s is None:
                 req.first_token_s = now
                 self.prefixes.served(req, req.prefix_chunks, self.cfg.block_size)
-            events.append(token_event(req))
-            if req.finished:
+            outs, status = req.output_token_ids, req.status
+            token = outs[-1]
+            events.append(event(req.request_id, token, status, status == stopped and req.stop_reason == token,
+                                req.output_logprobs[-1] if req.params.logprobs is not None else None,
+                                len(req.prompt_token_ids), len(outs), req.num_cached_tokens))
+            if status >= fin:
                 self._finished(req, now)
-        num_decode = batch.num_decodes
-        self.stats.record(t0, time.perf_counter(), batch.num_tokens - num_decode, num_decode, len(advanced))
+        self._last_advanced = advanced
         return events
 
     def _finished(self, req: Request, now: float) -> None:
@@ -231,6 +301,15 @@ class Engine:
             return 0.0
         left = sorted(r.params.max_tokens - len(r.output_token_ids) for r in s.running)
         return left[min(ahead, len(left)) - 1] * self.stats.decode_step_s
+
+
+def _special(req: Request) -> bool:
+    """It asks for logit processing or logprobs. Its next step then needs this step's token on the
+    host (penalties and grammars count it; logprobs are recorded when sampled and read with the
+    step's token), so a step it samples in is read before the next one is launched."""
+    p = req.params
+    return bool(p.grammar is not None or p.frequency_penalty or p.presence_penalty or p.logit_bias
+                or p.logprobs is not None)
 
 
 class _StepStats:

@@ -49,10 +49,13 @@ class BlockManager:
         full = num_tokens // bs
         if len(hashes) >= full:
             return
-        tokens = request.all_token_ids
+        prompt, outs = request.prompt_token_ids, request.output_token_ids
+        n_p = len(prompt)
         parent = hashes[-1] if hashes else None
         for i in range(len(hashes), full):
-            parent = chain_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            a, b = i * bs, (i + 1) * bs  # sliced from prompt and outputs: no copy of all tokens a block
+            block = prompt[a:b] if b <= n_p else outs[a - n_p : b - n_p] if a >= n_p else prompt[a:] + outs[: b - n_p]
+            parent = chain_hash(parent, tuple(block))
             hashes.append(parent)
 
     def get_computed_blocks(self, request: Request) -> list[int]:
@@ -141,12 +144,6 @@ class BlockManager:
         assert self.num_used_blocks == 0
         self.hash_to_block.clear()
         self.block_hash = [None] * self.num_blocks
-
-    def hot_prefix_hashes(self, max_count: int) -> list[int]:
-        """Hashes of cached blocks, most recently used first (for the load report)."""
-        used = [h for b, h in enumerate(self.block_hash) if h is not None and self.ref_counts[b] > 0]
-        free = [h for b in reversed(self.free) if (h := self.block_hash[b]) is not None]
-        return (used + free)[:max_count]
 
     def check_invariants(self) -> None:
         used = sum(1 for r in self.ref_counts if r > 0)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from gateway.worker.request import Request, RequestStatus
+from gateway.worker.request import RequestStatus
 from gateway.worker.tokenizer import Detokenizer, Tokenizer
 
 
@@ -45,16 +45,6 @@ class TokenEvent(NamedTuple):
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
-
-
-def token_event(req: Request) -> TokenEvent:
-    token = req.output_token_ids[-1]
-    return TokenEvent(
-        req.request_id, token, req.status,
-        req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason == token,
-        req.output_logprobs[-1] if req.params.logprobs is not None else None,
-        len(req.prompt_token_ids), len(req.output_token_ids), req.num_cached_tokens,
-    )
 
 
 _REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",

@@ -18,7 +18,9 @@ on the device, one row per request in `requests` (whose .params carry the per-re
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gateway.worker.request import Request
@@ -74,6 +76,23 @@ def draw(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Ten
     return (j if idx is None else idx.gather(1, j))[:, 0]
 
 
+@dataclass(frozen=True, slots=True)
+class RowSettings:
+    """The sampling rows' settings as arrays, gathered from the per-sequence arrays the batch state
+    keeps (set once when a sequence gets its row), so a step reads no request's parameters."""
+
+    temperature: np.ndarray  # (S,) fp64 (as the params hold it: the greedy test is exact)
+    top_k: np.ndarray  # (S,) int64, 0: no cut
+    top_p: np.ndarray  # (S,) fp64
+    seed: np.ndarray  # (S,) int64 (Sampler.seed_of)
+    counter: np.ndarray  # (S,) int64: the request's output tokens so far (the draw's index)
+    all_greedy: bool = False  # every row is greedy (the arrays are then left empty)
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+GREEDY = RowSettings(_EMPTY, _EMPTY, _EMPTY, _EMPTY, _EMPTY, all_greedy=True)
+
+
 def _top_p(p: float) -> float:
     """top_p >= 1 cuts nothing: above any sum of probabilities, fp32 rounding included."""
     return p if p < 1.0 else 2.0
@@ -101,31 +120,61 @@ class Sampler:
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits: (S, V) fp32 on the runner's device, one row per request; not modified. Returns
         a token id per request and records logprobs on requests that asked for them."""
+        tokens = self.sample_ids(logits, requests)
+        out: list[int] = tokens.tolist()  # the step's one device -> host copy of ids
+        self.record_logprobs(logits, requests, tokens)
+        return out
+
+    def sample_ids(self, logits: torch.Tensor, requests: list[Request], settings: RowSettings | None = None
+                   ) -> torch.Tensor:
+        """The sampled ids (S,) int64, left on the logits' device (nothing here waits for it).
+        settings: the rows' settings as arrays (else read from each request's params)."""
+        if settings is not None:
+            if settings.all_greedy:
+                return logits.argmax(dim=-1)
+            hot = np.flatnonzero(settings.temperature > 1e-5)  # not greedy
+            if not hot.size:
+                return logits.argmax(dim=-1)
+            vocab = logits.shape[-1]
+            k = settings.top_k[hot]
+            ints = np.stack([hot, settings.seed[hot], settings.counter[hot], np.where((k > 0) & (k < vocab), k, vocab)])
+            p = settings.top_p[hot]
+            floats = np.stack([np.maximum(settings.temperature[hot], 1e-5), np.where(p < 1.0, p, 2.0)])
+            return self._draw(logits, torch.from_numpy(ints), torch.from_numpy(floats.astype(np.float32)),
+                              int(ints[3].max()), bool(floats[1].min() <= 1.0))
         rows = [i for i, r in enumerate(requests) if r.params.temperature > 1e-5]  # not greedy
         if not rows:
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample_rows(logits, requests, rows)
-        out: list[int] = tokens.tolist()  # the step's one device -> host copy of ids
+            return logits.argmax(dim=-1)
+        return self._sample_rows(logits, requests, rows)
+
+    def record_logprobs(self, logits: torch.Tensor, requests: list[Request], tokens: torch.Tensor) -> None:
+        """Logprobs for the requests that asked (appended to their output_logprobs; waits for the
+        device when any did)."""
         lp_rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         if lp_rows:
             self._logprobs(logits, requests, lp_rows, tokens)
-        return out
 
     def _sample_rows(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
-        dev = logits.device
         vocab = logits.shape[-1]
         params = [requests[i].params for i in rows]
         top_k = [_top_k(p.top_k, vocab) for p in params]
         top_p = [_top_p(p.top_p) for p in params]
-        # Two host -> device copies for all the per-row settings: (4, R) int64 and (2, R) fp32.
         ints = torch.tensor([rows, [self.seed_of(requests[i]) for i in rows],
-                             [len(requests[i].output_token_ids) for i in rows], top_k], dtype=torch.int64).to(dev)
-        floats = torch.tensor([[max(p.temperature, 1e-5) for p in params], top_p], dtype=torch.float32).to(dev)
+                             [len(requests[i].output_token_ids) for i in rows], top_k], dtype=torch.int64)
+        floats = torch.tensor([[max(p.temperature, 1e-5) for p in params], top_p], dtype=torch.float32)
+        return self._draw(logits, ints, floats, max(top_k), min(top_p) <= 1.0)
+
+    def _draw(self, logits: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, k_max: int, cut_p: bool
+              ) -> torch.Tensor:
+        """ints (4, R): logits row, seed, counter, top-k; floats (2, R): temperature, top-p (host);
+        two host -> device copies for all the per-row settings."""
+        dev = logits.device
+        num_rows = ints.shape[1]
+        ints, floats = _to(dev, ints), _to(dev, floats)
         temps = floats[0]
-        idx = None if len(rows) == len(requests) else ints[0]
+        idx = None if num_rows == logits.shape[0] else ints[0]
         sub = (logits if idx is None else logits[idx]) / temps[:, None]  # (R, V)
-        drawn = draw(sub, ints[3], floats[1], uniform(ints[1], ints[2]), max(top_k), min(top_p) <= 1.0)
+        drawn = draw(sub, ints[3], floats[1], uniform(ints[1], ints[2]), k_max, cut_p)
         if idx is None:
             return drawn
         tokens = logits.argmax(dim=-1)
@@ -180,6 +229,13 @@ def reference_sample(logits: torch.Tensor, req: Request, seed: int) -> int:
         if cdf > u * total:
             return t
     return kept[-1]
+
+
+def _to(dev: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """A host tensor on the device without waiting for the device: a blocking copy would wait for
+    the step's forward pass queued before it, and the host could not prepare the next step meanwhile
+    (asynchronous scheduling). Pinned memory from torch's caching allocator, held until the copy ran."""
+    return t if dev.type == "cpu" else t.pin_memory().to(dev, non_blocking=True)
 
 
 def _top_k(k: int, vocab: int) -> int:

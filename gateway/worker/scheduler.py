@@ -14,6 +14,9 @@ from gateway.worker.kv_cache import BlockManager
 from gateway.worker.request import Request, RequestStatus
 
 
+_FINISHED = int(RequestStatus.FINISHED_STOPPED)  # status >= this: finished (an int compare, hot loops)
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
@@ -133,29 +136,79 @@ class Scheduler:
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Account for the step's computed tokens and append sampled tokens; finish requests that
-        hit EOS, a stop token or max_tokens. Returns the requests that got a new token."""
-        advanced: list[Request] = []
-        finished_from = RequestStatus.FINISHED_STOPPED
+        hit EOS, a stop token or max_tokens. Returns the requests that got a new token.
+        (update_counts then accept_tokens: the engine runs the two apart, a step apart when
+        scheduling asynchronously.)"""
+        sampling = [r for r in out.requests if r.request_id in sampled]
+        skipped, ended = self.update_counts(out, sampling)
+        return self.accept_tokens(sampling, [sampled[r.request_id] for r in sampling], skipped, ended)
+
+    def update_counts(self, out: SchedulerOutput, sampling: list[Request]) -> tuple[list[Request], list[Request]]:
+        """The part of a step's update that needs no token values: computed tokens move on, full
+        blocks are offered to the prefix cache, and each sampling request gets a placeholder token
+        (-1, its value comes with accept_tokens); one that reached max_tokens or the context ends
+        with "length" (EOS on the same token turns it into "stop" in accept_tokens). Returns the
+        sampling requests given no placeholder (finished while the step ran: their token is
+        dropped) and those the length ended."""
+        fin = _FINISHED
         kv, bs, caching = self.kv, self.kv.block_size, self.kv.enable_prefix_caching
+        # Decode-only with every request sampling (the steady state): `sampling` is out.requests in
+        # the same order (batch_state), each with one token, and one loop does both parts.
+        fused = len(sampling) == len(out.requests) == out.total_tokens
+        if not fused:
+            for req, n in zip(out.requests, out.num_tokens):
+                if req.status >= fin:  # aborted or stopped while the step ran
+                    continue
+                c = req.num_computed_tokens = req.num_computed_tokens + n
+                if caching and c // bs > req.num_registered_blocks:
+                    kv.cache_full_blocks(req)  # a block filled up
+        skipped: list[Request] = []
+        ended: list[Request] = []
         max_len = self.config.max_model_len
-        for req, n in zip(out.requests, out.num_tokens):
-            if req.status >= finished_from:  # aborted while the step ran
+        for req in sampling:
+            if req.status >= fin:
+                skipped.append(req)
                 continue
-            req.num_computed_tokens += n
-            if caching and req.num_computed_tokens // bs > req.num_registered_blocks:
-                kv.cache_full_blocks(req)  # a block filled up
-            token = sampled.get(req.request_id)
-            if token is None:  # a prefill chunk that did not reach the end of the prompt
-                continue
+            if fused:
+                c = req.num_computed_tokens = req.num_computed_tokens + 1
+                if caching and c // bs > req.num_registered_blocks:
+                    kv.cache_full_blocks(req)
             outs = req.output_token_ids
-            outs.append(token)
+            outs.append(-1)
+            if len(outs) >= req.params.max_tokens or len(req.prompt_token_ids) + len(outs) >= max_len:
+                self.finish(req, RequestStatus.FINISHED_LENGTH)
+                ended.append(req)
+        return skipped, ended
+
+    def accept_tokens(self, sampling: list[Request], tokens: list[int], skipped: list[Request],
+                      ended: list[Request]) -> list[Request]:
+        """The values of the placeholders update_counts(…, sampling) gave (tokens[j] for
+        sampling[j]): an EOS or stop token ends its request with "stop" (also when the length ended
+        it on the same token). A request that finished since (abort, stop string) loses its
+        placeholder. Returns the requests that got their token."""
+        fin = _FINISHED
+        skip = {id(r) for r in skipped} if skipped else None
+        end = {id(r) for r in ended} if ended else None
+        advanced: list[Request] = []
+        for req, token in zip(sampling, tokens):
+            outs = req.output_token_ids
+            if req.status >= fin:
+                if skip is not None and id(req) in skip:
+                    continue
+                if end is None or id(req) not in end:  # finished since: its token is dropped
+                    del outs[-1]
+                    if req.params.logprobs is not None and req.output_logprobs:
+                        del req.output_logprobs[-1]
+                    continue
+            outs[-1] = token
             advanced.append(req)
             p = req.params
-            if (not p.ignore_eos and token == req.eos_token_id) or token in p.stop_token_ids:
+            if (token == req.eos_token_id and not p.ignore_eos) or (p.stop_token_ids and token in p.stop_token_ids):
                 req.stop_reason = token
-                self.finish(req, RequestStatus.FINISHED_STOPPED)
-            elif len(outs) >= p.max_tokens or len(req.prompt_token_ids) + len(outs) >= max_len:
-                self.finish(req, RequestStatus.FINISHED_LENGTH)
+                if req.status == RequestStatus.FINISHED_LENGTH:  # blocks already freed
+                    req.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.finish(req, RequestStatus.FINISHED_STOPPED)
         return advanced
 
     # -- load figures -----------------------------------------------------------------------

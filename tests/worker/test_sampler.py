@@ -3,25 +3,28 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 from gateway.worker.request import Request, SamplingParams
-from gateway.worker.sampler import Sampler, reference_sample, uniform
+from gateway.worker.sampler import RowSettings, Sampler, reference_sample, uniform
 from tests.worker.test_engine import random_prompts, run, tokens_of
 
 
 class ReferenceSampler(Sampler):
     """Row by row through reference_sample: what the engine must reproduce token for token."""
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        out = []
+    def sample_ids(self, logits: torch.Tensor, requests: list[Request], settings: object = None) -> torch.Tensor:
+        out = [reference_sample(logits[i].clone(), r, self.seed_of(r)) for i, r in enumerate(requests)]
+        return torch.tensor(out, dtype=torch.int64)
+
+    def record_logprobs(self, logits: torch.Tensor, requests: list[Request], tokens: torch.Tensor) -> None:
         for i, r in enumerate(requests):
-            out.append(reference_sample(logits[i].clone(), r, self.seed_of(r)))
             if r.params.logprobs is not None:
                 lp = logits[i].log_softmax(-1)
                 top = lp.topk(r.params.logprobs)
-                r.output_logprobs.append((float(lp[out[-1]]), list(zip(top.indices.tolist(), top.values.tolist()))))
-        return out
+                r.output_logprobs.append((float(lp[int(tokens[i])]),
+                                          list(zip(top.indices.tolist(), top.values.tolist()))))
 
 
 def _random_params(rng: random.Random, i: int) -> SamplingParams:
@@ -51,6 +54,26 @@ def test_batched_sampler_matches_the_reference_row_by_row() -> None:
         assert torch.equal(logits, before), "the sampler must not change the runner's logits"
         want = [reference_sample(logits[i].clone(), r, r.params.seed or 0) for i, r in enumerate(reqs)]
         assert got == want
+
+
+def test_row_settings_arrays_sample_as_the_requests_params() -> None:
+    """The engine's path (settings gathered from the batch state's per-row arrays) draws what
+    reading each request's params draws."""
+    rng = random.Random(1)
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        n = rng.randrange(1, 24)
+        logits = torch.randn(n, 512, generator=g) * rng.choice([0.5, 2.0, 6.0])
+        reqs = [Request(f"r{i}", [1], _random_params(rng, i + trial)) for i in range(n)]
+        for r in reqs:
+            r.output_token_ids.extend([7] * rng.randrange(40))
+        s = Sampler()
+        settings = RowSettings(
+            np.array([r.params.temperature for r in reqs]), np.array([r.params.top_k for r in reqs]),
+            np.array([r.params.top_p for r in reqs]), np.array([s.seed_of(r) for r in reqs]),
+            np.array([len(r.output_token_ids) for r in reqs]))
+        want = s.sample_ids(logits, reqs).tolist()
+        assert s.sample_ids(logits, reqs, settings).tolist() == want
 
 
 def test_seeded_draws_follow_the_distribution() -> None:
