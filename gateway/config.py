@@ -103,8 +103,6 @@ class EngineConfig:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{path}.{name}: must be positive")
-        if self.async_scheduling not in ("auto", "on", "off"):
-            raise ConfigError(f"{path}.async_scheduling: expected one of auto, on, off, got {self.async_scheduling!r}")
         if self.refuse_queue_wait_s is not None and not self.refuse_queue_wait_s >= 0:
             raise ConfigError(f"{path}.refuse_queue_wait_s: must be 0 or positive (or null: never refuse)")
         if self.num_blocks * self.block_size < self.max_model_len:
