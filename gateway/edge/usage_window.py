@@ -31,17 +31,24 @@ class UsageWindow:
         self.dropped = 0  # requests whose row did not fit (this process)
         # one process: no other writer, so no cross-process lock (two syscalls a request)
         self._lock = self._table.lock if processes > 1 else contextlib.nullcontext()
+        # this minute's records by row, so a request costs a dict lookup (cleared each minute)
+        self._minute = -1
+        self._recs: dict[tuple[str, str, str], memoryview[float]] = {}
 
     def add(self, key: str, model: str, priority: str, prompt_tokens: int, completion_tokens: int) -> None:
         minute = int(self.clock() // 60)
-        row = f"{key}{_SEP}{model}{_SEP}{priority}"
-        if not self._rows.add(row):
-            self.dropped += 1
-            return
-        t = self._table
-        slot = t.slot(f"{row}{_SEP}{minute % self.retention_min}")
+        if minute != self._minute:
+            self._minute = minute
+            self._recs.clear()
+        rec = self._recs.get((key, model, priority))
+        if rec is None:
+            row = f"{key}{_SEP}{model}{_SEP}{priority}"
+            if not self._rows.add(row):
+                self.dropped += 1
+                return
+            rec = self._recs[(key, model, priority)] = self._table.record(
+                self._table.slot(f"{row}{_SEP}{minute % self.retention_min}"))
         with self._lock:
-            rec = t.record(slot)
             if rec[_MINUTE] != minute:  # the record last counted an older minute: start over
                 rec[_MINUTE], rec[_REQUESTS], rec[_PROMPT], rec[_COMPLETION] = minute, 0, 0, 0
             rec[_REQUESTS] += 1
