@@ -58,7 +58,8 @@ are lost and the client retries from scratch), `continue` (gateway/edge/resume.p
 next pool, stall bound, first-byte bound) and `continue+hedge` (and gateway/edge/hedge.py's late
 first-token hedging, 5% budget); `no-faults` is the same row on a mesh that never fails. Goodput:
 answered in full, no error reached the client, TTFT <= slo_s from the first try, no gap > gap_slo_s.
-Its own table, a "failures" section in the JSON and `<json stem>_failures.png`.
+Its own table, a "failures" section in the JSON and `<json stem>_failures.png` (with
+--failures-only, the JSON's own PNG).
 
 Limits: one day is compressed into ~70 s, so a far pool's report from the rotating probes (one
 pass: ~134 rounds) is a day old here, while in a real day it would still tell a far metro's peak
@@ -223,15 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def failures_png_path(json_path: Path) -> Path:
-    return json_path.with_name(json_path.stem + "_failures.png")
+def failures_png_path(json_path: Path, only: bool) -> Path:
+    """Beside the JSON: its own PNG with --failures-only, else `<stem>_failures.png` (the other is the TTFT CDFs)."""
+    return common.png_path(json_path) if only else json_path.with_name(json_path.stem + "_failures.png")
 
 
 def _failures(args: Any, res: dict[str, Any], mesh: Mesh, arr: Arrivals, s: Settings, cache_blocks: int | None) -> None:
     """The failure rows (benchmarks/sim/failures.py) into res["failures"], and their PNG."""
     fail = simulate_failures(mesh, arr, s, workers=max(1, args.workers), cache_blocks=cache_blocks)
     res["failures"] = failure_result(s, fail)
-    png = failures_png_path(args.json)
+    png = failures_png_path(args.json, args.failures_only)
     if write_failure_png(png, fail, s):
         log.info("wrote %s", png)
 

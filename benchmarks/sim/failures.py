@@ -182,6 +182,8 @@ class FailureSim(Simulation):
             att = self._new_att(j, g, p, now - self.view.gws[g].rtt_s[p] / 2, 0)
             heapq.heappush(self.events, (now + self.view.gws[g].rtt_s[p] / 2, A_DEAD, g, p, att))
             return
+        if self.wake.get(p, 0.0) > now:  # a stopped process cannot refuse: the request waits in its socket
+            self.rest.pop(j, None)
         super().on_arrive(now, g, p, j)
 
     def on_refused(self, now: float, g: int, p: int, j: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,10 @@ from benchmarks.sim.demand import Arrivals, make_arrivals
 from benchmarks.sim.failure_report import ROWS, failure_result, simulate_failures
 from benchmarks.sim.failures import CRASH, STALL, FailureSim, make_faults
 from benchmarks.sim.mesh import Mesh
+from benchmarks.sim.trace import load_trace, trace_arrivals
 from gateway.config import ResilienceConfig
+from tests.benchmarks.test_trace_replay import TINY as TRACE_TINY
+from tests.benchmarks.test_trace_replay import make_trace
 
 TINY = mesh_sim.Settings(num_sites=40, num_requests=2000, mean_slots=6.0, warmup_s=2.0, k_near=6, k_spill=3,
                          client_retries=0)
@@ -117,3 +121,15 @@ def test_failure_rows_json(world: tuple[Mesh, Arrivals, int, float]) -> None:
     assert rows["no-faults"]["met_failure"] == 0 and rows["none"]["met_failure"] > 0
     assert rows["none"]["resumed"] == rows["none"]["hedged"] == 0 and rows["continue"]["hedged"] == 0
     assert rows["continue"]["cut"] <= rows["none"]["cut"]
+
+
+def test_failure_rows_over_a_trace_replay(tmp_path: Path) -> None:
+    """With --trace: pools with prefix caches; a crash cuts streams that continue elsewhere."""
+    s = dataclasses.replace(TRACE_TINY, crash_per_pool_hour=40.0, stall_per_pool_hour=40.0, repair_s=20.0)
+    mesh = mesh_sim.synthetic_mesh(s, num_metros=8)
+    arr = trace_arrivals(mesh, s, load_trace(make_trace(tmp_path / "t.jsonl")))
+    res = failure_result(s, simulate_failures(mesh, arr, s, cache_blocks=64, rows=("none", "continue")))
+    none, cont = res["rows"]["none"], res["rows"]["continue"]
+    assert res["faults"]["crashes"] > 0 and none["met_failure"] > 0
+    assert cont["resumed"] > 0 and cont["cut"] <= none["cut"]
+    assert none["num_requests"] == cont["num_requests"] == int(arr.measured.sum())
