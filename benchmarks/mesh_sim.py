@@ -186,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--client-retries", type=int, default=FULL.client_retries,
                    help=f"a client whose answer broke asks again this many times (default {FULL.client_retries})")
     args = p.parse_args(argv)
+    for flag in ("crash_rate", "stall_rate", "client_retries"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')}: must be 0 or more")
+    for flag in ("repair_s", "stall_s", "gap_slo_s"):
+        if not getattr(args, flag) > 0:
+            p.error(f"--{flag.replace('_', '-')}: must be positive")
     common.setup_logging()
     s = dataclasses.replace(QUICK if args.quick else FULL, seed=args.seed, crash_per_pool_hour=args.crash_rate,
                             repair_s=args.repair_s, stall_per_pool_hour=args.stall_rate, stall_s=args.stall_s,

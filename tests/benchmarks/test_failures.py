@@ -133,3 +133,10 @@ def test_failure_rows_over_a_trace_replay(tmp_path: Path) -> None:
     assert res["faults"]["crashes"] > 0 and none["met_failure"] > 0
     assert cont["resumed"] > 0 and cont["cut"] <= none["cut"]
     assert none["num_requests"] == cont["num_requests"] == int(arr.measured.sum())
+
+
+@pytest.mark.parametrize("flag", ["--crash-rate=-1", "--stall-s=0", "--client-retries=-2"])
+def test_bad_failure_flags_are_refused(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        mesh_sim.main(["--quick", flag])
+    assert e.value.code == 2 and flag.split("=")[0] in capsys.readouterr().err
