@@ -140,3 +140,21 @@ def test_bad_failure_flags_are_refused(flag: str, capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as e:
         mesh_sim.main(["--quick", flag])
     assert e.value.code == 2 and flag.split("=")[0] in capsys.readouterr().err
+
+
+def test_mesh_sim_main_adds_the_failure_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default run: the routing table's JSON keys unchanged, a "failures" section and its PNG beside."""
+    monkeypatch.setattr(mesh_sim, "QUICK", dataclasses.replace(TINY, num_requests=800))
+    out = tmp_path / "ms.json"
+    assert mesh_sim.main(["--quick", "--synthetic", "--no-variants", "--workers", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["policies"]) == set(mesh_sim.POLICIES) and "goals" in res and "floor" in res
+    assert set(res["failures"]["rows"]) == set(ROWS)
+    assert res["settings"]["crash_per_pool_hour"] == TINY.crash_per_pool_hour
+    if (tmp_path / "ms.png").exists():  # matplotlib installed
+        assert (tmp_path / "ms_failures.png").exists()
+    out2 = tmp_path / "only.json"
+    assert mesh_sim.main(["--quick", "--synthetic", "--failures-only", "--workers", "1", "--crash-rate", "30",
+                          "--json", str(out2)]) == 0
+    only = json.loads(out2.read_text())
+    assert "policies" not in only and only["failures"]["settings"]["crash_per_pool_hour"] == 30.0
