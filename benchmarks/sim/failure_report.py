@@ -15,7 +15,8 @@ from numpy.typing import NDArray
 
 from benchmarks import common
 from benchmarks.sim.demand import Arrivals
-from benchmarks.sim.failures import MODES, FailureSim, make_faults
+from benchmarks.sim.failures import MODES, FailureSim
+from benchmarks.sim.faults import make_faults
 from benchmarks.sim.mesh import Mesh
 from benchmarks.sim.settings import Settings
 from benchmarks.sim.trace_run import TraceSimulation

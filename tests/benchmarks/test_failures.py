@@ -14,7 +14,8 @@ import pytest
 from benchmarks import mesh_sim
 from benchmarks.sim.demand import Arrivals, make_arrivals
 from benchmarks.sim.failure_report import ROWS, failure_result, simulate_failures
-from benchmarks.sim.failures import CRASH, STALL, FailureSim, make_faults
+from benchmarks.sim.failures import FailureSim
+from benchmarks.sim.faults import CRASH, STALL, make_faults
 from benchmarks.sim.mesh import Mesh
 from benchmarks.sim.trace import load_trace, trace_arrivals
 from gateway.config import ResilienceConfig
