@@ -2,6 +2,8 @@
 
     python -m benchmarks.mesh_sim [--quick] [--json PATH] [--workers N] [--no-variants] [--synthetic]
     python -m benchmarks.mesh_sim --trace PATH [--quick] [--json PATH] [--cache-blocks N] [--util U]
+    python -m benchmarks.mesh_sim [--failures-only | --no-failures] [--crash-rate R] [--repair-s S]
+                                  [--stall-rate R] [--stall-s S] [--gap-slo-s S] [...]
 
 With --trace, a production trace in the Mooncake format replaces the synthetic demand, and pools
 hold prefix caches: benchmarks/sim/trace.py (the mapping) and trace_run.py (the rows).
@@ -49,12 +51,25 @@ candidate set, which is chosen by RTT). The "≥ 2× lower p50 than least-load a
 judged on the main rows, the baselines in their strongest form; the `/anywhere` ratios are printed
 as extra comparisons ("extra" in the JSON), not goals.
 
+Pool failures (benchmarks/sim/failures.py, failure_report.py; with or without --trace): crashes and
+stalls at the rates of the flags (per pool-hour), and the latency row run again over the same
+arrivals and faults answering them three ways: `none` (the gateway before issue 17: cut streams
+are lost and the client retries from scratch), `continue` (gateway/edge/resume.py: continued on the
+next pool, stall bound, first-byte bound) and `continue+hedge` (and gateway/edge/hedge.py's late
+first-token hedging, 5% budget); `no-faults` is the same row on a mesh that never fails. Goodput:
+answered in full, no error reached the client, TTFT <= slo_s from the first try, no gap > gap_slo_s.
+Its own table, a "failures" section in the JSON and `<json stem>_failures.png` (with
+--failures-only, the JSON's own PNG).
+
 Limits: one day is compressed into ~70 s, so a far pool's report from the rotating probes (one
 pass: ~134 rounds) is a day old here, while in a real day it would still tell a far metro's peak
-from its trough; RTTs do not drift; pools do not fail.
+from its trough; RTTs do not drift; pools fail only in the failure rows.
 
 JSON: {"policies": {NAME: {"ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "goodput", "cross_border",
-...}}, "variants": {...}, "floor": {...}, "p50_bound": {...}, "goals": {...}, "extra": {...}, ...}.
+...}}, "variants": {...}, "floor": {...}, "p50_bound": {...}, "goals": {...}, "extra": {...},
+"failures": {"settings", "slo", "faults", "rows": {ROW: {"goodput", "goodput_rps", "ttft_p50_s",
+"ttft_p99_s", "cut", "lost", "resumed", "hedged", "extra_requests_hedging", ...}}, "goodput_gain"}, ...}
+(--failures-only: the "failures" section and the run's settings and mesh only).
 """
 from __future__ import annotations
 
@@ -72,6 +87,7 @@ from numpy.typing import NDArray
 
 from benchmarks import common
 from benchmarks.sim import report
+from benchmarks.sim.failure_report import failure_result, print_failures, simulate_failures, write_failure_png
 from benchmarks.sim.demand import Arrivals, make_arrivals
 from benchmarks.sim.mesh import (CDN_CSV, WONDERPROXY, Calibration, Mesh, Metro, build_mesh, engine_calibration,
                                  mean_service_s, real_mesh, synthetic_mesh)
@@ -152,9 +168,34 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"trace replay: each pool's prefix cache, in 512-token blocks (default {TRACE_CACHE_BLOCKS})")
     p.add_argument("--util", type=float, default=TRACE_UTIL,
                    help=f"trace replay: the offered load / the mesh's slots, no cache reuse counted (default {TRACE_UTIL})")
+    f = p.add_argument_group("pool failures (benchmarks/sim/failures.py)")
+    g = f.add_mutually_exclusive_group()
+    g.add_argument("--no-failures", action="store_true", help="leave the failure rows out")
+    g.add_argument("--failures-only", action="store_true", help="only the failure rows (and their no-faults row)")
+    f.add_argument("--crash-rate", type=float, default=FULL.crash_per_pool_hour,
+                   help=f"pool crashes per pool-hour (default {FULL.crash_per_pool_hour:g}: a stress rate)")
+    f.add_argument("--repair-s", type=float, default=FULL.repair_s,
+                   help=f"mean time until a crashed pool serves again, s (default {FULL.repair_s:g})")
+    f.add_argument("--stall-rate", type=float, default=FULL.stall_per_pool_hour,
+                   help=f"pool stalls per pool-hour (default {FULL.stall_per_pool_hour:g})")
+    f.add_argument("--stall-s", type=float, default=FULL.stall_s,
+                   help=f"mean stall, s (default {FULL.stall_s:g})")
+    f.add_argument("--gap-slo-s", type=float, default=FULL.gap_slo_s,
+                   help=f"goodput: the longest gap between tokens allowed, s (default {FULL.gap_slo_s:g}; "
+                        f"and TTFT <= {FULL.slo_s:g} s, no error)")
+    f.add_argument("--client-retries", type=int, default=FULL.client_retries,
+                   help=f"a client whose answer broke asks again this many times (default {FULL.client_retries})")
     args = p.parse_args(argv)
+    for flag in ("crash_rate", "stall_rate", "client_retries"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')}: must be 0 or more")
+    for flag in ("repair_s", "stall_s", "gap_slo_s"):
+        if not getattr(args, flag) > 0:
+            p.error(f"--{flag.replace('_', '-')}: must be positive")
     common.setup_logging()
-    s = dataclasses.replace(QUICK if args.quick else FULL, seed=args.seed)
+    s = dataclasses.replace(QUICK if args.quick else FULL, seed=args.seed, crash_per_pool_hour=args.crash_rate,
+                            repair_s=args.repair_s, stall_per_pool_hour=args.stall_rate, stall_s=args.stall_s,
+                            gap_slo_s=args.gap_slo_s, client_retries=args.client_retries)
     t0 = time.perf_counter()
     calib = engine_calibration()
     if args.trace is not None:
@@ -168,16 +209,39 @@ def main(argv: list[str] | None = None) -> int:
         common.write_json(args.json, {"benchmark": "mesh_sim", "skipped": reason, "date": common.now_iso()})
         return 0
     machine = common.machine_info()
-    results = simulate(mesh, s, jobs_for(variants=not args.no_variants), workers=max(1, args.workers))
-    res = {**result_dict(mesh, s, results), "quick": args.quick, "date": common.now_iso(),
-           "machine": {**machine, "loadavg_1m_end": common.loadavg_1m()}, "workers": args.workers,
-           "elapsed_s": time.perf_counter() - t0}
-    print_results(res)
+    if args.failures_only:
+        res: dict[str, Any] = {"benchmark": "mesh_sim", "settings": dataclasses.asdict(s), "mesh": mesh.info}
+        _SHARED.update(arrivals=make_arrivals(mesh, s))
+    else:
+        results = simulate(mesh, s, jobs_for(variants=not args.no_variants), workers=max(1, args.workers))
+        res = result_dict(mesh, s, results)
+    if not args.no_failures:
+        _failures(args, res, mesh, _SHARED["arrivals"], s, None)
+    res.update({"quick": args.quick, "date": common.now_iso(), "machine": {**machine, "loadavg_1m_end": common.loadavg_1m()},
+                "workers": args.workers, "elapsed_s": time.perf_counter() - t0})
+    if not args.failures_only:
+        print_results(res)
+    if "failures" in res:
+        print_failures(res["failures"])
     common.write_json(args.json, res)
     png = common.png_path(args.json)
-    if write_png(png, {n: r[1] for n, r in results.items()}, s.slo_s):
+    if not args.failures_only and write_png(png, {n: r[1] for n, r in results.items()}, s.slo_s):
         log.info("wrote %s and %s", args.json, png)
     return 0
+
+
+def failures_png_path(json_path: Path, only: bool) -> Path:
+    """Beside the JSON: its own PNG with --failures-only, else `<stem>_failures.png` (the other is the TTFT CDFs)."""
+    return common.png_path(json_path) if only else json_path.with_name(json_path.stem + "_failures.png")
+
+
+def _failures(args: Any, res: dict[str, Any], mesh: Mesh, arr: Arrivals, s: Settings, cache_blocks: int | None) -> None:
+    """The failure rows (benchmarks/sim/failures.py) into res["failures"], and their PNG."""
+    fail = simulate_failures(mesh, arr, s, workers=max(1, args.workers), cache_blocks=cache_blocks)
+    res["failures"] = failure_result(s, fail)
+    png = failures_png_path(args.json, args.failures_only)
+    if write_failure_png(png, fail, s):
+        log.info("wrote %s", png)
 
 
 TRACE_CACHE_BLOCKS = 512  # 256 Ki tokens of KV cache per pool
@@ -193,14 +257,24 @@ def _replay(args: Any, s: Settings, mesh: Mesh, t0: float) -> int:
         return 0
     trace = load_trace(path, TRACE_QUICK_REQUESTS if args.quick else None)
     arr = trace_arrivals(mesh, s, trace)
-    results = simulate_trace(mesh, arr, s, args.cache_blocks, workers=max(1, args.workers))
-    res = {**trace_result(mesh, arr, s, args.cache_blocks, str(path), results), "quick": args.quick,
-           "date": common.now_iso(), "machine": {**common.machine_info(), "loadavg_1m_end": common.loadavg_1m()},
-           "workers": args.workers, "elapsed_s": time.perf_counter() - t0}
-    print_trace(res)
+    if args.failures_only:
+        res: dict[str, Any] = {"benchmark": "mesh_sim", "trace": str(path), "settings": dataclasses.asdict(s),
+                               "mesh": mesh.info}
+    else:
+        results = simulate_trace(mesh, arr, s, args.cache_blocks, workers=max(1, args.workers))
+        res = trace_result(mesh, arr, s, args.cache_blocks, str(path), results)
+    if not args.no_failures:
+        _failures(args, res, mesh, arr, s, args.cache_blocks)
+    res.update({"quick": args.quick, "date": common.now_iso(),
+                "machine": {**common.machine_info(), "loadavg_1m_end": common.loadavg_1m()},
+                "workers": args.workers, "elapsed_s": time.perf_counter() - t0})
+    if not args.failures_only:
+        print_trace(res)
+    if "failures" in res:
+        print_failures(res["failures"])
     common.write_json(args.json, res)
-    if write_png(common.png_path(args.json), {n: r[1] for n, r in results.items()}, s.slo_s,
-                 names=TRACE_POLICIES + tuple(TRACE_VARIANTS)):
+    if not args.failures_only and write_png(common.png_path(args.json), {n: r[1] for n, r in results.items()},
+                                            s.slo_s, names=TRACE_POLICIES + tuple(TRACE_VARIANTS)):
         log.info("wrote %s", common.png_path(args.json))
     return 0
 

@@ -87,3 +87,55 @@ class PoolSim:
         left.sort()
         return max(0.0, left[min(ahead, len(left)) - 1]) / self.dtps
 
+
+    # -- failures (benchmarks/sim/failures.py) ---------------------------------------------------
+    # Each keeps the per-request lists non-decreasing where report() bisects them.
+    def crash(self, t: float, up_at: float, live: list[int]) -> None:
+        """The pool dies at t (every request in it is lost with it) and takes requests again from
+        up_at, empty. live: the indices of the requests it held."""
+        for k in live:
+            self.start[k] = min(self.start[k], t)
+            self.first[k] = min(self.first[k], t)
+            self._set_end(k, t)
+        self.heap = [up_at] * self.slots
+        self.prefill_free = up_at
+
+    def stall(self, t: float, duration_s: float, live: list[int]) -> None:
+        """The pool stops producing at t for duration_s: everything it would have done after t
+        happens duration_s later (a new request cannot start before it wakes)."""
+        for lst in (self.start, self.first):
+            for k in range(bisect_right(lst, t), len(lst)):
+                lst[k] += duration_s
+        for k in range(bisect_right(self.ends, t), len(self.ends)):
+            self.ends[k] += duration_s
+        for k in live:
+            if self.end_i[k] > t:
+                self.end_i[k] += duration_s
+        self.heap = [max(h, t) + duration_s for h in self.heap]  # order kept: still a heap
+        self.prefill_free = max(self.prefill_free, t) + duration_s
+
+    def abort(self, k: int, at: float) -> None:
+        """Request k is dropped at `at` (its client went away): its slot frees then. Not before its
+        prefill ends, and a request queued behind it on its slot keeps its start: the pool frees
+        less than an engine would (a simplification that can only slow the pool)."""
+        end = max(at, self.first[k])
+        if end >= self.end_i[k]:
+            return
+        old = self.end_i[k]
+        self._set_end(k, end)
+        try:
+            i = self.heap.index(old)
+        except ValueError:
+            return
+        self.heap[i] = end
+        heapq.heapify(self.heap)
+
+    def _set_end(self, k: int, end: float) -> None:
+        old = self.end_i[k]
+        i = bisect_right(self.ends, old) - 1
+        while i >= 0 and self.ends[i] != old:
+            i -= 1
+        if i >= 0:
+            del self.ends[i]
+        insort(self.ends, end)
+        self.end_i[k] = end

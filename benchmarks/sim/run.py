@@ -24,6 +24,7 @@ from benchmarks.sim.oracle import Clairvoyant, FairOracle
 from benchmarks.sim.pool import PoolSim
 from benchmarks.sim.settings import LOAD_BLIND, MODEL, Settings
 from gateway.core.types import Endpoint, RouteRequest
+from gateway.routing.framework import Decision
 
 # event kinds: a request reaches a pool; its answer's headers reach the gateway; the gateway sees
 # the answer end; a refusal reaches the gateway; the oracle sees a request end at its pool
@@ -81,7 +82,7 @@ class Simulation:
         self.served = np.full(n, -1, dtype=np.intp)
         self.refused = np.zeros(n, dtype=np.intp)
         self.rest: dict[int, _Attempts] = {}  # the attempts of requests that may be refused
-        self.events: list[tuple[float, int, int, int, int]] = []  # (time, kind, gateway, pool, request)
+        self.events: list[tuple[float, int, int, int, int]] = self.initial_events()  # (time, kind, gateway, pool, request)
         events = self.events
         spill = s.candidates != "near" and s.k_spill > 0 and self.profile is not None
         next_tick = 0.0
@@ -94,25 +95,32 @@ class Simulation:
                 next_tick += self.view.period
             elif events and events[0][0] <= t_next:
                 now, kind, g, p, j = heapq.heappop(events)
-                if kind == ARRIVE:
-                    self.on_arrive(now, g, p, j)
-                elif kind == HEADER:
-                    self.view.on_header(self.view.gws[g], p, now)
-                elif kind == FINISH:
-                    e = self.view.gws[g].eps[p]
-                    assert e is not None
-                    e.in_flight -= 1
-                elif kind == REFUSED:
-                    self.on_refused(now, g, p, j)
-                else:
-                    assert self.oracle is not None
-                    self.oracle.finished(p)
+                self.on_event(now, kind, g, p, j)
             else:
                 self.route(i, t_next)
                 i += 1
                 if progress is not None and i % 2000 == 0:
                     progress.update(2000)
         return self.outcomes()
+
+    def initial_events(self) -> list[tuple[float, int, int, int, int]]:
+        """Events known before the day starts (a heap)."""
+        return []
+
+    def on_event(self, now: float, kind: int, g: int, p: int, j: int) -> None:
+        if kind == ARRIVE:
+            self.on_arrive(now, g, p, j)
+        elif kind == HEADER:
+            self.view.on_header(self.view.gws[g], p, now)
+        elif kind == FINISH:
+            e = self.view.gws[g].eps[p]
+            assert e is not None
+            e.in_flight -= 1
+        elif kind == REFUSED:
+            self.on_refused(now, g, p, j)
+        else:
+            assert self.oracle is not None
+            self.oracle.finished(p)
 
     def route(self, i: int, now: float) -> None:
         """Request i reaches its metro's gateway: pick a pool and send it there."""
@@ -130,16 +138,30 @@ class Simulation:
             self.oracle.sent(p, self.prompt[i])
             heapq.heappush(self.events, (now + rtt_s[p] / 2, ARRIVE, g, p, i))
             return
-        assert self.profile is not None
-        gw = self.view.gws[g]
-        eps = [self.view.endpoint(gw, q, now) for q in self.view.candidates(gw, cc)]
-        req = RouteRequest(MODEL, prompt_chars=4 * self.prompt[i], max_tokens=self.max_tokens[i],
-                           client_rtt_ms=self.client_ms[i], countries=self.reqs[cc] if cc else None)
-        ranked = self.profile.route(req, eps).ranked
+        ranked = self.decide(i, now).ranked
+        if not ranked:
+            self.unrouted(i, now)
+            return
         if self.s.refuse_queue_wait_s is not None and self.s.max_attempts > 1:
             self.rest[i] = _Attempts(ranked[1:])
         p = self.served[i] = self.view.send(ranked[0])
         heapq.heappush(self.events, (now + rtt_s[p] / 2, ARRIVE, g, p, i))
+
+    def unrouted(self, i: int, now: float) -> None:
+        """No pool may take request i (the gateway would answer 503)."""
+        raise RuntimeError(f"request {i}: no candidate pool at {now:.3f} s")
+
+    def decide(self, i: int, now: float, avoid: frozenset[int] = frozenset(), extra_tokens: int = 0) -> Decision:
+        """The gateway's routing decision for request i at `now` (the profile's): pools in `avoid`
+        left out, `extra_tokens` more prompt (a continuation's tokens so far)."""
+        assert self.profile is not None
+        g = self.metro[i]
+        cc = self.metro_cc[g] if self.resident[i] else None
+        gw = self.view.gws[g]
+        eps = [self.view.endpoint(gw, q, now) for q in self.view.candidates(gw, cc) if q not in avoid]
+        req = RouteRequest(MODEL, prompt_chars=4 * (self.prompt[i] + extra_tokens), max_tokens=self.max_tokens[i],
+                           client_rtt_ms=self.client_ms[i], countries=self.reqs[cc] if cc else None)
+        return self.profile.route(req, eps)
 
     def on_arrive(self, now: float, g: int, p: int, j: int) -> None:
         if self.oracle is not None:
@@ -161,9 +183,16 @@ class Simulation:
 
     def admit(self, now: float, g: int, p: int, j: int, may_refuse: bool, prefill: int | None = None) -> None:
         """prefill: the prompt tokens the pool computes (default: the whole prompt)."""
-        pool = self.pools[p]
+        first, end = self.serve(p, now, self.prompt[j] if prefill is None else prefill, j)
+        self.admitted(now, g, p, j, may_refuse, first, end)
+
+    def serve(self, p: int, now: float, prefill: int, j: int) -> tuple[float, float]:
+        """Pool p takes request j at `now`, prefilling `prefill` tokens: its first-token and end times."""
+        return self.pools[p].admit(now, prefill, self.output[j], self.max_tokens[j])
+
+    def admitted(self, now: float, g: int, p: int, j: int, may_refuse: bool, first: float, end: float) -> None:
+        """Request j is in pool p's queue: its TTFT, and the events of its answer."""
         r = self.view.gws[g].rtt_s[p]
-        first, end = pool.admit(now, self.prompt[j] if prefill is None else prefill, self.output[j], self.max_tokens[j])
         self.ttft[j] = self.client_ms[j] / 1000.0 + first + r / 2 - self.t_gw[j]
         if self.oracle is not None:
             heapq.heappush(self.events, (end, ENDED, g, p, j))

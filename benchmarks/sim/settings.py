@@ -74,6 +74,17 @@ class Settings:
     stream_spill: bool = True  # False: streams to the nearest pools only
     stream_linger_s: float = LoadStreamConfig().linger_s
     seed: int = 0
+    # Failures (benchmarks/sim/failures.py): per pool and per hour of the simulated clock (the one
+    # requests are served on), Poisson; durations exponential with these means. Stress rates: an edge
+    # pool crashing every 10 minutes is pessimistic, chosen so that a --quick run meets enough
+    # failures to measure (each row reports how many it met).
+    crash_per_pool_hour: float = 6.0  # the process or host dies: its connections reset, its streams are cut
+    repair_s: float = 60.0  # until it serves again (empty: no queue, no prefix cache)
+    stall_per_pool_hour: float = 12.0  # the pool stops producing (SIGSTOP, a wedged driver, a link that holds)
+    stall_s: float = 10.0
+    gap_slo_s: float = 2.0  # goodput under failures: no gap between two tokens longer than this
+    client_retries: int = 1  # a client whose answer broke asks again from scratch, this many times
+    client_retry_s: float = 1.0  # after this long (an SDK's backoff, a person pressing retry)
 
 
 FULL = Settings()

@@ -139,3 +139,10 @@ class CachedPool(PoolSim):
         blocks most recently used."""
         v = self.cache.get(b)
         return v is not None and self.touches - v < MAX_ADVERTISED
+
+    def reset_cache(self) -> None:
+        """The pool restarts (benchmarks/sim/failures.py): its cache is gone."""
+        if self.holders is not None:
+            for b in self.cache:
+                self.holders[b].discard(self.index)
+        self.cache.clear()

@@ -44,6 +44,7 @@ from benchmarks.sim.trace import BLOCK_TOKENS, CachedPool, TraceArrivals
 from gateway.config import ProfileConfig, RoutingOptions
 from gateway.core.prefix import MAX_CHUNKS, longest_match
 from gateway.core.types import Endpoint, RouteRequest
+from gateway.routing.framework import Decision
 from gateway.routing.plugins import build_profile
 from gateway.routing.prefix_index import PoolPrefix, PrefixIndex
 
@@ -158,30 +159,44 @@ class TraceSimulation(Simulation):
             self.oracle.sent(p, self.eff[i])
             self.events_push(now + rtt_s[p] / 2, g, p, i)
             return
+        ranked = self.decide(i, now).ranked
+        if not ranked:
+            self.unrouted(i, now)
+            return
+        if self.s.refuse_queue_wait_s is not None and self.s.max_attempts > 1:
+            self.rest[i] = _Attempts(ranked[1:])
+        p = self.served[i] = self.view.send(ranked[0])
+        self.events_push(now + rtt_s[p] / 2, g, p, i)
+
+    def unrouted(self, i: int, now: float) -> None:
+        """No pool may take request i (the gateway would answer 503)."""
+        raise RuntimeError(f"request {i}: no candidate pool at {now:.3f} s")
+
+    def decide(self, i: int, now: float, avoid: frozenset[int] = frozenset(), extra_tokens: int = 0) -> Decision:
         assert self.profile is not None
+        g = self.metro[i]
         gw = self.view.gws[g]
         blind = self.policy in ("prefix", "prefix-balanced")  # over the client's country, whatever the RTT
         cands = self.by_country[self.metro_cc[g]] if blind else self.view.candidates(gw, None)
+        if avoid:
+            cands = [q for q in cands if q not in avoid]
         eps = [self.view.endpoint(gw, q, now) for q in cands]
         blocks = self.blocks[i]
+        chars = 4 * (self.prompt[i] + extra_tokens)
         if self.policy in CACHE_AWARE:
             ix = self.index(g)
             for e, q in zip(eps, cands):
                 if e.prefix is None:
                     e.prefix = SimHolder(ix, e, self.pools[q], self.s.fresh_reports)  # type: ignore[arg-type]
             pool_id, num = ix.session(self.keys[i])
-            req = RouteRequest(MODEL, prompt_chars=4 * self.prompt[i], max_tokens=self.max_tokens[i],
+            req = RouteRequest(MODEL, prompt_chars=chars, max_tokens=self.max_tokens[i],
                                client_rtt_ms=self.client_ms[i], prefix_key=str(blocks[:1]),
                                prefix_hashes=self.chunks[i], tokens_per_chunk=float(BLOCK_TOKENS),
                                session_key=self.keys[i], session_pool=pool_id, session_chunks=num)
         else:
-            req = RouteRequest(MODEL, prompt_chars=4 * self.prompt[i], max_tokens=self.max_tokens[i],
+            req = RouteRequest(MODEL, prompt_chars=chars, max_tokens=self.max_tokens[i],
                                client_rtt_ms=self.client_ms[i], prefix_key=str(blocks[:1]))
-        ranked = self.profile.route(req, eps).ranked
-        if self.s.refuse_queue_wait_s is not None and self.s.max_attempts > 1:
-            self.rest[i] = _Attempts(ranked[1:])
-        p = self.served[i] = self.view.send(ranked[0])
-        self.events_push(now + rtt_s[p] / 2, g, p, i)
+        return self.profile.route(req, eps)
 
     def events_push(self, t: float, g: int, p: int, j: int) -> None:
         heapq.heappush(self.events, (t, ARRIVE, g, p, j))
