@@ -100,9 +100,8 @@ class EngineConfig:
     def validate(self, path: str) -> None:
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"{path}.device: expected cpu, cuda or cuda:N, got {self.device!r}")
-        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{path}.{name}: must be positive")
+        _positive(self, path, "block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                  "max_waiting")
         if self.refuse_queue_wait_s is not None and not self.refuse_queue_wait_s >= 0:
             raise ConfigError(f"{path}.refuse_queue_wait_s: must be 0 or positive (or null: never refuse)")
         if self.num_blocks * self.block_size < self.max_model_len:
@@ -143,8 +142,7 @@ class TlsServerConfig:
             raise ConfigError(f"{path}: cert_file and key_file go together")
         if self.min_version not in TLS_VERSIONS:
             raise ConfigError(f"{path}.min_version: expected 1.2 or 1.3, got {self.min_version!r}")
-        if not self.handshake_timeout_s > 0:
-            raise ConfigError(f"{path}.handshake_timeout_s: must be positive")
+        _positive(self, path, "handshake_timeout_s")
         if (self.require_client_cert or self.allowed_client_names) and self.client_ca_file is None:
             raise ConfigError(f"{path}: require_client_cert and allowed_client_names need client_ca_file")
         if self.client_ca_file is not None and not self.enabled:
@@ -244,9 +242,7 @@ class PoolConfig:
         for c in self.capabilities or ():
             if c not in POOL_CAPABILITIES:
                 raise ConfigError(f"{path}.capabilities: unknown capability {c!r} (allowed: {', '.join(POOL_CAPABILITIES)})")
-        for name in ("load_stream_interval_s", "load_stream_heartbeat_s", "max_load_streams"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{path}.{name}: must be positive")
+        _positive(self, path, "load_stream_interval_s", "load_stream_heartbeat_s", "max_load_streams")
         if self.load_stream_heartbeat_s < self.load_stream_interval_s:
             raise ConfigError(f"{path}.load_stream_heartbeat_s: must be at least load_stream_interval_s")
 
@@ -287,8 +283,7 @@ class UpstreamConfig:
             raise ConfigError(f"{path}.max_connections: must be at least 1")
         if self.connections_per_slot < 0:
             raise ConfigError(f"{path}.connections_per_slot: must not be negative")
-        if not self.connection_wait_s > 0:
-            raise ConfigError(f"{path}.connection_wait_s: must be positive")
+        _positive(self, path, "connection_wait_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,9 +323,7 @@ class LoadStreamConfig:
     linger_s: float = 10.0
 
     def validate(self, path: str) -> None:
-        for name in ("max_streams", "connect_timeout_s", "idle_timeout_s", "retry_min_s", "retry_max_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{path}.{name}: must be positive")
+        _positive(self, path, "max_streams", "connect_timeout_s", "idle_timeout_s", "retry_min_s", "retry_max_s")
         if self.retry_max_s < self.retry_min_s:
             raise ConfigError(f"{path}.retry_max_s: must be at least retry_min_s")
         if self.linger_s < 0:
@@ -370,10 +363,8 @@ class ResilienceConfig:
     hedge_window_s: float = 60.0
 
     def validate(self, path: str) -> None:
-        for name in ("stall_factor", "stall_floor_s", "stall_cap_s", "first_byte_factor", "first_byte_floor_s",
-                     "first_byte_cap_s", "hedge_factor", "hedge_window_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{path}.{name}: must be positive")
+        _positive(self, path, "stall_factor", "stall_floor_s", "stall_cap_s", "first_byte_factor", "first_byte_floor_s",
+                  "first_byte_cap_s", "hedge_factor", "hedge_window_s")
         if self.max_resumes < 0:
             raise ConfigError(f"{path}.max_resumes: must be 0 or positive")
         if self.stall_cap_s < self.stall_floor_s:
@@ -464,10 +455,7 @@ class UsageLogConfig:
     keep: int = 10  # rotated files kept
 
     def validate(self, path: str) -> None:
-        if self.flush_every_s <= 0:
-            raise ConfigError(f"{path}.flush_every_s: must be positive")
-        if self.max_bytes <= 0:
-            raise ConfigError(f"{path}.max_bytes: must be positive")
+        _positive(self, path, "flush_every_s", "max_bytes")
         if self.keep < 0:
             raise ConfigError(f"{path}.keep: must be 0 or positive")
 
@@ -546,13 +534,7 @@ class RoutingOptions:
     def validate(self, path: str) -> None:
         if not 0 < self.first_byte_alpha <= 1:
             raise ConfigError(f"{path}.first_byte_alpha: must be in (0, 1], got {self.first_byte_alpha}")
-        if not self.first_byte_half_life_s > 0:
-            raise ConfigError(f"{path}.first_byte_half_life_s: must be positive, got {self.first_byte_half_life_s}")
-        for name in ("prefix_index_max_entries", "max_sessions"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{path}.{name}: must be at least 1, got {getattr(self, name)}")
-        if not self.prefix_memory_s > 0:
-            raise ConfigError(f"{path}.prefix_memory_s: must be positive, got {self.prefix_memory_s}")
+        _positive(self, path, "first_byte_half_life_s", "prefix_index_max_entries", "max_sessions", "prefix_memory_s")
         if not 0 < self.session_preference <= 1:
             raise ConfigError(f"{path}.session_preference: must be in (0, 1], got {self.session_preference}")
 
@@ -618,9 +600,7 @@ class DiscoveryConfig:
             raise ConfigError(f"{path}.prefix: must start and end with '/', got {self.prefix!r}")
         if self.lease_ttl_s < 2:  # etcd's minimum lease TTL
             raise ConfigError(f"{path}.lease_ttl_s: must be at least 2")
-        for name in ("timeout_s", "confirm_s", "republish_s", "backoff_max_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{path}.{name}: must be positive")
+        _positive(self, path, "timeout_s", "confirm_s", "republish_s", "backoff_max_s")
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError(f"{path}: cert_file and key_file go together")
         if (self.username is None) != (self.password is None):
@@ -733,6 +713,14 @@ def _with_key_file(cfg: Config, base_dir: Path) -> Config:
         k.validate(f"gateway.auth.keys_file[{i}]")  # here, so errors name the file's index, not the merged one
     auth = dataclasses.replace(auth, keys=auth.keys + extra)
     return dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, auth=auth))
+
+
+def _positive(section: object, path: str, *names: str) -> None:
+    """Each named field of section is > 0 (NaN is not)."""
+    for name in names:
+        value = getattr(section, name)
+        if not value > 0:
+            raise ConfigError(f"{path}.{name}: must be positive, got {value!r}")
 
 
 def _one_of(path: str, value: object, allowed: tuple[Any, ...]) -> None:
