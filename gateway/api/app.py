@@ -166,9 +166,7 @@ class GatewayServer(Gateway):
 async def _relay_resumable(request: Request, stream: ResumableStream) -> Stream:
     """A stream that goes on on another pool when its pool fails or stalls (edge/resume.py)."""
     out = request.start_stream(headers={"cache-control": "no-cache"})
-    async with contextlib.aclosing(stream.chunks()) as chunks:  # its stall timer ends with the client
-        async for chunk in chunks:
-            await out.write(chunk)
+    await stream.relay(out)  # pushed from the pool connection's callback, as _relay's
     await out.end()
     return out
 

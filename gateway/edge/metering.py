@@ -85,7 +85,7 @@ class RequestMeter:
     """Watches one request's stream (feed) and meters it once it ends (finish): the Call's meter."""
 
     __slots__ = ("metering", "ticket", "model", "request_id", "prompt_estimate", "strip", "_buf", "done",
-                 "errored", "chunks", "usage")
+                 "errored", "chunks", "usage", "hold_errors", "held")
 
     def __init__(self, metering: Metering, ticket: Ticket, model: str, request_id: str, prompt_estimate: int,
                  strip: bool):
@@ -100,10 +100,17 @@ class RequestMeter:
         self.errored = False  # the pool put an error event in the stream
         self.chunks = 0  # content chunks seen
         self.usage: tuple[int, int] | None = None  # (prompt, completion) from the pool's usage chunk
+        # A stream that may go on on another pool (edge/resume.py): the pool's error event is held
+        # here, not passed on, and nothing after it is; the stream's relay decides what the client sees.
+        self.hold_errors = False
+        self.held: bytes | None = None
 
     # -- streams ------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
         """Take bytes from the pool; return whole events to pass on (possibly fewer than came)."""
+        if self.held is not None:  # after an error held back, nothing goes on; only the end is noted
+            self.done = self.done or b"[DONE]" in chunk
+            return b""
         if not self._buf and chunk.endswith(b"\n\n"):
             whole = chunk  # the usual read: whole LF-ended events (a CR or CRLF pool's never end so)
         else:
@@ -145,6 +152,7 @@ class RequestMeter:
         is dropped, and its error event (held back from the client) no longer counts."""
         self._buf = b""
         self.errored = self.done = False
+        self.held = None
 
     def tail(self) -> bytes:
         """At the stream's end: bytes of an event never terminated, passed on as they are."""
@@ -153,6 +161,9 @@ class RequestMeter:
 
     def _event(self, ev: bytes) -> bytes | None:
         """Note what one event says; return it (possibly rewritten), or None to drop it."""
+        if self.held is not None:  # after an error held back (hold_errors)
+            self.done = self.done or ev[5:].strip() == b"[DONE]"
+            return None
         if not ev.startswith(b"data:"):
             return ev  # comments, keep-alives
         if self.strip and b'"usage":null' in ev:
@@ -174,6 +185,9 @@ class RequestMeter:
             return ev
         if "error" in obj:
             self.errored = True
+            if self.hold_errors:
+                self.held = ev
+                return None
             return ev
         use = obj.get("usage")
         if isinstance(use, dict):
