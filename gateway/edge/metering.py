@@ -133,7 +133,10 @@ class RequestMeter:
         # A read may hold many events (one per decode step); only the rare ones (usage, error, the
         # end) need a look of their own, from the first of them on. Almost every read is a token
         # or a few: passed on as they came, after three substring scans and a count.
-        if b'"usage"' not in whole and b"[DONE]" not in whole and b'"error"' not in whole:
+        # A chunk of a stream that asked for usage carries "usage":null (OpenAI's, vLLM's, ours):
+        # that is not the usage chunk, and is not parsed.
+        if (b'"usage"' not in whole or whole.count(b'"usage"') == whole.count(b'"usage":null')) and (
+                b"[DONE]" not in whole and b'"error"' not in whole):
             self.chunks += whole.count(b"\n\ndata:") + whole.startswith(b"data:")
             return whole
         rare = _first_rare(whole)
@@ -168,7 +171,7 @@ class RequestMeter:
             return ev  # comments, keep-alives
         if self.strip and b'"usage":null' in ev:
             ev = _NULL_USAGE.sub(b"", ev, count=1)  # the field OpenAI adds to every chunk asked for usage
-        if b'"usage"' in ev or b'"error"' in ev:
+        if (b'"usage"' in ev and b'"usage":null' not in ev) or b'"error"' in ev:
             return self._parse(ev, ev[5:].strip())
         if ev[5:].strip() == b"[DONE]":
             self.done = True
@@ -293,7 +296,10 @@ def _ask_usage(body: bytes) -> tuple[bytes, bool]:
 
 def _first_rare(whole: bytes) -> int:
     """Where the first usage object, error or [DONE] is in whole (-1: none)."""
-    found = [i for i in (whole.find(b'"usage"'), whole.find(b'"error"'), whole.find(b"[DONE]")) if i >= 0]
+    usage = whole.find(b'"usage"')
+    while usage >= 0 and whole.startswith(b":null", usage + 7):  # a chunk's "usage":null is not the usage
+        usage = whole.find(b'"usage"', usage + 7)
+    found = [i for i in (usage, whole.find(b'"error"'), whole.find(b"[DONE]")) if i >= 0]
     return min(found) if found else -1
 
 
