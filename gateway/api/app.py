@@ -155,7 +155,8 @@ class GatewayServer(Gateway):
             as_stream(call)
         elif resumable and call.stream:
             ask_for_token_ids(call)
-        up = await self.hedger.open(call, request.headers)
+        # A whole answer is not hedged (hedging races first tokens of streams), as before
+        up = await (self.forwarder.open(call) if whole else self.hedger.open(call, request.headers))
         request.pool, request.route = up.pool_id, up.route  # the first pool (its headers go out first)
         if resumable and call.stream and up.status < 400:
             stream = ResumableStream(self.forwarder, self.guard, resilience, up)

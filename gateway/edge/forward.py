@@ -94,6 +94,7 @@ class Call:
     finished: bool = False
     avoid: frozenset[str] = frozenset()  # pools not to try (a continuation avoids those that were cut)
     resumed_from: tuple[str, ...] = ()  # pools that served earlier parts of this stream, in order
+    whole: bool = False  # a non-stream request asked of its pool as a stream (edge/whole.py)
 
     def finish(self, up: Upstream | None, status: int | None = None) -> None:
         """The request is over: meter it (which settles its key's limits), end its span, log it, and

@@ -83,7 +83,7 @@ class Guard:
         self.predictor = predictor
 
     def first_byte_s(self, call: Call, pool: Pool, wait_s: float, last: bool) -> float:
-        if not call.stream:  # the first byte of a whole answer comes after all of it: only the watch
+        if not call.stream or call.whole:  # a whole answer's client waits for all of it: only the watch
             return wait_s
         cfg = self.cfg
         bound = cfg.first_byte_cap_s
@@ -410,7 +410,7 @@ class ResumableStream:
         avoid = call.avoid | {p for p in (*call.resumed_from, old.pool_id)}
         shadow = Call(path=call.path, body=body, stream=True, route=call.route, headers=call.headers,
                       request_id=call.request_id, arrival=time.monotonic(), deadline=call.deadline,
-                      principal=call.principal, priority=call.priority, avoid=frozenset(avoid))
+                      principal=call.principal, priority=call.priority, avoid=frozenset(avoid), whole=call.whole)
         shadow.finished = True  # bookkeeping stays with the client's Call
         try:
             new = await self.fwd.open(shadow)

@@ -34,6 +34,7 @@ def as_stream(call: Call) -> None:
         obj["stream_options"] = {**(obj.get("stream_options") or {}), "include_usage": True}
         call.body = orjson.dumps(obj)
     call.stream = True
+    call.whole = True  # its first-byte wait stays a whole answer's (a grammar may compile first)
     ask_for_token_ids(call)
 
 

@@ -120,3 +120,14 @@ def test_the_assembler_joins_choices_tool_calls_and_logprobs() -> None:
     e = Assembler(chat=True)
     e.push(b'data: {"error":{"message":"boom","type":"upstream_error","param":null,"code":null}}\n\ndata: [DONE]\n\n')
     assert e.body() == (None, {"error": {"message": "boom", "type": "upstream_error", "param": None, "code": None}})
+
+
+async def test_a_whole_answer_waits_for_its_first_byte_as_a_whole_answer_does(h):
+    # A stream would be given up at the TTFT bound (0.3 s); a whole answer's client waits for all of
+    # it anyway (a pool may compile a grammar first), so only the first-byte timeout bounds it.
+    await h.start(["a"], upstream={"first_byte_timeout_s": 5.0},
+                  resilience={"first_byte_floor_s": 0.2, "first_byte_cap_s": 0.3, "stall_cap_s": 3.0})
+    h.stubs["a"].num_tokens, h.stubs["a"].delay_s = 2, 0.6
+    status, _, out = await h.request(body(stream=False))
+    assert status == 200 and out["choices"][0]["message"]["content"] == "t0 t1 "
+    assert h.stubs["a"].requests == 1 and h.stubs["a"].received[0][1]["stream"] is True
