@@ -50,7 +50,8 @@ class _ClientGone(Exception):
 
 
 class Sink(Protocol):
-    """Where relay() puts the client's bytes (gateway.api.h1.Stream)."""
+    """Where relay() puts the client's bytes (gateway.api.h1.Stream; edge/resume.py's tracking
+    sink and queue; edge/whole.py's Assembler)."""
 
     def push(self, data: bytes) -> bool: ...  # True: the client is behind; await drained() first
 

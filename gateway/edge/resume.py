@@ -5,7 +5,8 @@ at most first_byte_factor x the pool's predicted TTFT (within a floor and a cap)
 pools remain, at most half of what the deadline leaves; an attempt on a pool that is marked down
 meanwhile (probes missed, breaker opened, load stream lost: Pool.went_down) gives up at once.
 
-ResumableStream (what a front relays): the pool's stream as the client should see it. It keeps what
+ResumableStream (what a front relays: relay(sink), pushed from the pool connection's callback like
+Upstream.relay; chunks() for the gRPC front): the pool's stream as the client should see it. It keeps what
 went to the client (text; for meshgate pools the token ids, which the worker adds to each chunk when
 asked: wire.TOKEN_IDS_HEADER) and watches the stream: no chunk for the stall bound (stall_factor x
 the pool's per-stream token interval, from its load report, within a floor and a cap), or its pool
