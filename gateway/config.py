@@ -346,6 +346,10 @@ class ResilienceConfig:
 
     resume: bool = True
     max_resumes: int = 2
+    # Non-stream chat and completion requests to a model only meshgate pools serve are asked of the
+    # pool as a stream and continued like one when cut (gateway/edge/whole.py); the client still
+    # gets one JSON answer. Off: a failed pool's whole answer is retried from the start elsewhere.
+    resume_whole: bool = True
     stall_factor: float = 8.0
     stall_floor_s: float = 1.0
     stall_cap_s: float = 10.0

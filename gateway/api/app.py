@@ -6,7 +6,6 @@ also serves HTTP; the gRPC front takes the same Gateway.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -24,6 +23,7 @@ from gateway.core import envelope
 from gateway.edge.forward import StreamBroken, Upstream
 from gateway.edge.gateway import Gateway, SharedState
 from gateway.edge.resume import ResumableStream, ask_for_token_ids
+from gateway.edge.whole import Assembler, as_stream
 
 __all__ = ["GatewayServer", "SharedState"]
 
@@ -41,6 +41,8 @@ class GatewayServer(Gateway):
         self.http: HttpServer | None = None
         # Client-facing TLS (gateway.tls): made here so bad files fail the start, in every process
         self.tls = ServerTls(self.cfg.tls.files(("http/1.1",))) if self.cfg.tls.enabled else None
+        self._meshgate_only: dict[str, bool] = {}  # model -> only meshgate pools serve it (whole answers resumed)
+        self.upstreams.on_change.append(lambda joined: self._meshgate_only.clear())
 
     def make_server(self) -> HttpServer:
         """The HTTP front (gateway/api/h1.py); start() it, and call shutdown() then stop() at the end."""
@@ -146,14 +148,21 @@ class GatewayServer(Gateway):
         request.request_id = call.request_id
         resilience = self.cfg.resilience
         # Continuation reads chat and completion chunks (the Responses API's typed events it does not)
-        resumable = call.stream and resilience.resume and path in (envelope.CHAT, envelope.COMPLETIONS)
-        if resumable:
+        resumable = resilience.resume and path in (envelope.CHAT, envelope.COMPLETIONS)
+        # A whole answer from meshgate pools is asked for as a stream, so it can be continued too
+        whole = resumable and not call.stream and resilience.resume_whole and self._only_meshgate(call.route.model)
+        if whole:
+            as_stream(call)
+        elif resumable and call.stream:
             ask_for_token_ids(call)
-        up = await self.hedger.open(call, request.headers)
+        # A whole answer is not hedged (hedging races first tokens of streams), as before
+        up = await (self.forwarder.open(call) if whole else self.hedger.open(call, request.headers))
         request.pool, request.route = up.pool_id, up.route  # the first pool (its headers go out first)
-        if resumable and up.status < 400:
+        if resumable and call.stream and up.status < 400:
             stream = ResumableStream(self.forwarder, self.guard, resilience, up)
             try:
+                if whole:
+                    return await _assemble(stream, path == envelope.CHAT)
                 return await _relay_resumable(request, stream)
             finally:
                 stream.close()
@@ -163,12 +172,29 @@ class GatewayServer(Gateway):
             up.close()
 
 
+    def _only_meshgate(self, model: str) -> bool:
+        """Whether every pool that serves model is a meshgate pool (cached until the pool set changes)."""
+        only = self._meshgate_only.get(model)
+        if only is None:
+            kinds = {p.endpoint.kind for p in self.upstreams.pools.values() if model in p.endpoint.models}
+            only = self._meshgate_only[model] = kinds == {"meshgate"}
+        return only
+
+
+async def _assemble(stream: ResumableStream, chat: bool) -> Response:
+    """A whole answer asked of the pool as a stream (edge/whole.py), continued if cut, answered whole."""
+    sink = Assembler(chat)
+    await stream.relay(sink)
+    answer, error = sink.body()
+    if error is not None:
+        return Response(orjson.dumps(error), 502)
+    return Response(orjson.dumps(answer), 200)
+
+
 async def _relay_resumable(request: Request, stream: ResumableStream) -> Stream:
     """A stream that goes on on another pool when its pool fails or stalls (edge/resume.py)."""
     out = request.start_stream(headers={"cache-control": "no-cache"})
-    async with contextlib.aclosing(stream.chunks()) as chunks:  # its stall timer ends with the client
-        async for chunk in chunks:
-            await out.write(chunk)
+    await stream.relay(out)  # pushed from the pool connection's callback, as _relay's
     await out.end()
     return out
 

@@ -50,7 +50,8 @@ class _ClientGone(Exception):
 
 
 class Sink(Protocol):
-    """Where relay() puts the client's bytes (gateway.api.h1.Stream)."""
+    """Where relay() puts the client's bytes (gateway.api.h1.Stream; edge/resume.py's tracking
+    sink and queue; edge/whole.py's Assembler)."""
 
     def push(self, data: bytes) -> bool: ...  # True: the client is behind; await drained() first
 
@@ -94,6 +95,7 @@ class Call:
     finished: bool = False
     avoid: frozenset[str] = frozenset()  # pools not to try (a continuation avoids those that were cut)
     resumed_from: tuple[str, ...] = ()  # pools that served earlier parts of this stream, in order
+    whole: bool = False  # a non-stream request asked of its pool as a stream (edge/whole.py)
 
     def finish(self, up: Upstream | None, status: int | None = None) -> None:
         """The request is over: meter it (which settles its key's limits), end its span, log it, and
@@ -151,11 +153,23 @@ class Upstream:
         self.outcome = "ok" if resp.status < 400 else "client_error"
         self._closed = False
         self._gaps: list[float] = []  # inter-token gaps not yet in the ITL histogram
+        self._num_flushed = 0  # gaps already in the histogram
+        self.last_read = time.monotonic()  # relay(): when the pool's last bytes came (the stall watch reads it)
         self._resume: asyncio.Future[None] | None = None  # relay(): waits for a slow client, then reads on
 
     @property
     def pool_id(self) -> str:
         return self.pool.endpoint.pool_id
+
+    @property
+    def num_reads(self) -> int:
+        """relay(): reads from the pool so far, the first bytes not counted."""
+        return self._num_flushed + len(self._gaps)
+
+    @property
+    def behind(self) -> bool:
+        """relay(): the pool is not read while the client catches up."""
+        return self._resume is not None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, first bytes included. Raises StreamBroken mid-stream."""
@@ -200,13 +214,12 @@ class Upstream:
         if not self.call.stream:
             return
         gaps, resp, monotonic = self._gaps, self.resp, time.monotonic
-        last = monotonic()
+        self.last_read = monotonic()
 
         def on_data(chunk: bytes) -> None:
-            nonlocal last
             now = monotonic()
-            gaps.append(now - last)
-            last = now
+            gaps.append(now - self.last_read)
+            self.last_read = now
             if len(gaps) >= _GAPS_BATCH:
                 self._flush_gaps()
             if meter is not None and not (chunk := meter.feed(chunk)):
@@ -245,10 +258,12 @@ class Upstream:
             return  # the client is gone: its request is being cancelled
         finally:
             self._resume = None
+        self.last_read = time.monotonic()  # the time the client took is not the pool's
         self.resp.resume_reading()
 
     def _flush_gaps(self) -> None:
         observe_many(self.fwd.m.pool(self.pool_id).itl, self._gaps)
+        self._num_flushed += len(self._gaps)
         self._gaps.clear()
 
     def close(self, finish: bool = True) -> None:

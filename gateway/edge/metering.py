@@ -86,7 +86,7 @@ class RequestMeter:
     """Watches one request's stream (feed) and meters it once it ends (finish): the Call's meter."""
 
     __slots__ = ("metering", "ticket", "model", "request_id", "prompt_estimate", "strip", "_buf", "done",
-                 "errored", "chunks", "usage")
+                 "errored", "chunks", "usage", "hold_errors", "held")
 
     def __init__(self, metering: Metering, ticket: Ticket, model: str, request_id: str, prompt_estimate: int,
                  strip: bool):
@@ -101,10 +101,17 @@ class RequestMeter:
         self.errored = False  # the pool put an error event in the stream
         self.chunks = 0  # content chunks seen
         self.usage: tuple[int, int] | None = None  # (prompt, completion) from the pool's usage chunk
+        # A stream that may go on on another pool (edge/resume.py): the pool's error event is held
+        # here, not passed on, and nothing after it is; the stream's relay decides what the client sees.
+        self.hold_errors = False
+        self.held: bytes | None = None
 
     # -- streams ------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
         """Take bytes from the pool; return whole events to pass on (possibly fewer than came)."""
+        if self.held is not None:  # after an error held back, nothing goes on; only the end is noted
+            self.done = self.done or b"[DONE]" in chunk
+            return b""
         if not self._buf and chunk.endswith(b"\n\n"):
             whole = chunk  # the usual read: whole LF-ended events (a CR or CRLF pool's never end so)
         else:
@@ -127,7 +134,10 @@ class RequestMeter:
         # A read may hold many events (one per decode step); only the rare ones (usage, error, the
         # end) need a look of their own, from the first of them on. Almost every read is a token
         # or a few: passed on as they came, after three substring scans and a count.
-        if b'"usage"' not in whole and b"[DONE]" not in whole and b'"error"' not in whole:
+        # A chunk of a stream that asked for usage carries "usage":null (OpenAI's, vLLM's, ours):
+        # that is not the usage chunk, and is not parsed.
+        if (b'"usage"' not in whole or whole.count(b'"usage"') == whole.count(b'"usage":null')) and (
+                b"[DONE]" not in whole and b'"error"' not in whole):
             self.chunks += whole.count(b"\n\ndata:") + whole.startswith(b"data:")
             return whole
         rare = _first_rare(whole)
@@ -146,6 +156,7 @@ class RequestMeter:
         is dropped, and its error event (held back from the client) no longer counts."""
         self._buf = b""
         self.errored = self.done = False
+        self.held = None
 
     def tail(self) -> bytes:
         """At the stream's end: bytes of an event never terminated, passed on as they are."""
@@ -154,11 +165,14 @@ class RequestMeter:
 
     def _event(self, ev: bytes) -> bytes | None:
         """Note what one event says; return it (possibly rewritten), or None to drop it."""
+        if self.held is not None:  # after an error held back (hold_errors)
+            self.done = self.done or ev[5:].strip() == b"[DONE]"
+            return None
         if not ev.startswith(b"data:"):
             return ev  # comments, keep-alives
         if self.strip and b'"usage":null' in ev:
             ev = _NULL_USAGE.sub(b"", ev, count=1)  # the field OpenAI adds to every chunk asked for usage
-        if b'"usage"' in ev or b'"error"' in ev:
+        if (b'"usage"' in ev and b'"usage":null' not in ev) or b'"error"' in ev:
             return self._parse(ev, ev[5:].strip())
         if ev[5:].strip() == b"[DONE]":
             self.done = True
@@ -175,6 +189,9 @@ class RequestMeter:
             return ev
         if "error" in obj:
             self.errored = True
+            if self.hold_errors:
+                self.held = ev
+                return None
             return ev
         use = obj.get("usage")
         if isinstance(use, dict):
@@ -280,7 +297,10 @@ def _ask_usage(body: bytes) -> tuple[bytes, bool]:
 
 def _first_rare(whole: bytes) -> int:
     """Where the first usage object, error or [DONE] is in whole (-1: none)."""
-    found = [i for i in (whole.find(b'"usage"'), whole.find(b'"error"'), whole.find(b"[DONE]")) if i >= 0]
+    usage = whole.find(b'"usage"')
+    while usage >= 0 and whole.startswith(b":null", usage + 7):  # a chunk's "usage":null is not the usage
+        usage = whole.find(b'"usage"', usage + 7)
+    found = [i for i in (usage, whole.find(b'"error"'), whole.find(b"[DONE]")) if i >= 0]
     return min(found) if found else -1
 
 

@@ -5,7 +5,8 @@ at most first_byte_factor x the pool's predicted TTFT (within a floor and a cap)
 pools remain, at most half of what the deadline leaves; an attempt on a pool that is marked down
 meanwhile (probes missed, breaker opened, load stream lost: Pool.went_down) gives up at once.
 
-ResumableStream (what a front relays): the pool's stream as the client should see it. It keeps what
+ResumableStream (what a front relays: relay(sink), pushed from the pool connection's callback like
+Upstream.relay; chunks() for the gRPC front): the pool's stream as the client should see it. It keeps what
 went to the client (text; for meshgate pools the token ids, which the worker adds to each chunk when
 asked: wire.TOKEN_IDS_HEADER) and watches the stream: no chunk for the stall bound (stall_factor x
 the pool's per-stream token interval, from its load report, within a floor and a cap), or its pool
@@ -22,8 +23,11 @@ the prompt once and every completion token), one usage-log record names every po
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import time
+from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -32,14 +36,18 @@ import orjson
 from gateway.config import ResilienceConfig
 from gateway.core.errors import APIError, InternalError
 from gateway.core.wire import RESUME_FIELD, TOKEN_IDS_FIELD, TOKEN_IDS_HEADER
-from gateway.edge.forward import Call, Forwarder, StreamBroken, Upstream
+from gateway.edge.forward import Call, Forwarder, Sink, StreamBroken, Upstream
+from gateway.edge.metering import RequestMeter
 from gateway.pools.upstream import Pool
 from gateway.routing.framework import Predictor
 
 log = logging.getLogger("meshgate.gateway")
 
 _IDS = b',"' + TOKEN_IDS_FIELD.encode() + b'":['
+_IDS_RE = re.compile(re.escape(_IDS) + rb"[0-9,]*\]")  # the worker writes it compact, last in its chunk
+_KEEP_BYTES = 64 * 1024  # relayed bytes a stream keeps unparsed before one bulk parse folds them
 DONE = b"data: [DONE]\n\n"
+_QUEUE_HIGH = 64 * 1024  # chunks(): bytes queued for a consumer that has fallen behind
 
 
 def _clamp(v: float, lo: float, hi: float) -> float:
@@ -76,7 +84,7 @@ class Guard:
         self.predictor = predictor
 
     def first_byte_s(self, call: Call, pool: Pool, wait_s: float, last: bool) -> float:
-        if not call.stream:  # the first byte of a whole answer comes after all of it: only the watch
+        if not call.stream or call.whole:  # a whole answer's client waits for all of it: only the watch
             return wait_s
         cfg = self.cfg
         bound = cfg.first_byte_cap_s
@@ -120,33 +128,29 @@ class Guard:
 
 class _StallWatch:
     """Cuts a stream (Response.abort) that stalls or whose pool is marked down. One timer a
-    stream, checked at the bound; a chunk only notes the time (cheap on the relay path)."""
+    stream, checked at the bound; it reads the time of the pool's last read off the Upstream, so
+    the relay's per-token path does nothing for it."""
 
     def __init__(self, guard: Guard, up: Upstream):
         self.guard, self.up = guard, up
         self.loop = asyncio.get_running_loop()
-        self.start = self.last = self.loop.time()
-        self.num_gaps = 0
+        self.start = time.monotonic()
         self.reason: str | None = None  # stalled / down, once it fired
         self.pool = up.pool
         self.pool.down_watchers.add(self._down)
         self.handle = self.loop.call_later(self._bound(), self._check)
 
     def _bound(self) -> float:
-        mean_gap = (self.last - self.start) / self.num_gaps if self.num_gaps else 0.0
-        return self.guard.stall_s(self.pool, mean_gap)
-
-    def tick(self) -> None:
-        self.last = self.loop.time()
-        self.num_gaps += 1
-
-    def waiting(self) -> None:
-        """Reading from the pool again after the client took a chunk: time spent on a slow client
-        is not the pool's."""
-        self.last = self.loop.time()
+        n = self.up.num_reads
+        mean_gap = (self.up.last_read - self.start) / n if n else 0.0
+        return self.guard.stall_s(self.pool, max(mean_gap, 0.0))
 
     def _check(self) -> None:
-        gap, tight = self.loop.time() - self.last, self._bound()
+        tight = self._bound()
+        if self.up.behind:  # not reading: the client is slow, which is not the pool's fault
+            self.handle = self.loop.call_later(tight, self._check)
+            return
+        gap = time.monotonic() - max(self.up.last_read, self.start)
         bound = self.guard.cfg.stall_cap_s if self.guard.alive(self.pool) else tight
         if gap >= bound:
             self._cut("stalled", f"no token for {gap:.2f} s (bound {bound:.2f} s)")
@@ -168,21 +172,87 @@ class _StallWatch:
 
 
 class _Tracker:
-    """What reached the client: text, token ids, the stream's id; rewrites continuation chunks."""
+    """The Sink a resumable stream relays through (Upstream.relay): passes the pool's events to the
+    client's sink and keeps what a continuation needs — text, token ids, the stream's id.
 
-    def __init__(self) -> None:
-        self.buf = b""
+    Cheap while nothing is cut: the first pool's events (whole, from the meter) are passed on as
+    they came, token ids cut off by one regex substitution when there are any, and the bytes kept
+    unparsed; they are parsed (fold) only when the stream is cut, or in one bulk parse each
+    _KEEP_BYTES for a long stream. Errors and [DONE] are the meter's to see (RequestMeter with
+    hold_errors: an error event is held back there, the stream may yet go on elsewhere). After a
+    continuation every event is parsed: its id and created are rewritten to the first pool's, and a
+    chat chunk's repeated role is dropped."""
+
+    def __init__(self, meter: RequestMeter | None) -> None:
+        self.meter = meter
+        self.sink: Sink | None = None  # the client's (set by ResumableStream.relay)
+        self.kept: list[bytes] = []  # relayed, not parsed yet
+        self.kept_bytes = 0
+        self.buf = b""  # an event not yet whole
         self.text: list[str] = []
         self.ids: list[int] = []
         self.ids_complete = True  # every chunk with text came with its token ids
         self.num_chunks = 0  # chunks with content (a token each, roughly: for openai pools' max_tokens)
         self.head: tuple[Any, Any] | None = None  # (id, created) of the first chunk
         self.finish_reason: str | None = None
-        self.done = False  # [DONE] went by
-        self.error: bytes | None = None  # an error event from the pool, held back
-        self.joined = False  # from a continuation on: rewrite chunks
+        self.parsing = meter is None  # parse each event as it passes (after a join; with no meter to see errors)
+        self._done = False  # [DONE] went by (parsing)
+        self._error: bytes | None = None  # an error event from the pool, held back (parsing, no meter)
+        self.cut_at: float | None = None  # monotonic: the last chunk before a cut, until the next one went out
+        self.join_gaps_s: list[float] = []  # client-visible: the last chunk before a cut to the next one
 
-    def take(self, data: bytes) -> bytes:
+    @property
+    def done(self) -> bool:
+        return self._done or (self.meter is not None and self.meter.done)
+
+    @property
+    def error(self) -> bytes | None:
+        return self._error if self._error is not None or self.meter is None else self.meter.held
+
+    # -- Sink -------------------------------------------------------------------------------
+    def push(self, data: bytes) -> bool:
+        assert self.sink is not None
+        if self.parsing:
+            if not (data := self._take(data)):
+                return False
+            if self.cut_at is not None:
+                self.join_gaps_s.append(time.monotonic() - self.cut_at)
+                self.cut_at = None
+            return self.sink.push(data)
+        self.kept.append(data)
+        self.kept_bytes += len(data)
+        if self.kept_bytes > _KEEP_BYTES:
+            self.fold()
+        return self.sink.push(_IDS_RE.sub(b"", data) if _IDS in data else data)
+
+    async def drained(self) -> None:
+        assert self.sink is not None
+        await self.sink.drained()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def fold(self) -> None:
+        """Parse the kept bytes into text, ids, head and finish reason (one bulk parse)."""
+        if not self.kept:
+            return
+        data = self.buf + b"".join(self.kept)
+        self.kept.clear()
+        self.kept_bytes = 0
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.buf = data
+            return
+        self.buf = data[end + 2:]
+        payloads = [ev[5:].strip() for ev in data[:end].split(b"\n\n") if ev.startswith(b"data:")]
+        payloads = [p for p in payloads if p and p != b"[DONE]"]
+        try:
+            objs = orjson.loads(b"[" + b",".join(payloads) + b"]") if payloads else []
+        except orjson.JSONDecodeError:  # one odd event: each on its own, the odd one skipped
+            objs = [_loads(p) for p in payloads]
+        for obj in objs:
+            if isinstance(obj, dict) and "error" not in obj:
+                self._note(obj)
+
+    def _take(self, data: bytes) -> bytes:
         buf = self.buf + data if self.buf else data
         end = buf.rfind(b"\n\n")
         if end < 0:
@@ -197,42 +267,29 @@ class _Tracker:
             return ev
         payload = ev[5:].strip()
         if payload == b"[DONE]":
-            self.done = True
-            return None if self.error is not None else ev
-        if self.error is not None:
+            self._done = True
+            return None if self._error is not None else ev
+        if self._error is not None:
             return None
-        ids: list[int] | None = None
-        at = payload.rfind(_IDS)
-        if at >= 0:  # the worker puts it last: cut it off without re-encoding
-            close = payload.index(b"]", at)
-            raw = payload[at + len(_IDS):close]
-            ids = [int(t) for t in raw.split(b",")] if raw else []
-            payload = payload[:at] + payload[close + 1:]
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return ev
+        obj = _loads(payload)
         if not isinstance(obj, dict):
             return ev
         if "error" in obj:
-            self.error = ev  # held: the stream may yet go on elsewhere
+            self._error = ev  # held: the stream may yet go on elsewhere
             return None
+        self._note(obj)
+        if self.head is not None:
+            obj["id"], obj["created"] = self.head
+        for c in obj.get("choices") or ():
+            if isinstance(c, dict) and isinstance(c.get("delta"), dict):
+                c["delta"].pop("role", None)
+        return b"data: " + orjson.dumps(obj)
+
+    def _note(self, obj: dict[str, Any]) -> None:
+        """What one chunk adds to the answer (its token ids field is removed from obj)."""
         if self.head is None:
             self.head = (obj.get("id"), obj.get("created"))
-        text = self._note(obj)
-        if ids is not None:
-            self.ids.extend(ids)
-        elif text:
-            self.ids_complete = False
-        if self.joined:
-            obj["id"], obj["created"] = self.head
-            for c in obj.get("choices") or ():
-                if isinstance(c, dict) and isinstance(c.get("delta"), dict):
-                    c["delta"].pop("role", None)
-            return b"data: " + orjson.dumps(obj)
-        return b"data: " + payload if at >= 0 else ev
-
-    def _note(self, obj: dict[str, Any]) -> str:
+        ids = obj.pop(TOKEN_IDS_FIELD, None)
         text = ""
         for c in obj.get("choices") or ():
             if not isinstance(c, dict):
@@ -246,55 +303,92 @@ class _Tracker:
         if text:
             self.text.append(text)
             self.num_chunks += 1
-        return text
+        if isinstance(ids, list):
+            self.ids.extend(ids)
+        elif text:
+            self.ids_complete = False
 
     def rejoin(self) -> None:
+        """A continuation goes on from here: from now on every event is parsed (and rewritten)."""
+        self.fold()
         self.buf = b""
-        self.error = None
-        self.done = False
-        self.joined = True
+        self._error = None
+        self._done = False
+        self.parsing = True
+
+
+def _loads(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
 
 
 class ResumableStream:
-    """A client's stream across pools. chunks() for the client; close() once, in a finally."""
+    """A client's stream across pools. relay(sink) (or chunks()) for the client; close() once, in a finally."""
 
     def __init__(self, fwd: Forwarder, guard: Guard, cfg: ResilienceConfig, up: Upstream):
         self.fwd, self.guard, self.cfg = fwd, guard, cfg
         self.up = up
         self.call = up.call
-        self.track = _Tracker()
+        meter = self.call.meter if isinstance(self.call.meter, RequestMeter) else None
+        if meter is not None:
+            meter.hold_errors = True  # an error event waits: the stream may go on elsewhere
+        self.track = _Tracker(meter)
         self.num_resumes = 0
-        self.join_gaps_s: list[float] = []  # client-visible: the last chunk before a cut to the next one
 
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
-        last_out = time.monotonic()
+    @property
+    def join_gaps_s(self) -> list[float]:
+        return self.track.join_gaps_s
+
+    async def relay(self, sink: Sink) -> None:
+        """The stream to sink, across pools (Upstream.relay: pushed from the pool connection's
+        callback, flow-controlled). The client going away raises ConnectionResetError."""
+        track = self.track
+        track.sink = sink
         while True:
             up = self.up
             watch = _StallWatch(self.guard, up)
             reason = "broken"
             try:
-                async for chunk in up.chunks():
-                    watch.tick()
-                    if out := self.track.take(chunk):
-                        if self.num_resumes and len(self.join_gaps_s) < self.num_resumes:
-                            self.join_gaps_s.append(time.monotonic() - last_out)
-                        yield out
-                        last_out = time.monotonic()
-                    watch.waiting()
-                if self.track.done and self.track.error is None:
+                await up.relay(track)
+                if track.done and track.error is None:
                     return
-                reason = "error" if self.track.error is not None else "broken"
+                reason = "error" if track.error is not None else "broken"
             except StreamBroken:
                 pass
             finally:
                 watch.stop()
             reason = watch.reason or reason
-            if self.track.finish_reason is not None and self.track.error is None:
-                yield DONE  # the answer was whole; only its end was lost
+            track.fold()
+            if track.finish_reason is not None and track.error is None:
+                await _push(sink, DONE)  # the answer was whole; only its end was lost
                 return
+            track.cut_at = up.last_read
             if not await self._resume(reason):
-                yield self._failure()
+                await _push(sink, self._failure())
                 return
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """relay(), as an async iterator of the client's bytes (the gRPC front): the relay runs in
+        a task into a bounded queue; closing the iterator cancels it."""
+        q = _Queue()
+        task = asyncio.ensure_future(self.relay(q))
+        task.add_done_callback(lambda _: q.wake())
+        try:
+            while True:
+                if q.items:
+                    yield q.take()
+                elif task.done():
+                    task.result()  # its exception, if any
+                    return
+                else:
+                    await q.wait()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _failure(self) -> bytes:
         if self.track.error is not None:
@@ -317,7 +411,7 @@ class ResumableStream:
         avoid = call.avoid | {p for p in (*call.resumed_from, old.pool_id)}
         shadow = Call(path=call.path, body=body, stream=True, route=call.route, headers=call.headers,
                       request_id=call.request_id, arrival=time.monotonic(), deadline=call.deadline,
-                      principal=call.principal, priority=call.priority, avoid=frozenset(avoid))
+                      principal=call.principal, priority=call.priority, avoid=frozenset(avoid), whole=call.whole)
         shadow.finished = True  # bookkeeping stays with the client's Call
         try:
             new = await self.fwd.open(shadow)
@@ -390,6 +484,51 @@ class ResumableStream:
 
     def close(self) -> None:
         self.up.close()
+
+
+class _Queue:
+    """chunks()'s Sink: a bounded queue between the relay and its reader."""
+
+    def __init__(self) -> None:
+        self.items: deque[bytes] = deque()
+        self.size = 0
+        self._ready: asyncio.Future[None] | None = None  # the reader waits for items
+        self._space: asyncio.Future[None] | None = None  # the relay waits for the reader
+
+    def push(self, data: bytes) -> bool:
+        self.items.append(data)
+        self.size += len(data)
+        self.wake()
+        return self.size > _QUEUE_HIGH
+
+    async def drained(self) -> None:
+        while self.size > _QUEUE_HIGH:
+            self._space = asyncio.get_running_loop().create_future()
+            await self._space
+
+    def take(self) -> bytes:
+        data = b"".join(self.items)
+        self.items.clear()
+        self.size = 0
+        if self._space is not None and not self._space.done():
+            self._space.set_result(None)
+        return data
+
+    def wake(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+
+    async def wait(self) -> None:
+        self._ready = asyncio.get_running_loop().create_future()
+        try:
+            await self._ready
+        finally:
+            self._ready = None
+
+
+async def _push(sink: Sink, data: bytes) -> None:
+    if sink.push(data):
+        await sink.drained()
 
 
 def ask_for_token_ids(call: Call) -> None:

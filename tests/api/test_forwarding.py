@@ -206,7 +206,9 @@ async def test_a_client_that_reads_slowly_pauses_the_pool_and_still_gets_every_t
     pauses = []
     real_pause = h1client._Conn.pause
     monkeypatch.setattr(h1client._Conn, "pause", lambda self: (pauses.append(1), real_pause(self))[1])
-    await h.start(["a"])
+    # The stub shares this event loop and writes as fast as it can: probes this tight would time out
+    # and mark it down (cutting the stream), which is not what this test is about.
+    await h.start(["a"], probe={"period_s": 1.0, "timeout_s": 5.0})
     h.stubs["a"].num_tokens = 50000
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

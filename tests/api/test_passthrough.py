@@ -45,12 +45,20 @@ async def test_fields_the_gateway_does_not_read_reach_the_pool_byte_for_byte(h):
     await h.start(["a"])
     status, out = await raw_post(h, AGENT_BODY)
     assert status == 200, out
-    assert h.stubs["a"].raw[-1] == AGENT_BODY
+    # a whole answer from a meshgate pool is asked for as a stream (edge/whole.py), by appending
+    assert h.stubs["a"].raw[-1] == AGENT_BODY[:-1] + b',"stream":true,"stream_options":{"include_usage":true}}'
     # a stream: the gateway asks for usage by appending the field, the client's bytes kept as they came
     streamed = AGENT_BODY[:-1] + b',"stream":true}'
     status, out = await raw_post(h, streamed)
     assert status == 200 and out.endswith(b"data: [DONE]\n\n") and b'"usage"' not in out
     assert h.stubs["a"].raw[-1] == streamed[:-1] + b',"stream_options":{"include_usage":true}}'
+
+
+async def test_a_whole_answer_reaches_an_openai_pool_byte_for_byte(h):
+    await h.start(["a"], pool_cfg={"a": {"kind": "openai"}})
+    status, out = await raw_post(h, AGENT_BODY)
+    assert status == 200 and json.loads(out)["object"] == "chat.completion"
+    assert h.stubs["a"].raw[-1] == AGENT_BODY
 
 
 async def test_a_pools_400_reaches_the_client_unchanged(h):

@@ -151,3 +151,57 @@ async def test_greedy_stream_survives_its_pool_stalling(mesh: Mesh) -> None:
         mesh.workers.signal(pool, signal.SIGSTOP)
 
     await _check(mesh, completion(), stop)
+
+
+# -- whole (non-stream) answers: asked of the pool as a stream, continued, answered whole (edge/whole.py)
+async def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=body,
+                                                    timeout=aiohttp.ClientTimeout(total=120)) as r:
+        assert r.status == 200, await r.text()
+        out: dict[str, Any] = await r.json()
+        return out
+
+
+async def _generated(port: int) -> float:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("meshgate_worker_generation_tokens_total"))
+
+
+def _same(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in ("id", "created")}  # a request's own
+
+
+async def test_whole_answer_is_the_workers_own_and_survives_its_pool_being_killed(mesh: Mesh) -> None:
+    body = {**completion(), "stream": False, "logprobs": 2}
+    del body["stream_options"]
+    reference = await _post(mesh.url, body)  # through the gateway: a stream, assembled
+    worker = await _post(f"http://127.0.0.1:{mesh.workers.ports['p2']}", body)  # the worker's own whole answer
+    assert _same(reference) == _same(worker)  # text, logprobs, finish reason, usage: all equal
+    before = {pid: await _generated(port) for pid, port in mesh.workers.ports.items()}
+    task = asyncio.create_task(_post(mesh.url, body))
+    victim = None
+    async with asyncio.timeout(60):
+        while victim is None:  # the pool generating it, once it is a few tokens in
+            await asyncio.sleep(0.02)
+            for pid, port in mesh.workers.ports.items():
+                if await _generated(port) - before[pid] >= 8:
+                    victim = pid
+    mesh.workers.signal(victim, signal.SIGKILL)
+    out = await task
+    got, want = out["choices"][0], reference["choices"][0]
+    assert got["text"] == want["text"]  # token for token the answer without a failure
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached_tokens: the last pool's cache
+    assert [out["usage"][k] for k in counts] == [reference["usage"][k] for k in counts]
+    assert got["finish_reason"] == want["finish_reason"]
+    assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+    assert got["logprobs"]["text_offset"] == want["logprobs"]["text_offset"]
+    # Log-probabilities: equal to float rounding (the continuation's pool recomputes the tokens so far
+    # in one prefill, not step by step: the last digits of a float32 may differ)
+    assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], rel=1e-4, abs=1e-5)
+    for g, w in zip(got["logprobs"]["top_logprobs"], want["logprobs"]["top_logprobs"], strict=True):
+        assert g == pytest.approx(w, rel=1e-4, abs=1e-5)
+    async with aiohttp.ClientSession() as s, s.get(mesh.url + "/metrics") as r:
+        metrics = await r.text()
+    assert f'meshgate_resumes_total{{outcome="continued",pool="{victim}"' in metrics
