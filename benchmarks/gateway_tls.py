@@ -86,7 +86,7 @@ def _start_tls_stub(workdir: Path, tokens: int, pki: dict[str, str]) -> tuple[Pr
 def _start_gateway(workdir: Path, name: str, stub_url: str, pki: dict[str, str] | None) -> tuple[Proc, str]:
     port = free_port()
     cfg: dict[str, Any] = {"gateway": {"host": HOST, "port": port, "routing": "least-load"},
-           "pools": [{"id": "stub", "url": stub_url, "models": [MODEL]}]}
+           "pools": [{"id": "stub", "kind": "openai", "url": stub_url, "models": [MODEL]}]}
     scheme = "http"
     if pki is not None:
         scheme = "https"

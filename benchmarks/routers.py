@@ -236,8 +236,8 @@ def start_meshgate(workdir: Path, stub_url: str, profile: str | None = None, log
     cfg.write_text(
         "gateway:\n"
         f"  host: {HOST}\n  port: {port}\n  routing: least-load\n"
-        "pools:\n"
-        f"  - id: stub\n    url: {stub_url}\n    models: [{MODEL}]\n"
+        "pools:\n"  # an OpenAI-compatible stub, not our worker: it cannot continue from token ids
+        f"  - id: stub\n    kind: openai\n    url: {stub_url}\n    models: [{MODEL}]\n"
     )
     # WARNING by default: at INFO the gateway writes an access-log line per request, and the peers
     # run without one (their per-request logging off too), so like is compared with like.
