@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from gateway.config import ConfigError, EngineConfig
+from gateway.config import ConfigError, load_config
 from gateway.worker.async_engine import AsyncEngine
 from gateway.worker.engine import Engine, RequestOutput
 from gateway.worker.request import Request, SamplingParams
@@ -154,9 +154,11 @@ def test_async_engine_thread_serves_pipelined_steps(make_engine) -> None:
     assert summary(asyncio.run(serve())) == summary(want)
 
 
-def test_a_bad_async_scheduling_value_names_the_key() -> None:
-    with pytest.raises(ConfigError, match="engine.async_scheduling"):
-        EngineConfig(async_scheduling="maybe").validate("engine")  # type: ignore[arg-type]
+def test_a_bad_async_scheduling_value_names_the_key(tmp_path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pools:\n  - id: p\n    model: {name: meshgate-tiny}\n    engine: {async_scheduling: maybe}\n")
+    with pytest.raises(ConfigError, match=r"pools\[0\]\.engine\.async_scheduling: expected one of auto, on, off"):
+        load_config(str(cfg))
 
 
 def test_auto_is_off_on_cpu(make_engine) -> None:
