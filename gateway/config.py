@@ -534,8 +534,13 @@ class RoutingOptions:
     first_byte_feedback: bool = True
     first_byte_alpha: float = 0.3
     first_byte_half_life_s: float = 5.0
+    # Counted only past this much over the least late pool measured: first-byte jitter (tens of ms
+    # on a busy pool) must not outweigh a few ms of network, only a pool really late should move.
+    first_byte_slack_s: float = 0.05
 
     def validate(self, path: str) -> None:
+        if not self.first_byte_slack_s >= 0:
+            raise ConfigError(f"{path}.first_byte_slack_s: must be 0 or positive, got {self.first_byte_slack_s}")
         if not 0 < self.first_byte_alpha <= 1:
             raise ConfigError(f"{path}.first_byte_alpha: must be in (0, 1], got {self.first_byte_alpha}")
         _positive(self, path, "first_byte_half_life_s", "prefix_index_max_entries", "max_sessions", "prefix_memory_s")

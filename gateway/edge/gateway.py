@@ -109,7 +109,8 @@ class Gateway:
         self.guard = self.forwarder.guard = Guard(self.cfg.resilience, profile.predictor)
         # First bytes later than predicted, per pool, into the latency model (routing/lateness.py)
         opts = self.cfg.routing_options
-        self.lateness = Lateness(opts.first_byte_alpha, opts.first_byte_half_life_s, opts.first_byte_feedback)
+        self.lateness = Lateness(opts.first_byte_alpha, opts.first_byte_half_life_s, opts.first_byte_feedback,
+                                 slack_s=opts.first_byte_slack_s)
         feed = FirstByteFeed(self.lateness)
         self.forwarder.on_first_byte = feed.first_byte
         self.upstreams.on_probed.append(lambda: self.lateness.decay(self.upstreams.endpoints))

@@ -126,7 +126,8 @@ def test_saturated_nearest_pool_spills_to_the_next_best(mesh):
         stop.set()
         for t in holders:
             t.join(60)
-    assert wait_until(lambda: route(url) == "fra-1", timeout_s=10)  # and back once it drains
+    ok = wait_until(lambda: route(url) == "fra-1", timeout_s=10)  # and back once it drains
+    assert ok, [(p["id"], p.get("late_ms"), p.get("queue")) for p in httpx.get(url + "/v1/meshgate/mesh").json()["pools"]]
 
 
 def test_killed_pool_is_routed_around_within_a_probe_period(mesh):

@@ -100,6 +100,11 @@ async def late_a_behind_latency_routing(h: Harness, **resilience: object) -> Non
     # 40 queued prompt tokens: 20 ms at the default prefill speed, with slots free
     h.stubs["b"].load = LoadReport(queued_prompt_tokens=40, max_num_seqs=8, mean_request_s=1.0)
     await asyncio.sleep(0.3)  # probed
+    # b answers one request on time first (a fails it over), so routing has a pool to compare a with:
+    # lateness counts against the least late pool measured, not against the model alone
+    h.stubs["a"].mode = "error"
+    status, headers, _ = await h.request(body(), headers={"x-meshgate-hedge": "off"})
+    assert status == 200 and headers["x-meshgate-pool"] == "b"
     h.stubs["a"].mode, h.stubs["a"].delay_s = "slow", 0.5
 
 
@@ -111,15 +116,29 @@ async def test_a_pool_whose_first_bytes_come_late_loses_its_traffic(h):
     pools = [(await h.request(body(), headers=off))[1] for _ in range(4)]
     assert [p["x-meshgate-pool"] for p in pools] == ["b"] * 4  # measured late: predicted late
     assert "runner-up=a" in pools[0]["x-meshgate-route"] and "late_ms=" in pools[0]["x-meshgate-route"]
-    assert await metric(h, 'meshgate_pool_first_byte_excess_seconds{pool="a"}') > 0.1
+    assert await metric(h, 'meshgate_pool_first_byte_excess_seconds{pool="a"}') > 0.05  # past the 50 ms slack
     assert await metric(h, 'meshgate_pool_first_byte_excess_seconds{pool="b"}') < 0.05
     async with h.session.get(h.url + "/v1/meshgate/mesh") as r:
         mesh = await r.json()
     late = {p["id"]: p["late_ms"] for p in mesh["pools"]}
-    assert late["a"] > 100 and late["b"] < 50
+    assert late["a"] > 50 and late["b"] < 50
     last = mesh["decisions"][-1]  # the decision log: the runner-up's prediction holds its lateness
-    assert last["pool"] == "b" and last["runner_up"] == "a" and last["runner_up_late_ms"] > 100
+    assert last["pool"] == "b" and last["runner_up"] == "a" and last["runner_up_late_ms"] > 50
     assert last["runner_up_predicted_ttft_ms"] > last["runner_up_late_ms"]
+
+
+async def test_a_model_error_every_pool_shares_moves_no_traffic(h):
+    """The model predicting every pool too fast (here: all first bytes 300 ms late) is not lateness
+    of the pool that happens to take the traffic: the nearest keeps it."""
+    from gateway.core.types import LoadReport
+    await h.start(["a", "b"], routing="latency", resilience=HEDGE, upstream={"first_byte_timeout_s": 5.0},
+                  usage_log={"path": None})
+    h.stubs["b"].load = LoadReport(queued_prompt_tokens=40, max_num_seqs=8, mean_request_s=1.0)
+    await asyncio.sleep(0.3)
+    for stub in h.stubs.values():
+        stub.mode, stub.delay_s = "slow", 0.3
+    pools = [(await h.request(body(), headers={"x-meshgate-hedge": "off"}))[1]["x-meshgate-pool"] for _ in range(4)]
+    assert pools == ["a"] * 4
 
 
 async def test_without_feedback_the_late_pool_keeps_its_traffic(h):
@@ -139,4 +158,5 @@ async def test_a_hedge_that_wins_tells_routing_the_primary_was_late(h):
     assert status == 200 and headers["x-meshgate-pool"] == "b" and parse(events)[0] == WHOLE  # raced, b won
     assert await metric(h, 'meshgate_hedges_total{outcome="won"}') == 1
     pools = [(await h.request(body()))[1]["x-meshgate-pool"] for _ in range(3)]
-    assert pools == ["b"] * 3 and await metric(h, "meshgate_hedges_total{") == 1  # sent to b at once: no more races
+    # sent to b: no more races once a's lower bounds pass the slack (the first may sit within it)
+    assert pools == ["b"] * 3 and await metric(h, "meshgate_hedges_total{") <= 2

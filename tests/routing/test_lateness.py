@@ -55,6 +55,7 @@ def test_a_pool_measured_late_is_predicted_late_and_loses_to_a_slightly_farther_
     clock, lateness, profile, near, far = setup
     before = route(profile, [near, far])
     assert before.ranked[0] is near and not before.late_ms
+    answer(lateness, profile, far, 0.0)  # far answers on time: the comparison
     answer(lateness, profile, near, 0.5)  # one first byte 500 ms late
     after = route(profile, [near, far])
     assert after.ranked[0] is far  # 7 ms farther, but near is now predicted later than that
@@ -76,6 +77,7 @@ def test_answers_on_time_bring_it_back(setup: Setup) -> None:
 
 def test_a_late_pool_no_longer_measured_is_tried_again(setup: Setup) -> None:
     clock, lateness, profile, near, far = setup
+    answer(lateness, profile, far, 0.0)
     for _ in range(10):
         answer(lateness, profile, near, 0.5)
     clock.now += 5.0  # one half-life, routing elsewhere: nothing measured
@@ -88,6 +90,23 @@ def test_a_late_pool_no_longer_measured_is_tried_again(setup: Setup) -> None:
     assert lateness.excess_s("near") == 0.0
 
 
+def test_late_only_against_other_pools_measured(setup: Setup) -> None:
+    """Every pool as late as the other (the model's own error) is no pool's lateness."""
+    clock, lateness, profile, near, far = setup
+    for _ in range(5):
+        answer(lateness, profile, near, 0.3)  # only near measured: nothing to compare it with
+    assert near.first_byte_excess_s == 0.0 and route(profile, [near, far]).ranked[0] is near
+    for _ in range(15):
+        answer(lateness, profile, far, 0.3)  # far as late: still no pool late against the others
+        answer(lateness, profile, near, 0.3)
+    # what is left is far's estimate catching up (an EWMA): near still first
+    assert near.first_byte_excess_s < 0.05 and route(profile, [near, far]).ranked[0] is near
+    for _ in range(5):
+        answer(lateness, profile, far, 0.0)  # far on time now: near is 300 ms late against it
+        answer(lateness, profile, near, 0.3)
+    assert near.first_byte_excess_s > 0.2 and route(profile, [near, far]).ranked[0] is far
+
+
 def test_faster_than_predicted_never_makes_a_pool_look_faster(setup: Setup) -> None:
     clock, lateness, profile, near, far = setup
     for _ in range(5):
@@ -98,6 +117,7 @@ def test_faster_than_predicted_never_makes_a_pool_look_faster(setup: Setup) -> N
 
 def test_a_lower_bound_only_raises_the_estimate(setup: Setup) -> None:
     clock, lateness, profile, near, far = setup
+    lateness.observe(far, 0.1, 0.1)  # far on time: the comparison
     lateness.observe(near, 0.05, 0.1, censored=True)  # not answered after 50 ms, predicted 100: nothing known
     assert lateness.excess_s("near") == 0.0
     lateness.observe(near, 0.3, 0.1, censored=True)  # still nothing after 300 ms: at least 200 ms late
@@ -123,3 +143,13 @@ def test_config_is_validated() -> None:
     for key, value in (("first_byte_alpha", 0.0), ("first_byte_alpha", 1.5), ("first_byte_half_life_s", 0.0)):
         with pytest.raises(ConfigError, match=f"gateway.routing_options.{key}"):
             config_from_dict({"gateway": {"routing_options": {key: value}}})
+
+
+def test_jitter_within_the_slack_moves_nothing(setup: Setup) -> None:
+    clock, _, profile, near, far = setup
+    lateness = Lateness(alpha=1.0, half_life_s=5.0, clock=clock, slack_s=0.05)
+    answer(lateness, profile, far, 0.0)
+    answer(lateness, profile, near, 0.03)  # 30 ms over far: jitter, not a late pool
+    assert near.first_byte_excess_s == 0.0 and route(profile, [near, far]).ranked[0] is near
+    answer(lateness, profile, near, 0.5)
+    assert near.first_byte_excess_s == pytest.approx(0.45) and route(profile, [near, far]).ranked[0] is far
