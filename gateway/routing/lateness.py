@@ -21,6 +21,10 @@ A pool that lost its traffic is no longer measured, so the estimate decays towar
 prediction (half-life `first_byte_half_life_s`): a pool that was late once is tried again, and
 then either keeps its traffic (it is fast again) or is measured late and avoided again.
 
+Not fed while the pool reports a queue (requests waiting for a slot): the model predicts
+that wait from the reports, and a burst that outruns them is the queue model's error, not a pool
+late for a reason it cannot see; charged, it kept a pool that had drained avoided for a half-life.
+
 Censored samples: an attempt abandoned before its first byte (the hedge won the race) says only
 that the first byte would have come later than the wait so far. Such a lower bound moves the
 estimate only upward, and only when it is above it.
@@ -56,7 +60,7 @@ class Lateness:
     def observe(self, e: Endpoint, observed_s: float, predicted_s: float, censored: bool = False) -> None:
         """One attempt on e: first byte after observed_s (censored: none yet after observed_s)
         where its decision predicted predicted_s, not counting this estimate itself."""
-        if not self.enabled:
+        if not self.enabled or _queued(e):
             return
         now = self.clock()
         sample = observed_s - predicted_s
@@ -122,3 +126,9 @@ class Lateness:
     def _decayed(self, st: list[float], now: float) -> float:
         dt = now - st[1]
         return st[0] * 0.5 ** (dt / self.half_life_s) if dt > 0 else st[0]
+
+
+def _queued(e: Endpoint) -> bool:
+    """The pool's latest report shows requests waiting for a slot (the report that came with this
+    answer counts the request itself as running, so a full pool with none waiting is not queued)."""
+    return e.load is not None and e.load.waiting > 0

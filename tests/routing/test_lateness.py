@@ -153,3 +153,13 @@ def test_jitter_within_the_slack_moves_nothing(setup: Setup) -> None:
     assert near.first_byte_excess_s == 0.0 and route(profile, [near, far]).ranked[0] is near
     answer(lateness, profile, near, 0.5)
     assert near.first_byte_excess_s == pytest.approx(0.45) and route(profile, [near, far]).ranked[0] is far
+
+
+def test_not_fed_while_the_pool_reports_a_queue(setup: Setup) -> None:
+    """A burst that outran the load reports is the queue model's error: the drained pool is not
+    avoided afterwards for it."""
+    clock, lateness, profile, near, far = setup
+    answer(lateness, profile, far, 0.0)
+    near.load = LoadReport(prefill_tps=2000, waiting=3, running=2, max_num_seqs=2)
+    lateness.observe(near, 0.6, 0.1)
+    assert lateness.excess_s("near") == 0.0 and near.first_byte_excess_s == 0.0
